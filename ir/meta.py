@@ -35,6 +35,7 @@ class QuantPlan:
         group_size: codes per scale along the input dimension; 0 means per output channel.
         symmetric: no zero point when true.
         method: the quantizer that chose the codes (``rtn``, ``gptq``).
+        matrix_shape: (out, in) of the normalised weight view; groups run along ``in``.
     """
 
     name: str
@@ -44,6 +45,7 @@ class QuantPlan:
     group_size: int
     symmetric: bool
     method: str = "rtn"
+    matrix_shape: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):
@@ -54,6 +56,7 @@ class QuantPlan:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        d.pop("matrix_shape")
         return d
 
 

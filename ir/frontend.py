@@ -1,0 +1,221 @@
+"""Front door: every accepted input becomes one ``onnx_ir.Model``.
+
+* an ONNX path is loaded lazily (external data stays memory-mapped);
+* an ``onnx.ModelProto`` is deserialized, an ``onnx_ir.Model`` is used as given;
+* a ``torch.nn.Module`` or ``torch.fx.GraphModule`` is exported once with
+  ``torch.onnx.export(..., dynamo=True)``.
+
+Then the model is normalised for the passes: weights held in ``Constant`` nodes are lifted to
+initializers, and ``Transpose`` of a weight initializer is folded into a transposed initializer
+that keeps the original parameter name, so graph queries see ``MatMul(x, Wᵀ)`` as a weight.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from hessc.errors import InputError, UnsupportedError
+from hessc.ir import meta
+
+logger = logging.getLogger(__name__)
+
+FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
+
+
+def load(source: Any, example_inputs: tuple | dict | None = None) -> ir.Model:
+    """Loads a model from any accepted source into a normalised ``onnx_ir.Model``.
+
+    Args:
+        source: an ONNX file path, ``onnx.ModelProto``, ``onnx_ir.Model``, ``torch.nn.Module``
+            or ``torch.fx.GraphModule``.
+        example_inputs: for torch sources, the positional inputs (tuple) or keyword inputs
+            (dict) used for export.
+
+    Returns:
+        The model. A given ``onnx_ir.Model`` is normalised in place and returned.
+
+    Raises:
+        InputError: the source is missing, unreadable, or not a model.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        model = _load_path(Path(source))
+    elif isinstance(source, onnx.ModelProto):
+        model = ir.serde.deserialize_model(source)
+    elif isinstance(source, ir.Model):
+        model = source
+    elif _is_torch_module(source):
+        model = _export_torch(source, example_inputs)
+    else:
+        raise InputError(
+            f"cannot load a {type(source).__name__}: pass an ONNX file path, an onnx.ModelProto, "
+            "an onnx_ir.Model, or a torch.nn.Module with example_inputs"
+        )
+    check_opset(model)
+    normalize(model)
+    return model
+
+
+def _load_path(path: Path) -> ir.Model:
+    if not path.exists():
+        raise InputError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; pass the .onnx file inside it")
+    try:
+        return ir.load(path)
+    except Exception as e:  # protobuf raises several unrelated types on garbage
+        raise InputError(
+            f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]}); "
+            "pass a .onnx file saved by onnx.save or torch.onnx.export"
+        ) from None
+
+
+def _is_torch_module(source: Any) -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return isinstance(source, torch.nn.Module)
+
+
+def _export_torch(module, example_inputs) -> ir.Model:
+    import torch
+
+    if example_inputs is None:
+        raise InputError(
+            f"a torch module ({type(module).__name__}) needs example_inputs to be exported; "
+            "pass example_inputs=(tensor, ...) or a dict of keyword inputs"
+        )
+    args, kwargs = (tuple(example_inputs), None)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, torch.Tensor):
+        args = (example_inputs,)
+    logger.info("exporting %s with torch.onnx.export(dynamo=True)", type(module).__name__)
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False)
+    except Exception as e:
+        raise InputError(
+            f"torch.onnx.export failed for {type(module).__name__}: {str(e).splitlines()[0][:200]}; "
+            "check that the module runs on example_inputs and is exportable with torch.export"
+        ) from e
+    finally:
+        module.train(was_training)
+    return program.model
+
+
+@functools.cache
+def max_ort_opset() -> int:
+    """The highest default-domain opset the installed ONNX Runtime accepts."""
+    import onnxruntime as ort
+
+    for opset in range(onnx.defs.onnx_opset_version(), 6, -1):
+        node = onnx.helper.make_node("Identity", ["x"], ["y"])
+        vi = onnx.helper.make_tensor_value_info
+        graph = onnx.helper.make_graph(
+            [node], "probe", [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])]
+        )
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        proto.ir_version = 10
+        try:
+            ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            return opset
+        except Exception:
+            continue
+    return 7
+
+
+def check_opset(model: ir.Model) -> None:
+    """Raises when the model's opset is one ONNX Runtime cannot run."""
+    opset = model.opset_imports.get("", None)
+    if opset is None:
+        return
+    if opset > max_ort_opset():
+        raise UnsupportedError(
+            f"the model uses ONNX opset {opset}, but the installed onnxruntime runs opsets up to "
+            f"{max_ort_opset()}; re-export with a lower opset or upgrade onnxruntime"
+        )
+    if opset < 7:
+        raise UnsupportedError(
+            f"the model uses ONNX opset {opset}; convert it to opset 13 or later first "
+            "(onnx.version_converter.convert_version)"
+        )
+
+
+def original_name(value: ir.Value) -> str:
+    """The name a user recognises for a weight: the parameter it was folded from, if known."""
+    name = value.meta.get(meta.WEIGHT_NAME_KEY)
+    if name:
+        return name
+    folded = value.metadata_props.get(FOLDED_FROM_KEY)
+    if folded:
+        names = sorted(n.strip(" '\"") for n in folded.strip("[]{}").split(",") if n.strip(" '\""))
+        if len(names) == 1:
+            return names[0]
+    return value.name or "<unnamed>"
+
+
+def normalize(model: ir.Model) -> None:
+    """Lifts constant weights to initializers and folds weight transposes, in every graph."""
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    for graph in _graphs(model):
+        _fold_weight_transposes(graph)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+def _graphs(model: ir.Model):
+    yield model.graph
+    seen = {id(model.graph)}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs = [attr.value]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs = list(attr.value)
+            else:
+                continue
+            for g in graphs:
+                if id(g) not in seen:
+                    seen.add(id(g))
+                    yield g
+
+
+def _fold_weight_transposes(graph: ir.Graph) -> None:
+    """Replaces ``Transpose(W)`` of a 2-D initializer feeding a MatMul by a transposed initializer."""
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or src.const_value is None or not src.is_initializer():
+            continue
+        perm = node.attributes.get_ints("perm", None)
+        if len(src.const_value.shape) != 2 or (perm is not None and tuple(perm) != (1, 0)):
+            continue
+        out = node.outputs[0]
+        if not all(use.node.op_type == "MatMul" and use.idx == 1 for use in out.uses()):
+            continue
+        array = src.const_value.numpy().T.copy()
+        new_value = ir.Value(
+            name=f"{src.name}_T", shape=ir.Shape(array.shape), type=ir.TensorType(src.dtype)
+        )
+        new_value.const_value = ir.tensor(array, name=new_value.name)
+        new_value.meta[meta.WEIGHT_NAME_KEY] = original_name(src)
+        graph.register_initializer(new_value)
+        ir.convenience.replace_all_uses_with(out, new_value)
+        graph.remove(node, safe=True)
+        logger.debug("folded Transpose of %s into %s", src.name, new_value.name)
+
+
+def ensure_float_array(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A weight tensor as a float32 numpy array (memory-mapped tensors are read here)."""
+    return np.asarray(tensor.numpy(), dtype=np.float32)

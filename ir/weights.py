@@ -1,0 +1,148 @@
+"""Graph queries: the weight-bearing nodes of a model and a normalised view of their weights.
+
+A weight is a constant, float, initializer operand of
+
+* ``MatMul(x, B)`` with ``B`` of shape (in, out): ``W = Bᵀ``;
+* ``Gemm(x, B)`` with ``transA = 0``: ``W = B`` when ``transB = 1``, else ``Bᵀ``;
+* ``Conv(x, W)``: ``W`` of shape (out, in/groups, *kernel), viewed as (out, in/groups · prod(kernel));
+* ``Gather(E, ids)`` on axis 0 (an embedding table of shape (vocab, dim)): ``W = E``.
+
+``W`` has shape (out, in) and quantization groups run along ``in`` (``dim`` for embeddings).
+Weights are found in every graph, subgraphs of ``If``/``Loop``/``Scan`` included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.ir import frontend
+
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+    """One weight-bearing node.
+
+    Attributes:
+        name: the user-facing name (the original parameter name where the exporter kept it).
+        node: the consuming node.
+        graph: the graph holding the node (the main graph or a subgraph).
+        value: the weight value (an initializer).
+        op: ``MatMul``, ``Gemm``, ``Conv`` or ``Gather``.
+        transposed: the stored tensor is ``Wᵀ`` (in, out).
+    """
+
+    name: str
+    node: ir.Node
+    graph: ir.Graph
+    value: ir.Value
+    op: str
+    transposed: bool
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        return tuple(self.value.const_value.shape)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(out, in) of the normalised view."""
+        shape = self.stored_shape
+        if self.op == "Conv":
+            return shape[0], int(np.prod(shape[1:]))
+        return (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
+
+    @property
+    def activation(self) -> ir.Value | None:
+        """The value multiplied by the weight (None for an embedding)."""
+        return None if self.op == "Gather" else self.node.inputs[0]
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.stored_shape))
+
+    def matrix(self) -> np.ndarray:
+        """The weight as float32 (out, in)."""
+        array = frontend.ensure_float_array(self.value.const_value)
+        if self.op == "Conv":
+            return array.reshape(array.shape[0], -1)
+        return array.T if self.transposed else array
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A node that holds a weight hessc does not compress, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+def _const_float(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.is_initializer()
+        and value.dtype in _FLOAT_TYPES
+    )
+
+
+def classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
+    """A node's weight, the reason it is skipped, or None when it holds no weight."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
+        return None
+    op = node.op_type
+    index = 0 if op == "Gather" else 1
+    if len(node.inputs) <= index:
+        return None
+    value = node.inputs[index]
+    if value is None or value.const_value is None:
+        return None
+    name = frontend.original_name(value)
+    if not _const_float(value):
+        return Skipped(name, op, f"weight type {value.dtype} is not a float type")
+    rank = len(value.const_value.shape)
+    if op == "MatMul":
+        if node.inputs[0] is not None and node.inputs[0].const_value is not None:
+            return None  # constant folding material, not a layer
+        if rank != 2:
+            return Skipped(name, op, f"{rank}-D MatMul weight (only 2-D weights are compressed)")
+        return WeightRef(name, node, graph, value, op, transposed=True)
+    if op == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return Skipped(name, op, "Gemm with transA=1")
+        return WeightRef(name, node, graph, value, op, transposed=not node.attributes.get_int("transB", 0))
+    if op == "Conv":
+        if rank < 3:
+            return Skipped(name, op, f"{rank}-D Conv weight")
+        return WeightRef(name, node, graph, value, op, transposed=False)
+    # Gather: an embedding table looked up by non-constant indices along axis 0.
+    if node.attributes.get_int("axis", 0) != 0 or rank != 2:
+        return Skipped(name, op, "Gather not on axis 0 of a 2-D table")
+    ids = node.inputs[1]
+    if ids is None or ids.const_value is not None:
+        return None
+    return WeightRef(name, node, graph, value, op, transposed=False)
+
+
+def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
+    """Every weight-bearing node of the model (subgraphs included), and the skipped ones."""
+    found: list[WeightRef] = []
+    skipped: list[Skipped] = []
+    for graph in frontend._graphs(model):
+        for node in graph:
+            item = classify(node, graph)
+            if isinstance(item, WeightRef):
+                found.append(item)
+            elif isinstance(item, Skipped):
+                skipped.append(item)
+    return found, skipped
+
+
+def iter_weights(model: ir.Model) -> Iterator[WeightRef]:
+    yield from find_weights(model)[0]

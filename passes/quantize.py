@@ -1,0 +1,270 @@
+"""Weight quantization: plan per weight, then materialize the portable Q/DQ form.
+
+For a weight ``W`` (out × in) quantized in groups of ``g`` input columns with scale ``s`` and zero
+point ``z`` per (row, group), the rewrite relies on
+
+    W[o, i] ≈ s[o, i // g] · (q[o, i] − z[o, i // g])
+
+which is exactly ONNX's blocked ``DequantizeLinear(q, s, z; axis, block_size=g)`` applied to the
+*stored* layout of the weight (``axis`` is the stored input dimension: 0 for a MatMul's ``B`` of
+shape (in, out), 1 for ``Gemm(transB=1)`` and embedding tables). Conv weights are quantized per
+output channel (``axis=0``, no blocks). The consumer then reads the ``DequantizeLinear`` output in
+place of the float initializer, so the graph stays runnable on any ONNX runtime (opset 21 for
+int4/int8, 25 for int2); :mod:`hessc.runtime.lower` turns this form into the target's kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.errors import InputError
+from hessc.ir import meta
+from hessc.ir import weights as qweights
+from hessc.passes import quantizers
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CONV_BITS = 8
+MIN_GROUP, MAX_GROUP = 16, 256
+PORTABLE_OPSET = {2: 25, 3: 21, 4: 21, 8: 21}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Configuration of the weight-quantization passes.
+
+    Attributes:
+        bits: bits per weight for MatMul/Gemm/Gather weights.
+        group_size: weights per scale along the input dimension (16–256, a power of two).
+        symmetric: no zero points when true.
+        quantize_conv: quantize Conv weights per output channel at 8 bits.
+        quantize_embeddings: quantize Gather embedding tables.
+        method: ``rtn`` or ``gptq`` (GPTQ needs Hessian annotation).
+        min_numel: weights smaller than this stay in float (biases, tiny projections).
+        bits_override: per-weight bits by user-facing name (used by the bit allocator).
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = False
+    quantize_conv: bool = True
+    quantize_embeddings: bool = True
+    method: str = "rtn"
+    min_numel: int = 1024
+    bits_override: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        validate_bits_and_group(self.bits, self.group_size)
+        if self.method not in ("rtn", "gptq"):
+            raise InputError(f"unknown quantization method {self.method!r}; use 'rtn' or 'gptq'")
+
+
+def validate_bits_and_group(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise InputError(f"--bits {bits} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if not (MIN_GROUP <= group_size <= MAX_GROUP) or group_size & (group_size - 1):
+        raise InputError(
+            f"--group-size {group_size} is not supported; use a power of two from {MIN_GROUP} to {MAX_GROUP}"
+        )
+
+
+def storage_type(bits: int, symmetric: bool) -> ir.DataType:
+    """The ONNX element type holding codes of ``bits`` (3-bit codes live in a 4-bit container)."""
+    container = 4 if bits == 3 else bits
+    signed = {2: ir.DataType.INT2, 4: ir.DataType.INT4, 8: ir.DataType.INT8}
+    unsigned = {2: ir.DataType.UINT2, 4: ir.DataType.UINT4, 8: ir.DataType.UINT8}
+    return (signed if symmetric else unsigned)[container]
+
+
+def container_bits(bits: int) -> int:
+    return 4 if bits == 3 else bits
+
+
+def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | str:
+    """The plan for one weight, or the reason it stays in float."""
+    if ref.numel < config.min_numel:
+        return f"small ({ref.numel} < {config.min_numel} elements)"
+    overrides = dict(config.bits_override)
+    if ref.op == "Conv":
+        if not config.quantize_conv:
+            return "Conv quantization is off for this target"
+        return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, CONV_BITS, 0, True, "rtn", ref.matrix_shape)
+    if ref.op == "Gather" and not config.quantize_embeddings:
+        return "embedding quantization is off"
+    bits = overrides.get(ref.name, config.bits)
+    if bits >= 16:
+        return "kept in float by the plan"
+    method = config.method if ref.op in ("MatMul", "Gemm") else "rtn"
+    return meta.QuantPlan(
+        ref.name, ref.op, ref.stored_shape, bits, config.group_size, config.symmetric, method, ref.matrix_shape
+    )
+
+
+def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarray | None = None):
+    """Quantizes an (out, in) matrix by the plan; a partial last group is zero-padded."""
+    out_dim, in_dim = matrix.shape
+    group = plan.group_size or in_dim
+    padded = math.ceil(in_dim / group) * group
+    if padded != in_dim:
+        matrix = np.pad(matrix, ((0, 0), (0, padded - in_dim)))
+        if hessian is not None:
+            hessian = np.pad(hessian, ((0, padded - in_dim), (0, padded - in_dim)))
+    if plan.method == "gptq":
+        if hessian is None:
+            raise InputError(f"{plan.name}: GPTQ needs Hessian statistics; pass calibration data")
+        q = quantizers.gptq(matrix, hessian, plan.bits, plan.group_size, plan.symmetric)
+    else:
+        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric)
+    if padded != in_dim:
+        q = dataclasses.replace(q, codes=q.codes[:, :in_dim])
+    return q
+
+
+def stored_bytes(plan: meta.QuantPlan, scale_bytes: int) -> int:
+    """Bytes of codes (at their container width), scales and zero points of one weight."""
+    out_dim, in_dim = plan.matrix_shape
+    numel = out_dim * in_dim
+    groups = out_dim * (math.ceil(in_dim / plan.group_size) if plan.group_size else 1)
+    code_bits = container_bits(plan.bits)
+    zp_bytes = 0 if plan.symmetric else math.ceil(groups * code_bits / 8)
+    return math.ceil(numel * code_bits / 8) + groups * scale_bytes + zp_bytes
+
+
+class PlanQuantizationPass(ir.passes.InPlacePass):
+    """Decides, per weight, bits, group size and method; stores a QuantPlan on the weight value."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        refs, skipped = qweights.find_weights(model)
+        skip_log = model.meta.setdefault("hessc.skipped", {})
+        for s in skipped:
+            skip_log[s.name] = s.reason
+        for ref in refs:
+            plan = plan_for(ref, self.config)
+            if isinstance(plan, str):
+                skip_log[ref.name] = plan
+                continue
+            if ref.value.meta.get(meta.QUANT_KEY) != plan:
+                ref.value.meta[meta.QUANT_KEY] = plan
+                modified = True
+        planned = sum(1 for r in refs if meta.QUANT_KEY in r.value.meta)
+        if planned == 0:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skip_log.items())[:5]) or "no MatMul, Gemm, Conv or Gather weights"
+            raise InputError(f"the model has nothing hessc can compress ({reasons})")
+        logger.info("planned %d weights, %d stay in float", planned, len(skip_log))
+        return ir.passes.PassResult(model, modified)
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Materializes each QuantPlan as a blocked ``DequantizeLinear`` feeding the consumer.
+
+    Args:
+        hessian_for: returns the input covariance (in × in) of a weight for GPTQ, or None.
+        progress: called once per weight with (index, total, name).
+    """
+
+    def __init__(
+        self,
+        hessian_for: Callable[[qweights.WeightRef], np.ndarray | None] | None = None,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.hessian_for = hessian_for or (lambda ref: None)
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        refs = [r for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta]
+        by_value: dict[int, list[qweights.WeightRef]] = {}
+        for ref in refs:
+            by_value.setdefault(id(ref.value), []).append(ref)
+        for i, group in enumerate(by_value.values()):
+            ref = group[0]
+            if self.progress:
+                self.progress(i, len(by_value), ref.name)
+            self._materialize(model, ref, group)
+        if refs:
+            _ensure_opset(model, max(PORTABLE_OPSET[r.value.meta[meta.QUANT_KEY].bits] for r in refs))
+        return ir.passes.PassResult(model, bool(refs))
+
+    def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> None:
+        plan: meta.QuantPlan = ref.value.meta[meta.QUANT_KEY]
+        if any(r.op != ref.op or r.transposed != ref.transposed for r in group[1:]):
+            logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
+        hessian = self.hessian_for(ref) if plan.method == "gptq" else None
+        q = quantize_matrix(ref.matrix(), plan, hessian)
+        scale_type = ref.value.dtype
+        scale_np = q.scales.astype(scale_type.numpy())
+        codes = q.codes
+        if ref.op == "Conv":
+            codes = codes.reshape(ref.stored_shape)
+            axis, block = 0, None
+            scale_np = scale_np.reshape(-1)
+            zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+        elif ref.transposed:  # stored (in, out)
+            codes, scale_np = codes.T, scale_np.T
+            zps = None if q.zero_points is None else q.zero_points.T
+            axis, block = 0, plan.group_size
+        else:  # stored (out, in)
+            zps = q.zero_points
+            axis, block = 1, plan.group_size
+        dtype = storage_type(plan.bits, plan.symmetric)
+        base = ref.value.name
+        graph = ref.graph
+        inputs = [
+            _initializer(graph, f"{base}_q", np.ascontiguousarray(codes).astype(dtype.numpy())),
+            _initializer(graph, f"{base}_scale", np.ascontiguousarray(scale_np)),
+        ]
+        if zps is not None:
+            inputs.append(_initializer(graph, f"{base}_zp", np.ascontiguousarray(zps).astype(dtype.numpy())))
+        attrs: dict = {"axis": axis}
+        if block:
+            attrs["block_size"] = block
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq", num_outputs=1)
+        dq.outputs[0].name = f"{base}_dq"
+        dq.outputs[0].shape = ir.Shape(ref.stored_shape)
+        dq.outputs[0].type = ir.TensorType(scale_type)
+        dq.meta[meta.QUANT_KEY] = plan
+        first = min((r.node for r in group), key=lambda n: list(graph).index(n)) if len(group) > 1 else ref.node
+        graph.insert_before(first, dq)
+        for r in group:
+            index = 0 if r.op == "Gather" else 1
+            r.node.replace_input_with(index, dq.outputs[0])
+        if not ref.value.uses() and ref.value.name in graph.initializers:
+            graph.initializers.pop(ref.value.name)
+        logger.debug("quantized %s to %d bits (group %d)", plan.name, plan.bits, plan.group_size)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def _ensure_opset(model: ir.Model, opset: int) -> None:
+    """Raises the default-domain opset to what the quantized element types need."""
+    current = model.opset_imports.get("", 1)
+    if current >= opset:
+        return
+    from onnxscript import version_converter
+
+    version_converter.convert_version(model, opset, fallback=True)
+    model.opset_imports[""] = max(model.opset_imports.get("", 1), opset)
+    for graph in [model.graph]:
+        graph.opset_imports[""] = model.opset_imports[""]
+    if model.ir_version < 10:
+        model.ir_version = 10
+    if opset >= 25 and model.ir_version < 11:
+        model.ir_version = 11

@@ -1,0 +1,238 @@
+"""ONNX Runtime sessions for each target, and numeric comparison of two models' outputs.
+
+``target="cuda"`` sessions run every node on the CUDA provider (a node that would fall back to
+the CPU is reported as an error, not silently accepted) and, when the model's inputs have static
+shapes, capture the whole model in a CUDA graph and run it through I/O binding on device buffers:
+kernel launches dominate small-batch latency, and one graph replay removes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.errors import InputError, UnsupportedError
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "onnx": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _import_ort():
+    import onnxruntime as ort
+
+    return ort
+
+
+def cuda_available() -> bool:
+    ort = _import_ort()
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _model_bytes_or_path(model: Any) -> tuple[str | bytes, Any]:
+    """A path or serialized bytes ORT can open; the second item keeps a temp dir alive."""
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        if not path.exists():
+            raise InputError(f"{path}: no such model file")
+        return str(path), None
+    if isinstance(model, ir.Model):
+        # Models with large weights go through a temporary file with external data (protobuf's
+        # 2 GB limit, and no second in-memory copy).
+        total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if total < 1 << 30:
+            return ir.to_proto(model).SerializeToString(), None
+        tmp = tempfile.TemporaryDirectory(prefix="hessc-")
+        path = Path(tmp.name) / "model.onnx"
+        ir.save(model, path, external_data="model.onnx.data")
+        return str(path), tmp
+    raise InputError(f"cannot open a session on a {type(model).__name__}; pass a path or an onnx_ir.Model")
+
+
+def session_options(threads: int | None = None, optimize: bool = True):
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    return opts
+
+
+@dataclasses.dataclass
+class Session:
+    """A ready ONNX Runtime session for one target.
+
+    ``run(feeds)`` returns the outputs as numpy arrays. On CUDA with a captured graph, feeds are
+    copied into fixed device buffers and the graph is replayed.
+    """
+
+    inner: Any
+    target: str
+    cuda_graph: bool = False
+    _keepalive: Any = None
+    _binding: Any = None
+    _inputs: dict | None = None
+    _outputs: list | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.inner.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.inner.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self.cuda_graph:
+            return self.inner.run(None, feeds)
+        return self._run_graph(feeds)
+
+    def _run_graph(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        ort = _import_ort()
+        if self._binding is None:
+            self._binding = self.inner.io_binding()
+            self._inputs = {}
+            for name, array in feeds.items():
+                buf = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+                self._inputs[name] = buf
+                self._binding.bind_ortvalue_input(name, buf)
+            # Output shapes come from one ordinary run; the buffers are then fixed.
+            shapes = [o.shape for o in self.inner.run(None, feeds)]
+            types = [o.type for o in self.inner.get_outputs()]
+            self._outputs = []
+            for out, shape, typ in zip(self.inner.get_outputs(), shapes, types):
+                dtype = np.float16 if "float16" in typ else np.float32 if "float" in typ else np.int64
+                buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+                self._outputs.append(buf)
+                self._binding.bind_ortvalue_output(out.name, buf)
+        else:
+            for name, array in feeds.items():
+                self._inputs[name].update_inplace(np.ascontiguousarray(array))
+        self.inner.run_with_iobinding(self._binding)
+        return [o.numpy() for o in self._outputs]
+
+
+def session(
+    model: Any,
+    target: str = "cpu",
+    *,
+    threads: int | None = None,
+    cuda_graph: bool | None = None,
+    optimize: bool = True,
+) -> Session:
+    """Opens an ONNX Runtime session for ``target`` (``cpu``, ``cuda`` or ``onnx``).
+
+    Args:
+        model: a path or an ``onnx_ir.Model``.
+        target: the execution target.
+        threads: intra-op threads (default: ORT's choice).
+        cuda_graph: capture a CUDA graph (cuda only). Default: on when every input shape is static.
+        optimize: ORT graph optimizations (off only to inspect the unfused graph).
+    """
+    ort = _import_ort()
+    if target not in PROVIDERS:
+        raise InputError(f"unknown target {target!r}; use cpu, cuda or onnx")
+    source, keepalive = _model_bytes_or_path(model)
+    opts = session_options(threads, optimize)
+    if target != "cuda":
+        inner = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        return Session(inner, target, _keepalive=keepalive)
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # the CPU build has nothing to preload
+            pass
+    if not cuda_available():
+        raise UnsupportedError(
+            "target='cuda' needs onnxruntime-gpu with the CUDAExecutionProvider; install onnxruntime-gpu "
+            "on a machine with an NVIDIA GPU"
+        )
+    static = _static_inputs(source)
+    use_graph = static if cuda_graph is None else cuda_graph
+    if use_graph and not static:
+        raise InputError("cuda_graph=True needs static input shapes; export the model with fixed shapes")
+    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    provider_opts = {"enable_cuda_graph": "1" if use_graph else "0"}
+    try:
+        inner = ort.InferenceSession(
+            source, opts, providers=[("CUDAExecutionProvider", provider_opts), "CPUExecutionProvider"]
+        )
+    except Exception as e:
+        if use_graph and cuda_graph is None:
+            logger.info("CUDA graph capture refused (%s); running without it", str(e)[:120])
+            provider_opts["enable_cuda_graph"] = "0"
+            inner = ort.InferenceSession(
+                source, opts, providers=[("CUDAExecutionProvider", provider_opts), "CPUExecutionProvider"]
+            )
+            use_graph = False
+        else:
+            raise UnsupportedError(
+                f"the CUDA provider cannot run every node of this model ({str(e)[:200]}); "
+                "lower it with target='cuda'"
+            ) from e
+    return Session(inner, "cuda", cuda_graph=use_graph, _keepalive=keepalive)
+
+
+def _static_inputs(source: str | bytes) -> bool:
+    import onnx
+
+    proto = onnx.load_model_from_string(source) if isinstance(source, bytes) else onnx.load(source, load_external_data=False)
+    init = {i.name for i in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name in init:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """How far a candidate's outputs are from the reference's over a set of feeds."""
+
+    samples: int
+    max_abs_error: float
+    rel_error: float  # ‖y − y_ref‖ / ‖y_ref‖ over all outputs and samples
+    cosine: float
+    reference_provider: str
+    candidate_provider: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def compare(reference: Session, candidate: Session, feeds: Sequence[dict[str, np.ndarray]]) -> Comparison:
+    """Runs both sessions on the feeds and measures the candidate's output error."""
+    err2 = ref2 = dot = cand2 = 0.0
+    max_abs = 0.0
+    for feed in feeds:
+        ref_out = reference.run(feed)
+        cand_out = candidate.run(feed)
+        for r, c in zip(ref_out, cand_out):
+            if not np.issubdtype(np.asarray(r).dtype, np.floating):
+                continue
+            r64 = np.asarray(r, dtype=np.float64).ravel()
+            c64 = np.asarray(c, dtype=np.float64).ravel()
+            d = c64 - r64
+            max_abs = max(max_abs, float(np.max(np.abs(d))) if d.size else 0.0)
+            err2 += float(d @ d)
+            ref2 += float(r64 @ r64)
+            cand2 += float(c64 @ c64)
+            dot += float(r64 @ c64)
+    rel = (err2 / ref2) ** 0.5 if ref2 > 0 else float(err2 > 0)
+    cos = dot / ((ref2 * cand2) ** 0.5) if ref2 > 0 and cand2 > 0 else 1.0
+    return Comparison(
+        len(feeds), max_abs, rel, cos,
+        reference.inner.get_providers()[0], candidate.inner.get_providers()[0],
+    )

@@ -1,0 +1,260 @@
+"""The public API: ``optimize`` and ``save``.
+
+``optimize`` loads the model, runs the pass pipeline (plan → materialize the portable Q/DQ form),
+lowers it for the target, then opens the result in an ONNX Runtime session for that target and
+compares its outputs with the float model's on the calibration (or generated) inputs before
+returning it. The decisions, byte accounting and the comparison are recorded in
+``metadata_props["hessc.plan"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc import __version__
+from hessc.errors import InputError, UnsupportedError, VerificationError
+from hessc.ir import frontend, meta
+from hessc.ir import weights as qweights
+from hessc.passes import pipeline, quantize
+from hessc.runtime import calibration as calib
+from hessc.runtime import lower as lowering
+from hessc.runtime import sessions
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: called as long steps advance."""
+
+LOWERING_TOLERANCE = {"cpu": 0.05, "cuda": 0.02, "onnx": 1e-4}
+"""Relative output error allowed between the lowered model and its portable Q/DQ form: the
+kernels differ only in arithmetic (int8 activations at ``accuracy_level=4`` on the CPU, fp16 on
+CUDA). A larger difference means a broken rewrite, and the result is refused."""
+
+
+@dataclasses.dataclass
+class _Source:
+    model: ir.Model
+    path: Path | None
+
+
+def _load_source(model: Any, example_inputs) -> _Source:
+    if isinstance(model, (str, os.PathLike)):
+        return _Source(frontend.load(model), Path(model))
+    if isinstance(model, ir.Model):
+        # Never change the caller's object: work on a copy.
+        model = ir.from_proto(ir.to_proto(model))
+    return _Source(frontend.load(model, example_inputs), None)
+
+
+def optimize(
+    model: Any,
+    target: str = "cpu",
+    bits: int = 4,
+    group_size: int = 32,
+    calibration: Any = None,
+    seed: int = 0,
+    *,
+    symmetric: bool = False,
+    example_inputs: tuple | dict | None = None,
+    method: str = "rtn",
+    fp16: bool | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> ir.Model:
+    """Compresses a model's weights and lowers it for an ONNX Runtime target.
+
+    Args:
+        model: an ONNX path, ``onnx.ModelProto``, ``onnx_ir.Model``, ``torch.nn.Module`` or
+            ``torch.fx.GraphModule`` (torch sources need ``example_inputs``).
+        target: ``cpu`` (MatMulNBits with int8 compute), ``cuda`` (MatMulNBits, fp16 activations by
+            default) or ``onnx`` (portable blocked QuantizeLinear/DequantizeLinear).
+        bits: bits per weight: 2, 3, 4 or 8.
+        group_size: weights per scale along the input dimension (16–256, a power of two).
+        calibration: samples (list of input dicts, ``.npz`` path or torch DataLoader). Used for
+            verification here; without it, generated inputs are used.
+        seed: seed for anything random (generated inputs).
+        symmetric: symmetric quantization (no zero points).
+        example_inputs: inputs for exporting a torch module.
+        method: ``rtn`` (round to nearest).
+        fp16: fp16 activations (cuda only; default on for cuda).
+        verify: compare the result with the float model in ORT before returning it.
+        progress: called as long steps advance.
+
+    Returns:
+        The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
+
+    Raises:
+        InputError: bad model, calibration or options (the message says how to fix it).
+        UnsupportedError: the request cannot be run on the target.
+        VerificationError: the result's outputs are far from the float model's.
+    """
+    started = time.perf_counter()
+    if target not in lowering.TARGETS:
+        raise InputError(f"unknown target {target!r}; use one of {', '.join(lowering.TARGETS)}")
+    if method != "rtn":
+        raise InputError(f"unknown method {method!r}; use 'rtn'")
+    fp16 = (target == "cuda") if fp16 is None else fp16
+    config = quantize.QuantConfig(
+        bits=bits, group_size=group_size, symmetric=symmetric,
+        quantize_conv=(target == "onnx"), method=method,
+    )
+    lower_config = lowering.LowerConfig(target=target, fp16=fp16)
+    source = _load_source(model, example_inputs)
+    model = source.model
+
+    feeds = (
+        calib.feeds_from(calibration, model, limit=64)
+        if calibration is not None
+        else calib.generated_feeds(model, count=2, seed=seed)
+    )
+    bytes_before = _weight_bytes(model)
+    reference = None
+    if verify:
+        reference = sessions.session(source.path if source.path else model, "cpu")
+
+    def step(i: int, total: int, name: str) -> None:
+        if progress:
+            progress("quantize", i + 1, total)
+
+    steps = pipeline.build_quantization_pipeline(config, progress=step)
+    timings = pipeline.run(model, steps)
+    skipped = dict(model.meta.get("hessc.skipped", {}))
+    # The portable form runs with ORT's fusions off: the plain float dequantization path.
+    portable = sessions.session(model, "cpu", optimize=False) if verify and target != "onnx" else None
+    record = build_plan_record(model, target, bytes_before, scale_bytes=2 if fp16 else 4)
+    start = time.perf_counter()
+    model, lowered = lowering.lower(model, lower_config)
+    timings.append(pipeline.PassTiming("lower-" + target, time.perf_counter() - start, bool(lowered)))
+    record["summary"]["bytes_after"] = _weight_bytes(model)
+    record["lowering"] = lowered
+    record["skipped"] = skipped
+    record["timings"] = {t.name: round(t.seconds, 3) for t in timings}
+    if verify:
+        record["verification"] = _verify(model, reference, portable, feeds, target)
+    record["summary"]["optimize_seconds"] = round(time.perf_counter() - started, 2)
+    meta.write_plan(model, record)
+    return model
+
+
+def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:
+    """Runs the result on its target: its error against the float model (reported) and against
+    its own portable Q/DQ form (which must agree: lowering changes kernels, not values)."""
+    if target == "cuda" and not sessions.cuda_available():
+        try:
+            candidate = sessions.session(model, "cpu")
+        except Exception as e:
+            logger.warning("no CUDA provider here and the CPU provider cannot run the cuda model: %s", e)
+            return {"status": "not run: no CUDA provider on this machine"}
+        where = "CPUExecutionProvider (no CUDA provider on this machine)"
+    else:
+        candidate = sessions.session(model, target)
+        where = candidate.inner.get_providers()[0]
+    record = {"status": "passed", "provider": where, "vs_float": sessions.compare(reference, candidate, feeds).to_json()}
+    if portable is not None:
+        lowered = sessions.compare(portable, candidate, feeds)
+        record["vs_portable"] = lowered.to_json()
+        limit = LOWERING_TOLERANCE[target]
+        if not math.isfinite(lowered.rel_error) or lowered.rel_error > limit:
+            raise VerificationError(
+                f"the lowered {target} model differs from its portable Q/DQ form by {lowered.rel_error:.2%} "
+                f"(limit {limit:.2%}); this is a hessc bug: rerun with --target onnx and report it"
+            )
+    if not math.isfinite(record["vs_float"]["rel_error"]):
+        raise VerificationError("the optimized model produces non-finite outputs; use more bits")
+    return record
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(
+        int(v.const_value.nbytes)
+        for v in model.graph.initializers.values()
+        if v.const_value is not None
+    )
+
+
+def build_plan_record(model: ir.Model, target: str, bytes_before: int, scale_bytes: int = 4) -> dict:
+    """One entry per quantized weight and a summary with honest byte accounting."""
+    entries = []
+    plans = {}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        plan = node.meta.get(meta.QUANT_KEY)
+        if isinstance(plan, meta.QuantPlan):
+            plans[plan.name] = plan
+    quant_bytes = 0
+    quant_numel = 0
+    for plan in plans.values():
+        nbytes = quantize.stored_bytes(plan, scale_bytes)
+        entry = plan.to_json()
+        entry["bytes"] = nbytes
+        entries.append(entry)
+        quant_bytes += nbytes
+        quant_numel += int(np.prod(plan.shape))
+    bytes_after = _weight_bytes(model)
+    return {
+        "weights": sorted(entries, key=lambda e: e["name"]),
+        "summary": {
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "quantized_weights": len(entries),
+            "quantized_params": quant_numel,
+            "effective_bits_per_weight": round(8 * quant_bytes / quant_numel, 4) if quant_numel else None,
+            "target": target,
+            "hessc_version": __version__,
+        },
+    }
+
+
+def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Saves a model atomically (no half-written file on failure).
+
+    Args:
+        model: the model.
+        path: the ``.onnx`` file to write.
+        external_data: store weights in ``<name>.data`` beside it; default when over 1 GiB.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a directory; pass a file path ending in .onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    total = _weight_bytes(model)
+    if external_data is None:
+        external_data = total > (1 << 30)
+    data_name = path.name + ".data"
+    tmp = Path(tempfile.mkdtemp(prefix=".hessc-", dir=path.parent))
+    try:
+        tmp_model = tmp / path.name
+        if external_data:
+            ir.save(model, tmp_model, external_data=data_name)
+            os.replace(tmp / data_name, path.parent / data_name)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_output_path(input_path: str | os.PathLike | None, output: str | os.PathLike) -> None:
+    """Refuses an output that would overwrite the input model or its external data."""
+    if input_path is None:
+        return
+    src, dst = Path(input_path).resolve(), Path(output).resolve()
+    if src == dst or dst == src.with_name(src.name + ".data"):
+        raise InputError(f"the output {output} would overwrite the input model; choose another -o path")
+    if isinstance(input_path, (str, os.PathLike)) and Path(input_path).exists():
+        return
+    raise UnsupportedError(f"{input_path}: no such input")
