@@ -68,6 +68,7 @@ def optimize(
     symmetric: bool = False,
     example_inputs: tuple | dict | None = None,
     method: str = "rtn",
+    quantize_embeddings: bool = True,
     fp16: bool | None = None,
     verify: bool = True,
     progress: Progress | None = None,
@@ -87,6 +88,7 @@ def optimize(
         symmetric: symmetric quantization (no zero points).
         example_inputs: inputs for exporting a torch module.
         method: ``rtn`` (round to nearest).
+        quantize_embeddings: quantize Gather embedding tables too.
         fp16: fp16 activations (cuda only; default on for cuda).
         verify: compare the result with the float model in ORT before returning it.
         progress: called as long steps advance.
@@ -107,7 +109,7 @@ def optimize(
     fp16 = (target == "cuda") if fp16 is None else fp16
     config = quantize.QuantConfig(
         bits=bits, group_size=group_size, symmetric=symmetric,
-        quantize_conv=(target == "onnx"), method=method,
+        quantize_conv=(target == "onnx"), quantize_embeddings=quantize_embeddings, method=method,
     )
     lower_config = lowering.LowerConfig(target=target, fp16=fp16)
     source = _load_source(model, example_inputs)

@@ -1,0 +1,249 @@
+"""``hessc bench``: hessc against ONNX Runtime's own weight quantizers, side by side, in one run.
+
+For every (bits, group size) and method, the same fp32 ONNX model is compressed, saved, and
+measured on the same machine in the same process: the model's own quality metric on held-out data
+(MODELS.md), file size on disk, effective bits per weight (one accounting for every method: code,
+scale and zero-point bytes of each quantized weight over its element count), median latency on a
+fixed input, and the time the method took. ``ort-*`` methods run
+``onnxruntime.quantization.MatMulNBitsQuantizer`` (which quantizes MatMul weights only);
+``hessc-matmul`` restricts hessc to the same scope so sizes compare like for like.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from hessc.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("hessc", "hessc-matmul", "ort-rtn", "ort-default", "ort-hqq")
+
+
+def _dir_size(path: Path) -> int:
+    size = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return size + (data.stat().st_size if data.exists() else 0)
+
+
+def effective_bits(path: Path) -> tuple[float | None, int]:
+    """Stored bits per quantized weight (codes + scales + zero points), and the quantized count.
+
+    Reads MatMulNBits, GatherBlockQuantized and weight DequantizeLinear nodes, whoever wrote them.
+    """
+    model = ir.load(path)
+    total_bytes = 0
+    numel = 0
+
+    def nbytes(v) -> int:
+        return int(v.const_value.nbytes) if v is not None and v.const_value is not None else 0
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        ins = list(node.inputs) + [None] * 4
+        if node.op_type == "MatMulNBits":
+            k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
+            numel += k * n
+            total_bytes += nbytes(ins[1]) + nbytes(ins[2]) + nbytes(ins[3])
+        elif node.op_type == "GatherBlockQuantized":
+            data = ins[0]
+            shape = list(data.const_value.shape)
+            count = int(np.prod(shape))
+            if data.dtype == ir.DataType.UINT8 and node.attributes.get_int("bits", 4) == 4:
+                count *= 2  # two 4-bit codes per byte
+            numel += count
+            total_bytes += nbytes(ins[0]) + nbytes(ins[2]) + nbytes(ins[3])
+        elif node.op_type == "DequantizeLinear" and ins[0] is not None and ins[0].const_value is not None:
+            if ins[0].dtype in (ir.DataType.INT32,):
+                continue
+            numel += int(np.prod(ins[0].const_value.shape))
+            total_bytes += nbytes(ins[0]) + nbytes(ins[1]) + nbytes(ins[2])
+    return (8 * total_bytes / numel if numel else None), numel
+
+
+def _latency(run: Callable, feed: dict, runs: int) -> float:
+    run(feed)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def _ort_quantize(src: Path, dst: Path, method: str, bits: int, group: int, external: bool) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    if method == "ort-rtn":
+        algo = mnq.RTNWeightOnlyQuantConfig()
+    elif method == "ort-hqq":
+        algo = mnq.HQQWeightOnlyQuantConfig(block_size=group, bits=bits)
+    else:
+        algo = mnq.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=False, accuracy_level=4, bits=bits)
+    model = onnx.load(str(src))
+    quant = mnq.MatMulNBitsQuantizer(
+        model, bits=bits, block_size=group, is_symmetric=False, accuracy_level=4, algo_config=algo
+    )
+    quant.process()
+    quant.model.save_model_to_file(str(dst), use_external_data_format=external)
+
+
+def _latency_feed(zoo_model, name: str, calibration: list[dict]) -> dict:
+    feed = calibration[0]
+    if name == "smollm2":  # a 128-token prompt
+        return {k: v[:, :128] for k, v in feed.items()}
+    return feed
+
+
+def run_bench(
+    model: str,
+    *,
+    bits: Sequence[int],
+    group_sizes: Sequence[int],
+    target: str,
+    methods: Sequence[str],
+    out_dir: Path,
+    eval_tokens: int = 4096,
+    latency_runs: int = 20,
+    quiet: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Runs every method at every setting; writes ``results.json`` and ``results.md`` in out_dir."""
+    import hessc
+    from hessc import report, zoo
+    from hessc.runtime import sessions
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown bench methods {unknown}; use {', '.join(METHODS)}")
+    if target != "cpu" and any(m.startswith("ort-") for m in methods):
+        logger.info("ort-* methods produce CPU-tuned models; they run on %s as they are", target)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = out_dir / "models"
+    work.mkdir(exist_ok=True)
+
+    if model in zoo.ZOO_NAMES:
+        zm = zoo.load_zoo(model, eval_tokens=eval_tokens)
+        src = Path(zm.onnx_path)
+        evaluate = zm.evaluate
+        calibration = zm.calibration(8, 0)
+        name = model
+    else:
+        src = Path(model)
+        if not src.exists():
+            raise InputError(f"{model}: not a zoo model ({', '.join(zoo.ZOO_NAMES)}) nor an existing .onnx file")
+        name = src.stem
+        zm = None
+        evaluate = None
+        from hessc.runtime import calibration as calib
+
+        calibration = calib.generated_feeds(hessc.load(src), count=4)
+    external = src.with_name(src.name + ".data").exists() or src.stat().st_size > (1 << 30)
+    feed = _latency_feed(zm, name, calibration)
+    rows: list[dict[str, Any]] = []
+
+    def measure(method: str, path: Path, b: int | None, g: int | None, seconds: float, extra: dict | None = None) -> None:
+        sess = sessions.session(path, target, threads=threads)
+        row: dict[str, Any] = {
+            "model": name, "method": method, "bits": b, "group_size": g, "target": target,
+            "file_bytes": _dir_size(path), "optimize_seconds": round(seconds, 2),
+        }
+        ebits, numel = effective_bits(path) if method != "fp32" else (32.0, None)
+        row["effective_bits_per_weight"] = None if ebits is None else round(ebits, 3)
+        row["quantized_params"] = numel
+        if evaluate is not None:
+            row.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in evaluate(sess.run).items()})
+        row["latency_ms"] = round(_latency(sess.run, feed, latency_runs), 3)
+        row.update(extra or {})
+        rows.append(row)
+        if not quiet:
+            logger.info("%s", {k: v for k, v in row.items() if k not in ("model", "target")})
+
+    measure("fp32", src, None, None, 0.0)
+    for b in bits:
+        for g in group_sizes:
+            for method in methods:
+                dst = work / f"{name}-{method}-b{b}-g{g}.onnx"
+                start = time.perf_counter()
+                try:
+                    if method.startswith("hessc"):
+                        m = hessc.optimize(
+                            str(src), target=target, bits=b, group_size=g, calibration=calibration,
+                        ) if method == "hessc" else _hessc_matmul_only(src, target, b, g, calibration)
+                        hessc.save(m, dst, external_data=external)
+                    else:
+                        _ort_quantize(src, dst, method, b, g, external)
+                except Exception as e:  # a method that cannot do this setting is reported, not hidden
+                    logger.warning("%s at %d bits, group %d failed: %s", method, b, g, str(e)[:200])
+                    rows.append({"model": name, "method": method, "bits": b, "group_size": g, "target": target,
+                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+                    continue
+                measure(method, dst, b, g, time.perf_counter() - start)
+    results = {"model": name, "target": target, "machine": _machine(), "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (out_dir / "results.md").write_text(results_markdown(results))
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def _hessc_matmul_only(src: Path, target: str, bits: int, group: int, calibration):
+    """hessc with ORT's quantizer scope: MatMul/Gemm weights only, embeddings kept in float."""
+    from hessc import api
+
+    return api.optimize(
+        str(src), target=target, bits=bits, group_size=group, calibration=calibration, quantize_embeddings=False
+    )
+
+
+def _machine() -> dict:
+    import platform
+
+    import onnxruntime
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "onnxruntime": onnxruntime.__version__}
+
+
+METRIC_COLUMNS = ("cosine_to_fp32", "lee_pearson", "lee_spearman", "perplexity", "top1_agreement", "kl_to_fp32")
+
+
+def results_markdown(results: dict) -> str:
+    from hessc.report import table
+
+    rows = results["rows"]
+    metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
+    headers = ["method", "bits", "group", *metrics, "eff. bits/weight", "file MiB", "latency ms", "optimize s"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * len(metrics)), "-", "-", "-", r["error"]])
+            continue
+        body.append([
+            r["method"], r["bits"] or "-", r["group_size"] or "-",
+            *[_fmt(r.get(m)) for m in metrics],
+            _fmt(r.get("effective_bits_per_weight")), f"{r['file_bytes'] / 2**20:.1f}",
+            _fmt(r.get("latency_ms")), _fmt(r.get("optimize_seconds")),
+        ])
+    head = (f"{results['model']} on {results['target']} ({results['machine']['cpu_count']} cores, "
+            f"onnxruntime {results['machine']['onnxruntime']})")
+    return f"### {head}\n\n" + table(headers, body) + "\n"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
+    return str(v)

@@ -1,0 +1,193 @@
+"""The ``hessc`` command line, fit for build systems.
+
+Exit codes: 0 success, 2 bad input or unsupported request (one line on stderr saying what is wrong
+and how to fix it), 3 a produced model failed verification, 1 an internal error. No prompts;
+``--quiet`` silences progress; ``--json`` prints machine-readable results on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from hessc.errors import HesscError, InputError
+
+
+def _progress_factory(quiet: bool):
+    """A ``progress(stage, done, total)`` callback drawing one tqdm bar per stage on stderr."""
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="weight", file=sys.stderr, leave=False)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hessc", description="Curvature-guided compression of ONNX models.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="compress and lower a model")
+    o.add_argument("input", help="the fp32 .onnx model")
+    o.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
+    o.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    o.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    o.add_argument("--group-size", type=int, default=32, help="weights per scale, 16-256 (default 32)")
+    o.add_argument("--symmetric", action="store_true", help="no zero points")
+    o.add_argument("--calibration", help=".npz with one array per model input (first axis = samples)")
+    o.add_argument("--report", help="write a markdown report here")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
+    o.add_argument("--no-verify", action="store_true", help="skip the ORT comparison with the float model")
+    o.add_argument("--quiet", action="store_true")
+    o.add_argument("--json", action="store_true", help="print the plan summary as JSON")
+
+    i = sub.add_parser("inspect", help="list weights, sizes, ops and what can be compressed")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="compare hessc with ONNX Runtime's quantizers on a real model")
+    b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, or a .onnx path")
+    b.add_argument("--bits", type=_int_list, default=[4])
+    b.add_argument("--group-size", type=_int_list, default=[32])
+    b.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    b.add_argument("--methods", default="hessc,ort-rtn,ort-default")
+    b.add_argument("--out", required=True, help="directory for results.json and results.md")
+    b.add_argument("--eval-tokens", type=int, default=4096, help="smollm2 perplexity tokens")
+    b.add_argument("--latency-runs", type=int, default=20)
+    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("demo", help="all-MiniLM-L6-v2 through optimize for the CPU, before and after")
+    d.add_argument("--bits", type=int, default=4)
+    d.add_argument("--group-size", type=int, default=32)
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _cmd_optimize(args) -> int:
+    import hessc
+    from hessc import api, report
+    from hessc.ir import meta
+
+    inp = Path(args.input)
+    if not inp.exists():
+        raise InputError(f"{inp}: no such file; check the path")
+    api.check_output_path(inp, args.output)
+    if args.calibration and not Path(args.calibration).exists():
+        raise InputError(f"{args.calibration}: no such calibration file; check the path")
+    model = hessc.optimize(
+        str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
+        calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
+        verify=not args.no_verify, progress=_progress_factory(args.quiet),
+    )
+    api.save(model, args.output, external_data=True if args.external_data else None)
+    record = meta.read_plan(model)
+    if args.report:
+        _write_text(Path(args.report), report.plan_markdown(record))
+    s = record["summary"]
+    if args.json:
+        print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification")}, indent=2))
+    elif not args.quiet:
+        ver = record.get("verification", {}).get("vs_float")
+        extra = f", output cosine to fp32 {ver['cosine']:.4f}" if ver else ""
+        print(
+            f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
+            f"{s['effective_bits_per_weight']} effective bits/weight{extra}"
+        )
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    import hessc
+    from hessc import report
+
+    info = report.inspect_model(hessc.load(args.model))
+    print(json.dumps(info, indent=2) if args.json else report.inspect_markdown(info), end="\n" if args.json else "")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from hessc import bench
+
+    results = bench.run_bench(
+        args.model, bits=args.bits, group_sizes=args.group_size, target=args.target,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()], out_dir=Path(args.out),
+        eval_tokens=args.eval_tokens, latency_runs=args.latency_runs, quiet=args.quiet,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif not args.quiet:
+        print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from hessc import demo
+
+    demo.run(bits=args.bits, group_size=args.group_size, quiet=args.quiet)
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else (logging.WARNING if quiet else logging.INFO),
+        format="%(message)s" if not args.debug else "%(levelname)s %(name)s: %(message)s",
+    )
+    if not args.debug:
+        for noisy in ("onnx_ir", "onnxscript", "onnxruntime", "torch", "transformers", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except HesscError as e:
+        if args.debug:
+            raise
+        print(f"hessc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("hessc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: one line, the details with --debug
+        if args.debug:
+            raise
+        print(f"hessc: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Readable reports: the ``hessc.plan`` record as markdown, and the model inspection table."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import onnx_ir as ir
+
+from hessc.ir import weights as qweights
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plan_markdown(record: dict, title: str = "hessc optimization report") -> str:
+    """The plan record (``metadata_props["hessc.plan"]``) as a markdown report."""
+    s = record["summary"]
+    out = [f"# {title}", ""]
+    out.append(
+        table(
+            ["target", "weights before", "weights after", "ratio", "effective bits/weight", "quantized weights", "time"],
+            [[
+                s["target"], _fmt_bytes(s["bytes_before"]), _fmt_bytes(s["bytes_after"]),
+                f"{s['bytes_before'] / max(s['bytes_after'], 1):.2f}x",
+                s.get("effective_bits_per_weight"), s.get("quantized_weights"),
+                f"{s.get('optimize_seconds', 0):.1f} s",
+            ]],
+        )
+    )
+    out += ["", "Effective bits per weight count codes at their stored width plus scales and zero points.", ""]
+    ver = record.get("verification")
+    if ver:
+        out += ["## Verification", ""]
+        rows = []
+        for key in ("vs_float", "vs_portable"):
+            if key in ver:
+                v = ver[key]
+                rows.append([key.replace("_", " "), v["samples"], f"{v['rel_error']:.4g}", f"{v['cosine']:.6f}", f"{v['max_abs_error']:.4g}"])
+        out.append(f"Ran on {ver.get('provider', '?')}: {ver.get('status')}.")
+        if rows:
+            out += ["", table(["outputs", "samples", "relative error", "cosine", "max abs error"], rows)]
+        out.append("")
+    if record.get("lowering"):
+        out += ["## Lowering", "", table(["rewrite", "count"], [[k, v] for k, v in record["lowering"].items()]), ""]
+    out += ["## Weights", ""]
+    rows = [
+        [w["name"], w["op"], "×".join(map(str, w["shape"])), w["bits"], w["group_size"] or "channel",
+         "sym" if w["symmetric"] else "asym", w.get("method", "rtn"), _fmt_bytes(w["bytes"])]
+        for w in record.get("weights", [])
+    ]
+    out.append(table(["weight", "op", "shape", "bits", "group", "zero point", "method", "bytes"], rows))
+    if record.get("skipped"):
+        out += ["", "## Kept in float", "", table(["weight", "reason"], [[k, v] for k, v in record["skipped"].items()])]
+    if record.get("timings"):
+        out += ["", "## Pass timings", "", table(["pass", "seconds"], [[k, v] for k, v in record["timings"].items()])]
+    return "\n".join(out) + "\n"
+
+
+def inspect_model(model: ir.Model) -> dict:
+    """Weights, sizes, ops, and what hessc can and cannot compress."""
+    refs, skipped = qweights.find_weights(model)
+    ops = collections.Counter(
+        (n.domain + "::" if n.domain not in ("", "ai.onnx") else "") + n.op_type
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+    )
+    total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    weights = [
+        {
+            "name": r.name, "op": r.op, "shape": list(r.stored_shape), "params": r.numel,
+            "dtype": r.value.dtype.name, "bytes": int(r.value.const_value.nbytes),
+            "matrix": list(r.matrix_shape),
+        }
+        for r in refs
+    ]
+    return {
+        "opset": model.opset_imports.get(""),
+        "inputs": [{"name": v.name, "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])],
+                    "dtype": v.dtype.name if v.dtype else None} for v in model.graph.inputs],
+        "outputs": [v.name for v in model.graph.outputs],
+        "ops": dict(ops.most_common()),
+        "initializer_bytes": int(total),
+        "compressible": weights,
+        "compressible_bytes": int(sum(w["bytes"] for w in weights)),
+        "not_compressible": [{"name": s.name, "op": s.op, "reason": s.reason} for s in skipped],
+    }
+
+
+def inspect_markdown(info: dict) -> str:
+    out = [
+        f"opset {info['opset']}; initializers {_fmt_bytes(info['initializer_bytes'])}, of which "
+        f"{_fmt_bytes(info['compressible_bytes'])} in {len(info['compressible'])} compressible weights",
+        "",
+        table(["weight", "op", "shape", "params", "dtype", "bytes"],
+              [[w["name"], w["op"], "×".join(map(str, w["shape"])), w["params"], w["dtype"], _fmt_bytes(w["bytes"])]
+               for w in info["compressible"]]),
+    ]
+    if info["not_compressible"]:
+        out += ["", "Not compressible:", "",
+                table(["weight", "op", "reason"], [[s["name"], s["op"], s["reason"]] for s in info["not_compressible"]])]
+    out += ["", "Ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items())]
+    return "\n".join(out) + "\n"
