@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -219,3 +219,23 @@ def _fold_weight_transposes(graph: ir.Graph) -> None:
 def ensure_float_array(tensor: ir.TensorProtocol) -> np.ndarray:
     """A weight tensor as a float32 numpy array (memory-mapped tensors are read here)."""
     return np.asarray(tensor.numpy(), dtype=np.float32)
+
+
+def fix_input_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
+    """Makes the named graph inputs static (CUDA graphs and some kernels need fixed shapes).
+
+    Raises:
+        InputError: an unknown input name, a rank mismatch, or a size that contradicts a static dim.
+    """
+    inputs = {v.name: v for v in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(f"--input-shape names {name!r}, but the model's inputs are {sorted(inputs)}")
+        value = inputs[name]
+        current = list(value.shape) if value.shape is not None else [None] * len(dims)
+        if len(current) != len(dims):
+            raise InputError(f"input {name!r} has rank {len(current)}, but the shape given has {len(dims)} dims")
+        for old, new in zip(current, dims):
+            if isinstance(old, int) and old != new:
+                raise InputError(f"input {name!r} has the static shape {current}; it cannot become {list(dims)}")
+        value.shape = ir.Shape([int(d) for d in dims])

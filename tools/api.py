@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -69,6 +69,7 @@ def optimize(
     example_inputs: tuple | dict | None = None,
     method: str = "rtn",
     quantize_embeddings: bool = True,
+    input_shapes: dict[str, Sequence[int]] | None = None,
     fp16: bool | None = None,
     verify: bool = True,
     progress: Progress | None = None,
@@ -89,6 +90,8 @@ def optimize(
         example_inputs: inputs for exporting a torch module.
         method: ``rtn`` (round to nearest).
         quantize_embeddings: quantize Gather embedding tables too.
+        input_shapes: make these graph inputs static (``{"input_ids": [1, 128]}``), so that
+            ``target="cuda"`` sessions can capture the model in a CUDA graph.
         fp16: fp16 activations (cuda only; default on for cuda).
         verify: compare the result with the float model in ORT before returning it.
         progress: called as long steps advance.
@@ -114,6 +117,9 @@ def optimize(
     lower_config = lowering.LowerConfig(target=target, fp16=fp16)
     source = _load_source(model, example_inputs)
     model = source.model
+    if input_shapes:
+        frontend.fix_input_shapes(model, input_shapes)
+        source.path = None  # the reference must see the same static shapes
 
     feeds = (
         calib.feeds_from(calibration, model, limit=64)

@@ -247,3 +247,62 @@ def _fmt(v) -> str:
             return "nan"
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
     return str(v)
+
+
+def cuda_latency(
+    onnx_path: Path,
+    out_dir: Path,
+    *,
+    prompt: int = 128,
+    bits: int = 4,
+    group_size: int = 32,
+    runs: int = 100,
+) -> dict[str, Any]:
+    """Batch-1 latency on the CUDA provider: a ``prompt``-token forward and a one-token step.
+
+    Compares the fp16 model, ONNX Runtime's own 4-bit model (MatMulNBitsQuantizer, fp16), and
+    hessc's ``target="cuda"`` model with fp16 and with fp32 activations; every model has static
+    input shapes and runs with and without a captured CUDA graph. Needs onnxruntime-gpu.
+    """
+    import hessc
+    from hessc.ir import frontend
+    from hessc.runtime import lower as lowering
+    from hessc.runtime import sessions
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = frontend.load(onnx_path)
+    name = base.graph.inputs[0].name
+    rows = []
+    for seq in (prompt, 1):
+        shapes = {name: [1, seq]}
+        feed = {name: np.random.default_rng(0).integers(0, 1000, size=(1, seq)).astype(np.int64)}
+        candidates: dict[str, Path] = {}
+        fp32 = frontend.load(onnx_path)
+        frontend.fix_input_shapes(fp32, shapes)
+        candidates["fp16"] = hessc.save(lowering.to_fp16(fp32), out_dir / f"fp16-{seq}.onnx", external_data=True)
+        ort_path = out_dir / f"ort-{seq}.onnx"
+        fp32_static = hessc.save(fp32, out_dir / f"fp32-{seq}.onnx", external_data=True)
+        _ort_quantize(fp32_static, ort_path, "ort-default", bits, group_size, True)
+        candidates[f"ort-default {bits}-bit fp16"] = hessc.save(
+            lowering.to_fp16(frontend.load(ort_path)), out_dir / f"ort16-{seq}.onnx", external_data=True)
+        for fp16 in (True, False):
+            start = time.perf_counter()
+            m = hessc.optimize(str(onnx_path), target="cuda", bits=bits, group_size=group_size,
+                               input_shapes=shapes, fp16=fp16)
+            label = f"hessc {bits}-bit {'fp16' if fp16 else 'fp32'} act"
+            candidates[label] = hessc.save(m, out_dir / f"hessc-{fp16}-{seq}.onnx", external_data=True)
+            logger.info("%s optimized in %.1f s", label, time.perf_counter() - start)
+        for label, path in candidates.items():
+            for graph in (False, True):
+                try:
+                    sess = sessions.session(path, "cuda", cuda_graph=graph)
+                    ms = _latency(sess.run, feed, runs)
+                    err = None
+                except Exception as e:
+                    ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+                rows.append({"model": label, "tokens": seq, "cuda_graph": graph, "latency_ms": ms,
+                             "file_bytes": _dir_size(path), "error": err})
+                logger.info("%s", rows[-1])
+    results = {"rows": rows}
+    (out_dir / "cuda_latency.json").write_text(json.dumps(results, indent=2))
+    return results

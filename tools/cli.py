@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--calibration", help=".npz with one array per model input (first axis = samples)")
     o.add_argument("--report", help="write a markdown report here")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="make a graph input static (repeatable); needed for CUDA graphs")
     o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     o.add_argument("--no-verify", action="store_true", help="skip the ORT comparison with the float model")
     o.add_argument("--quiet", action="store_true")
@@ -88,6 +90,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _input_shapes(specs: list[str]) -> dict[str, list[int]] | None:
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise InputError(f"--input-shape {spec!r}: write NAME=D1,D2,... with integer dims") from None
+    return shapes or None
+
+
 def _cmd_optimize(args) -> int:
     import hessc
     from hessc import api, report
@@ -103,6 +116,7 @@ def _cmd_optimize(args) -> int:
         str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
         calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
+        input_shapes=_input_shapes(args.input_shape),
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
