@@ -239,3 +239,5 @@ def fix_input_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
             if isinstance(old, int) and old != new:
                 raise InputError(f"input {name!r} has the static shape {current}; it cannot become {list(dims)}")
         value.shape = ir.Shape([int(d) for d in dims])
+    # Propagate the static sizes, so graph outputs get static shapes too.
+    common_passes.ShapeInferencePass()(model)

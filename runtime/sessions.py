@@ -72,8 +72,8 @@ def session_options(threads: int | None = None, optimize: bool = True):
 class Session:
     """A ready ONNX Runtime session for one target.
 
-    ``run(feeds)`` returns the outputs as numpy arrays. On CUDA with a captured graph, feeds are
-    copied into fixed device buffers and the graph is replayed.
+    ``run(feeds)`` returns the outputs as numpy arrays. On CUDA, inputs and outputs live in fixed
+    device buffers bound once (I/O binding); with a captured graph each run replays it.
     """
 
     inner: Any
@@ -83,6 +83,7 @@ class Session:
     _binding: Any = None
     _inputs: dict | None = None
     _outputs: list | None = None
+    _dynamic_outputs: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -93,11 +94,19 @@ class Session:
         return [o.name for o in self.inner.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.cuda_graph:
+        if self.target != "cuda":
             return self.inner.run(None, feeds)
-        return self._run_graph(feeds)
+        self.run_bound(feeds)
+        return [o.numpy() for o in self._outputs]
 
-    def _run_graph(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_bound(self, feeds: dict[str, np.ndarray]) -> None:
+        """Runs with outputs left in device buffers on CUDA (the serving path: no copy back)."""
+        if self.target != "cuda":
+            self.inner.run(None, feeds)
+            return
+        self._bind_and_run(feeds)
+
+    def _bind_and_run(self, feeds: dict[str, np.ndarray]) -> None:
         ort = _import_ort()
         if self._binding is None:
             self._binding = self.inner.io_binding()
@@ -106,11 +115,20 @@ class Session:
                 buf = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
                 self._inputs[name] = buf
                 self._binding.bind_ortvalue_input(name, buf)
-            # Output shapes come from one ordinary run; the buffers are then fixed.
-            shapes = [o.shape for o in self.inner.run(None, feeds)]
-            types = [o.type for o in self.inner.get_outputs()]
+            # A captured graph writes into fixed buffers, so output shapes must be static.
             self._outputs = []
-            for out, shape, typ in zip(self.inner.get_outputs(), shapes, types):
+            for out in self.inner.get_outputs():
+                shape = out.shape
+                if not all(isinstance(d, int) for d in shape):
+                    if not self.cuda_graph:
+                        self._binding.bind_output(out.name, "cuda", 0)
+                        self._dynamic_outputs = True
+                        continue
+                    raise InputError(
+                        f"output {out.name!r} has the dynamic shape {shape}; fix the input shapes "
+                        "(--input-shape) to run it in a CUDA graph"
+                    )
+                typ = out.type
                 dtype = np.float16 if "float16" in typ else np.float32 if "float" in typ else np.int64
                 buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
                 self._outputs.append(buf)
@@ -119,7 +137,8 @@ class Session:
             for name, array in feeds.items():
                 self._inputs[name].update_inplace(np.ascontiguousarray(array))
         self.inner.run_with_iobinding(self._binding)
-        return [o.numpy() for o in self._outputs]
+        if self._dynamic_outputs:  # ORT allocates outputs of dynamic shape on each run
+            self._outputs = list(self._binding.get_outputs())
 
 
 def session(

@@ -296,7 +296,7 @@ def cuda_latency(
             for graph in (False, True):
                 try:
                     sess = sessions.session(path, "cuda", cuda_graph=graph)
-                    ms = _latency(sess.run, feed, runs)
+                    ms = _latency(sess.run_bound, feed, runs)
                     err = None
                 except Exception as e:
                     ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
