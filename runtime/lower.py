@@ -248,6 +248,7 @@ def to_fp16(model: ir.Model) -> ir.Model:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     metadata = dict(model.metadata_props)
+    ir.external_data.load_to_model(model)  # the converter reads tensors inline
     proto = convert_float_to_float16(
         ir.to_proto(model), keep_io_types=True, disable_shape_infer=True, op_block_list=["RandomNormalLike"]
     )

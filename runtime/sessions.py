@@ -46,8 +46,10 @@ def _model_bytes_or_path(model: Any) -> tuple[str | bytes, Any]:
     if isinstance(model, ir.Model):
         # Models with large weights go through a temporary file with external data (protobuf's
         # 2 GB limit, and no second in-memory copy).
-        total = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        if total < 1 << 30:
+        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
+        total = sum(t.nbytes for t in tensors)
+        external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
+        if total < 1 << 30 and not external:
             return ir.to_proto(model).SerializeToString(), None
         tmp = tempfile.TemporaryDirectory(prefix="hessc-")
         path = Path(tmp.name) / "model.onnx"
