@@ -1,0 +1,189 @@
+"""Tiny ONNX graphs shared by the tests, and helpers to run them in ONNX Runtime.
+
+Graphs are written with ``onnx.helper`` (an I/O edge) and turned into ``onnx_ir`` models through
+the front door (:func:`hessc.ir.frontend.load`), so every test sees the normalised IR the passes
+see. Weights are seeded standard normals; the activation input ``x`` has a symbolic batch ``B``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper, numpy_helper
+
+from hessc.ir import frontend
+
+FLOAT = TensorProto.FLOAT
+OPSET = 20
+"""Default opset of the builders (what torch.onnx.export(dynamo=True) writes)."""
+
+
+def weight(shape: Sequence[int], seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(tuple(shape)) * scale).astype(np.float32)
+
+
+def make_model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    initializers: dict[str, np.ndarray] | None = None,
+    opset: int = OPSET,
+) -> onnx.ModelProto:
+    inits = [numpy_helper.from_array(a, name) for name, a in (initializers or {}).items()]
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def x_input(k: int, name: str = "x", batch: str | int = "B") -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, FLOAT, [batch, k])
+
+
+def y_output(n: int | None = None, name: str = "y") -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, FLOAT, None if n is None else ["B", n])
+
+
+def matmul_model(k: int = 64, n: int = 32, seed: int = 0, opset: int = OPSET) -> onnx.ModelProto:
+    """``y = x @ W`` with ``W`` (k, n) named ``W``."""
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
+    return make_model([node], [x_input(k)], [y_output(n)], {"W": weight((k, n), seed)}, opset)
+
+
+def gemm_model(
+    k: int = 64, n: int = 32, trans_b: int = 1, bias: bool = True, seed: int = 0, trans_a: int = 0,
+    opset: int = OPSET,
+) -> onnx.ModelProto:
+    """``y = Gemm(x, W, b)``; ``W`` is (n, k) when ``trans_b`` else (k, n)."""
+    shape = (n, k) if trans_b else (k, n)
+    inits = {"W": weight(shape, seed)}
+    inputs = ["x", "W"]
+    if bias:
+        inits["b"] = weight((n,), seed + 1)
+        inputs.append("b")
+    node = helper.make_node("Gemm", inputs, ["y"], name="gemm", transB=trans_b, transA=trans_a)
+    x = helper.make_tensor_value_info("x", FLOAT, [k, "B"] if trans_a else ["B", k])
+    return make_model([node], [x], [helper.make_tensor_value_info("y", FLOAT, ["B" if not trans_a else k, n])], inits, opset)
+
+
+def gather_model(vocab: int = 100, dim: int = 64, seed: int = 0, opset: int = OPSET) -> onnx.ModelProto:
+    """``y = E[ids]`` with the embedding table ``E`` (vocab, dim)."""
+    node = helper.make_node("Gather", ["E", "ids"], ["y"], name="embed", axis=0)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 5])
+    out = helper.make_tensor_value_info("y", FLOAT, ["B", 5, dim])
+    return make_model([node], [ids], [out], {"E": weight((vocab, dim), seed)}, opset)
+
+
+def conv_model(c_in: int = 8, c_out: int = 16, kernel: int = 3, seed: int = 0) -> onnx.ModelProto:
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    x = helper.make_tensor_value_info("x", FLOAT, ["B", c_in, 6, 6])
+    return make_model(
+        [node], [x], [helper.make_tensor_value_info("y", FLOAT, ["B", c_out, 6, 6])],
+        {"W": weight((c_out, c_in, kernel, kernel), seed)},
+    )
+
+
+def mlp_model(k: int = 64, hidden: int = 64, n: int = 32, seed: int = 0, opset: int = OPSET) -> onnx.ModelProto:
+    """``y = relu(x @ W1) @ W2``: two MatMul weights and a non-weight node between them."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+    ]
+    inits = {"W1": weight((k, hidden), seed), "W2": weight((hidden, n), seed + 1)}
+    return make_model(nodes, [x_input(k)], [y_output(n)], inits, opset)
+
+
+def load(proto: onnx.ModelProto) -> ir.Model:
+    """The proto through hessc's front door (a fresh, normalised ``onnx_ir.Model``)."""
+    return frontend.load(proto)
+
+
+def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
+    if isinstance(model, ir.Model):
+        model = ir.to_proto(model)
+    return model.SerializeToString()
+
+
+def copy(model: ir.Model) -> ir.Model:
+    """A deep copy through the protobuf form (``meta`` annotations are not copied)."""
+    return ir.from_proto(ir.to_proto(model))
+
+
+def run_ort(model, feeds: dict[str, np.ndarray], optimize: bool = False) -> list[np.ndarray]:
+    """Runs a model (``onnx_ir.Model``, ``ModelProto``, bytes or path) on ORT's CPU provider.
+
+    ORT's graph optimizations are off by default, so the graph runs as written.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
+    source = model if isinstance(model, (bytes, str)) else to_bytes(model)
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def x_feed(k: int, batch: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((batch, k)).astype(np.float32)}
+
+
+def dq_operands(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes, scales and zero points of a blocked ``DequantizeLinear`` (initializer inputs), with
+    scales and zero points broadcast to the codes' shape, all as float64."""
+    q = node.inputs[0].const_value.numpy().astype(np.float64)
+    s = node.inputs[1].const_value.numpy().astype(np.float64)
+    zp_value = node.inputs[2] if len(node.inputs) > 2 else None
+    z = np.zeros_like(s) if zp_value is None else zp_value.const_value.numpy().astype(np.float64)
+    axis = node.attributes.get_int("axis", 1)
+    block = node.attributes.get_int("block_size", 0)
+    if block:
+        s = np.repeat(s, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        z = np.repeat(z, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+    else:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        s = np.broadcast_to(s.reshape(shape), q.shape)
+        z = np.broadcast_to(z.reshape(shape), q.shape)
+    return q, s, z
+
+
+def dequantize_linear(node: ir.Node) -> np.ndarray:
+    """Numpy reference of a blocked ``DequantizeLinear`` whose inputs are initializers.
+
+    ``y[i] = (q[i] − z[j]) · s[j]`` with ``j`` equal to ``i`` except ``j[axis] = i[axis] // block``.
+    """
+    q, s, z = dq_operands(node)
+    return (q - z) * s
+
+
+def if_model() -> onnx.ModelProto:
+    """``y = cond ? x @ W_then : x @ W_else``; ``W_then`` (seed 0) is a Constant inside the
+    then-branch, ``W_else`` (seed 1) an outer-scope initializer read inside the else-branch."""
+    out = lambda name: helper.make_tensor_value_info(name, FLOAT, ["B", 32])  # noqa: E731
+    then_g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["W_then"], value=numpy_helper.from_array(weight((64, 32), 0), "W_then")),
+            helper.make_node("MatMul", ["x", "W_then"], ["t"]),
+        ],
+        "then", [], [out("t")],
+    )
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "W_else"], ["e"])], "else", [], [out("e")])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)
+    return make_model([node], [x_input(64), cond], [y_output(32)], {"W_else": weight((64, 32), 1)})
+
+
+def nodes_of(model: ir.Model, op_type: str) -> list[ir.Node]:
+    return [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == op_type]
+
+
+def op_types(model: ir.Model) -> list[str]:
+    return [n.op_type for n in model.graph]

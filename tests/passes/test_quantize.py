@@ -1,0 +1,304 @@
+"""Tests for hessc.passes.quantize: PlanQuantizationPass and InsertQDQPass (the portable Q/DQ form).
+
+Numerical checks run the Q/DQ graph in ONNX Runtime with its graph optimizations off and compare
+with ``x @ dequant(W)`` computed in numpy from the model's own initializers (exact up to float32
+accumulation), then bound the error against the float model analytically: RTN moves each weight
+by at most half a quantization step ``|s|/2`` (a full step for the one code a symmetric quantizer
+clips at ``2^(b−1) − 1``), so ``|Δy_j| ≤ Σ_i |x_i| · bound_ij``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import builders as b
+from hessc.errors import InputError
+from hessc.ir import meta, verify
+from hessc.ir import weights as qweights
+from hessc.passes import quantize
+from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
+
+DTYPES = {
+    (2, True): ir.DataType.INT2, (2, False): ir.DataType.UINT2,
+    (3, True): ir.DataType.INT4, (3, False): ir.DataType.UINT4,
+    (4, True): ir.DataType.INT4, (4, False): ir.DataType.UINT4,
+    (8, True): ir.DataType.INT8, (8, False): ir.DataType.UINT8,
+}
+
+
+def _quantized(run_pass, proto: onnx.ModelProto, config: QuantConfig) -> ir.Model:
+    model = b.load(proto)
+    assert run_pass(PlanQuantizationPass(config), model).modified
+    assert run_pass(InsertQDQPass(), model).modified
+    return model
+
+
+def _dq(model: ir.Model) -> ir.Node:
+    (dq,) = b.nodes_of(model, "DequantizeLinear")
+    return dq
+
+
+def _error_bound(dq: ir.Node, bits: int, symmetric: bool) -> np.ndarray:
+    """Per-element bound on |W − dequant(W)| in the stored layout: half a step ``|s|/2``, or a
+    full step where a symmetric code sits at the clipped top code ``2^(b−1) − 1``."""
+    codes, scale, _ = b.dq_operands(dq)
+    step = np.abs(scale)
+    bound = 0.5 * step
+    if symmetric:
+        bound = np.where(codes == 2 ** (bits - 1) - 1, step, bound)
+    return bound * (1 + 1e-6) + 1e-7
+
+
+# ---------------------------------------------------------------------------------- the passes
+
+
+def test_plan_is_idempotent_and_insert_reports_change(run_pass) -> None:
+    model = b.load(b.mlp_model())
+    config = QuantConfig(bits=4, group_size=32)
+    assert run_pass(PlanQuantizationPass(config), model).modified
+    assert not run_pass(PlanQuantizationPass(config), model).modified
+    # A different decision is a change again.
+    assert run_pass(PlanQuantizationPass(QuantConfig(bits=8, group_size=32)), model).modified
+    assert not run_pass(PlanQuantizationPass(QuantConfig(bits=8, group_size=32)), model).modified
+    plans = {r.name: r.value.meta[meta.QUANT_KEY] for r in qweights.iter_weights(model)}
+    assert set(plans) == {"W1", "W2"} and {p.bits for p in plans.values()} == {8}
+    assert run_pass(InsertQDQPass(), model).modified
+    assert not run_pass(InsertQDQPass(), model).modified
+    assert b.op_types(model) == ["DequantizeLinear", "MatMul", "Relu", "DequantizeLinear", "MatMul"]
+
+
+def test_graph_inputs_outputs_and_other_initializers_are_intact(run_pass) -> None:
+    proto = b.gemm_model(k=64, n=32, trans_b=1, bias=True)
+    before = b.load(proto)
+    model = _quantized(run_pass, proto, QuantConfig())
+    io = lambda m: [(v.name, v.shape, v.dtype) for v in [*m.graph.inputs, *m.graph.outputs]]  # noqa: E731
+    assert io(model) == io(before)
+    assert "W" not in model.graph.initializers, "the float weight is replaced, not kept"
+    assert set(model.graph.initializers) == {"b", "W_q", "W_scale", "W_zp"}
+    np.testing.assert_array_equal(model.graph.initializers["b"].const_value.numpy(), b.weight((32,), 1))
+
+
+@pytest.mark.parametrize("bits, opset, ir_version", [(4, 21, 10), (8, 21, 10), (3, 21, 10), (2, 25, 11)])
+def test_opset_is_raised_for_the_element_type(run_pass, bits: int, opset: int, ir_version: int) -> None:
+    model = _quantized(run_pass, b.matmul_model(opset=20), QuantConfig(bits=bits))
+    assert model.opset_imports[""] == opset
+    assert model.ir_version >= ir_version
+
+
+def test_opset_above_the_requirement_is_kept(run_pass) -> None:
+    model = _quantized(run_pass, b.matmul_model(opset=23), QuantConfig(bits=4))
+    assert model.opset_imports[""] == 23
+
+
+@pytest.mark.xfail(
+    reason="bug: passes/quantize.py _ensure_opset: from opset <= 17, onnxscript's version_converter "
+    "falls back to the onnx C API, which rebuilds model.graph from protobuf; every node/value meta "
+    "is lost, so the DQ nodes lose their hessc.quant QuantPlan (build_plan_record then lists no "
+    "weights, verify_model skips the DQ checks, lowering cannot see 3-bit plans)",
+    strict=True,
+)
+@pytest.mark.parametrize("opset", [13, 17])
+def test_plans_survive_the_opset_upgrade_from_an_old_opset(run_pass, opset: int) -> None:
+    model = _quantized(run_pass, b.mlp_model(opset=opset), QuantConfig(bits=4))
+    assert model.opset_imports[""] == 21
+    plans = [n.meta.get(meta.QUANT_KEY) for n in b.nodes_of(model, "DequantizeLinear")]
+    assert len(plans) == 2 and all(isinstance(p, meta.QuantPlan) for p in plans)
+
+
+# ---------------------------------------------------------------------------------- DQ structure
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(
+    "kind, stored, axis",
+    [("matmul", (64, 32), 0), ("gemm", (32, 64), 1), ("gather", (100, 64), 1)],
+)
+def test_dq_structure(run_pass, kind: str, stored, axis: int, bits: int, symmetric: bool) -> None:
+    proto = {"matmul": b.matmul_model, "gemm": b.gemm_model, "gather": b.gather_model}[kind]()
+    model = _quantized(run_pass, proto, QuantConfig(bits=bits, group_size=16, symmetric=symmetric))
+    dq = _dq(model)
+    consumer = model.graph.node(1)
+    assert list(model.graph)[0] is dq and consumer.inputs[1 if kind != "gather" else 0] is dq.outputs[0]
+    assert dq.attributes.get_int("axis") == axis and dq.attributes.get_int("block_size") == 16
+    q, s = dq.inputs[0], dq.inputs[1]
+    assert q.dtype == DTYPES[bits, symmetric] and tuple(q.shape) == stored
+    groups = list(stored)
+    groups[axis] //= 16
+    assert s.dtype == ir.DataType.FLOAT and tuple(s.shape) == tuple(groups)
+    if symmetric:
+        assert len(dq.inputs) == 2
+    else:
+        assert dq.inputs[2].dtype == q.dtype and tuple(dq.inputs[2].shape) == tuple(groups)
+    codes = q.const_value.numpy().astype(np.int32)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    assert codes.min() >= lo and codes.max() <= hi, "3-bit codes use only 3 bits of the container"
+    plan = dq.meta[meta.QUANT_KEY]
+    assert (plan.bits, plan.group_size, plan.symmetric, plan.shape) == (bits, 16, symmetric, stored)
+    assert dq.outputs[0].dtype == ir.DataType.FLOAT and tuple(dq.outputs[0].shape) == stored
+
+
+def test_conv_is_quantized_per_output_channel_at_8_bits(run_pass) -> None:
+    model = _quantized(run_pass, b.conv_model(), QuantConfig(bits=4))
+    dq = _dq(model)
+    assert dq.attributes.get_int("axis") == 0 and "block_size" not in dq.attributes
+    assert dq.inputs[0].dtype == ir.DataType.INT8 and tuple(dq.inputs[1].shape) == (16,)
+    w = b.weight((16, 8, 3, 3))
+    deq = b.dequantize_linear(dq)
+    step = np.abs(dq.inputs[1].const_value.numpy()).reshape(16, 1, 1, 1)
+    assert np.all(np.abs(deq - w) <= step * (1 + 1e-6))
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)}
+    ref = b.run_ort(b.make_model(
+        [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 16, 6, 6])],
+        {"W": deq.astype(np.float32)},
+    ), feed)[0]
+    np.testing.assert_allclose(b.run_ort(model, feed)[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_shared_by_two_matmuls_gets_one_dq(run_pass) -> None:
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["x", "W"], ["y"])]
+    h = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", 64])
+    proto = b.make_model(nodes, [b.x_input(64)], [b.y_output(64), h], {"W": b.weight((64, 64))})
+    model = _quantized(run_pass, proto, QuantConfig())
+    assert b.op_types(model) == ["DequantizeLinear", "MatMul", "MatMul"]
+    dq = _dq(model)
+    assert [n.inputs[1] for n in list(model.graph)[1:]] == [dq.outputs[0]] * 2
+
+
+# ---------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k, group", [(64, 32), (128, 16), (64, 64)])
+def test_matmul_qdq_equals_dequantized_product_within_half_a_step(run_pass, k, group, bits, symmetric) -> None:
+    proto = b.matmul_model(k=k, n=24, seed=bits)
+    model = _quantized(run_pass, proto, QuantConfig(bits=bits, group_size=group, symmetric=symmetric))
+    dq = _dq(model)
+    w = b.weight((k, 24), bits).astype(np.float64)
+    deq = b.dequantize_linear(dq)
+    bound = _error_bound(dq, bits, symmetric)
+    assert np.all(np.abs(deq - w) <= bound)
+
+    x = np.random.default_rng(7).standard_normal((5, k))
+    (y,) = b.run_ort(model, {"x": x.astype(np.float32)})
+    x = x.astype(np.float32).astype(np.float64)
+    # ORT's graph is exactly x @ dequant(W): only float32 accumulation differs from numpy's fp64.
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-5, atol=1e-6 * (np.abs(x) @ np.abs(deq)).max())
+    # Against the float model: at most the analytic bound, and the bound is not vacuous.
+    err = np.abs(y - x @ w)
+    limit = np.abs(x) @ bound + 1e-4
+    assert np.all(err <= limit)
+    assert err.max() > 0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemm_and_gather_qdq_match_numpy(run_pass, bits: int, symmetric: bool) -> None:
+    config = QuantConfig(bits=bits, group_size=32, symmetric=symmetric)
+    gemm = _quantized(run_pass, b.gemm_model(), config)
+    x = b.x_feed(64)["x"]
+    deq = b.dequantize_linear(_dq(gemm))  # stored (out, in)
+    np.testing.assert_allclose(b.run_ort(gemm, {"x": x})[0], x @ deq.T + b.weight((32,), 1), rtol=1e-5, atol=1e-5)
+
+    gather = _quantized(run_pass, b.gather_model(), config)
+    ids = np.array([[0, 5, 99, 5, 1], [2, 3, 4, 98, 0]], dtype=np.int64)
+    deq = b.dequantize_linear(_dq(gather))
+    np.testing.assert_allclose(b.run_ort(gather, {"ids": ids})[0], deq[ids], rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(deq - b.weight((100, 64))) <= _error_bound(_dq(gather), bits, symmetric))
+
+
+@pytest.mark.xfail(
+    reason="bug: passes/quantize.py quantize_matrix (line 126) truncates the padded codes with "
+    "dataclasses.replace, and QuantizedWeight.__post_init__ (passes/quantizers.py, n_groups = "
+    "in // block, a floor) then rejects the ceil(in/group) scales: ValueError 'scales have shape "
+    "(24, 3), expected (24, 2)' for in=80, group 32",
+    strict=True,
+)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_input_size_not_divisible_by_group(run_pass, symmetric: bool) -> None:
+    model = _quantized(run_pass, b.matmul_model(k=80, n=24), QuantConfig(bits=4, group_size=32, symmetric=symmetric))
+    dq = _dq(model)
+    assert tuple(dq.inputs[1].shape) == (3, 24)  # ceil(80 / 32) blocks along axis 0
+    w = b.weight((80, 24)).astype(np.float64)
+    deq = b.dequantize_linear(dq)
+    assert np.all(np.abs(deq - w) <= _error_bound(dq, 4, symmetric))
+    x = b.x_feed(80)["x"]
+    np.testing.assert_allclose(b.run_ort(model, {"x": x})[0], x @ deq, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_in_if_subgraphs_are_quantized_where_they_are_read(run_pass) -> None:
+    model = _quantized(run_pass, b.if_model(), QuantConfig(bits=8))
+    (if_node,) = b.nodes_of(model, "If")
+    for branch in ("then_branch", "else_branch"):
+        graph = if_node.attributes[branch].value
+        assert [n.op_type for n in graph] == ["DequantizeLinear", "MatMul"]
+    assert "W_else" not in model.graph.initializers, "the float outer-scope weight is dropped once unused"
+    for cond, seed in ((True, 0), (False, 1)):
+        x = b.x_feed(64)["x"]
+        (y,) = b.run_ort(model, {"x": x, "cond": np.array(cond)})
+        branch = if_node.attributes["then_branch" if cond else "else_branch"].value
+        deq = b.dequantize_linear(next(iter(branch)))
+        np.testing.assert_allclose(y, x @ deq, rtol=1e-5, atol=1e-5)
+        assert np.all(np.abs(deq - b.weight((64, 32), seed)) <= _error_bound(next(iter(branch)), 8, False))
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+def test_nothing_to_compress_is_an_input_error(run_pass) -> None:
+    relu = b.make_model(
+        [helper.make_node("Relu", ["x"], ["y"])], [b.x_input(64)], [b.y_output(64)]
+    )
+    with pytest.raises(InputError, match="nothing hessc can compress.*no MatMul, Gemm, Conv or Gather"):
+        PlanQuantizationPass(QuantConfig())(b.load(relu))
+    with pytest.raises(InputError, match=r"nothing hessc can compress \(W: small \(512 < 1024 elements\)\)"):
+        PlanQuantizationPass(QuantConfig())(b.load(b.matmul_model(k=32, n=16)))
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 16])
+def test_bad_bits_is_an_input_error(bits: int) -> None:
+    with pytest.raises(InputError, match=f"--bits {bits} is not supported; use one of 2, 3, 4, 8"):
+        QuantConfig(bits=bits)
+
+
+@pytest.mark.parametrize("group", [0, 8, 48, 512, -32])
+def test_bad_group_size_is_an_input_error(group: int) -> None:
+    with pytest.raises(InputError, match=f"--group-size {group} is not supported; use a power of two"):
+        QuantConfig(group_size=group)
+
+
+def test_bad_method_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="unknown quantization method"):
+        QuantConfig(method="awq")
+
+
+# ---------------------------------------------------------------------------------- saved result
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_saved_result_passes_the_full_onnx_checker(run_pass, tmp_path, bits: int) -> None:
+    model = _quantized(run_pass, b.mlp_model(), QuantConfig(bits=bits))
+    path = tmp_path / "q.onnx"
+    ir.save(model, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    verify.verify_model(ir.load(path))
+
+
+def test_stored_bytes_counts_containers_scales_and_zero_points() -> None:
+    plan = meta.QuantPlan("W", "MatMul", (64, 32), 4, 32, False, matrix_shape=(32, 64))
+    # 2048 codes × 4 bits + 64 fp32 scales + 64 4-bit zero points
+    assert quantize.stored_bytes(plan, 4) == 1024 + 256 + 32
+    three = meta.QuantPlan("W", "MatMul", (64, 32), 3, 32, True, matrix_shape=(32, 64))
+    assert quantize.stored_bytes(three, 2) == 1024 + 128  # 3-bit codes in 4-bit containers
+    partial = meta.QuantPlan("W", "MatMul", (80, 24), 8, 32, False, matrix_shape=(24, 80))
+    assert quantize.stored_bytes(partial, 4) == 80 * 24 + 24 * 3 * 4 + 24 * 3
+    assert math.isclose(8 * quantize.stored_bytes(plan, 4) / 2048, 5.125)

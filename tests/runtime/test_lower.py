@@ -1,0 +1,135 @@
+"""Tests for hessc.runtime.lower: the portable Q/DQ form → MatMulNBits / GatherBlockQuantized.
+
+The lowered model must compute what its portable form computes. Tolerances: at
+``accuracy_level=0`` MatMulNBits dequantizes to float32 and only the summation order differs
+(relative error ≤ 1e-4); at ``accuracy_level=4`` the CPU kernel quantizes the activations to int8
+per block (a rounding error of up to half of ``max|x_block|/127`` per element, ~0.4 % of the
+block's largest activation), so the outputs agree to a relative error of 2e-2, not better.
+An embedding lookup reads the same codes and scales, so GatherBlockQuantized is exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import builders as b
+from hessc.errors import InputError
+from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
+from hessc.runtime.lower import MS_DOMAIN, LowerConfig, LowerWeightsPass, lower
+
+KINDS = {
+    "matmul": (b.matmul_model, "MatMulNBits"),
+    "gemm-bias": (lambda: b.gemm_model(trans_b=1, bias=True), "MatMulNBits"),
+    "gather": (b.gather_model, "GatherBlockQuantized"),
+}
+
+
+def _portable(run_pass, proto: onnx.ModelProto, bits: int, symmetric: bool, group: int = 32) -> ir.Model:
+    model = b.load(proto)
+    run_pass(PlanQuantizationPass(QuantConfig(bits=bits, group_size=group, symmetric=symmetric)), model)
+    run_pass(InsertQDQPass(), model)
+    return model
+
+
+def _feed(kind: str, seed: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if kind == "gather":
+        return {"ids": rng.integers(0, 100, size=(4, 5)).astype(np.int64)}
+    return {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("accuracy_level, tolerance", [(4, 2e-2), (0, 1e-4)])
+def test_lowered_model_matches_its_portable_form(
+    run_pass, kind: str, bits: int, symmetric: bool, accuracy_level: int, tolerance: float
+) -> None:
+    build, kernel = KINDS[kind]
+    model = _portable(run_pass, build(), bits, symmetric)
+    portable = b.to_bytes(model)
+    feed = _feed(kind)
+    (expected,) = b.run_ort(portable, feed, optimize=False)
+
+    lowering = LowerWeightsPass(LowerConfig(target="cpu", accuracy_level=accuracy_level))
+    result = run_pass(lowering, model)
+    if kind == "gather" and bits == 2:  # GatherBlockQuantized runs 4 and 8 bits only
+        assert not result.modified
+        assert lowering.summary == {"kept Q/DQ: 2-bit embedding (GatherBlockQuantized runs 4 and 8 bits)": 1}
+        assert b.op_types(model) == ["DequantizeLinear", "Gather"]
+        return
+    assert result.modified
+    assert lowering.summary == {f"{kernel} {bits}-bit": 1}
+    (node,) = list(model.graph)
+    assert (node.op_type, node.domain) == (kernel, MS_DOMAIN)
+    assert model.opset_imports[MS_DOMAIN] == 1
+    used = {v.name for v in node.inputs if v is not None}
+    assert set(model.graph.initializers) <= used, "the portable initializers no longer read are removed"
+    if kernel == "MatMulNBits":
+        attrs = {k: node.attributes.get_int(k) for k in ("K", "N", "bits", "block_size", "accuracy_level")}
+        assert attrs == {"K": 64, "N": 32, "bits": bits, "block_size": 32, "accuracy_level": accuracy_level}
+        zp = node.inputs[3] if len(node.inputs) > 3 else None
+        assert (zp is None) == symmetric, "zero points only when asymmetric"
+        if kind == "gemm-bias":
+            assert len(node.inputs) == 6 and node.inputs[5].name == "b"
+    else:
+        assert node.attributes.get_int("block_size") == 32 and node.attributes.get_int("quantize_axis") == 1
+
+    (actual,) = b.run_ort(model, feed, optimize=True)
+    assert actual.shape == expected.shape
+    if kind == "gather":
+        np.testing.assert_array_equal(actual, expected)
+    else:
+        assert _rel(actual, expected) <= tolerance
+
+    again = LowerWeightsPass(LowerConfig(target="cpu", accuracy_level=accuracy_level))
+    assert not run_pass(again, model).modified
+
+
+def test_three_bit_stays_portable_and_is_reported(run_pass) -> None:
+    model = _portable(run_pass, b.mlp_model(), 3, symmetric=False)
+    before = b.to_bytes(model)
+    model, summary = lower(model, LowerConfig(target="cpu"))
+    assert summary == {"kept Q/DQ: 3-bit codes (no 3-bit kernel)": 2}
+    assert b.to_bytes(model) == before
+
+
+def test_target_onnx_leaves_the_model_unchanged(run_pass) -> None:
+    model = _portable(run_pass, b.mlp_model(), 4, symmetric=False)
+    before = b.to_bytes(model)
+    lowering = LowerWeightsPass(LowerConfig(target="onnx"))
+    assert not run_pass(lowering, model).modified
+    assert lowering.summary == {}
+    assert b.to_bytes(model) == before
+
+
+def test_gemm_without_trans_b_is_not_lowered(run_pass) -> None:
+    model = _portable(run_pass, b.gemm_model(trans_b=0), 4, symmetric=False)
+    assert not run_pass(LowerWeightsPass(LowerConfig(target="cpu")), model).modified
+    assert b.op_types(model) == ["DequantizeLinear", "Gemm"]
+
+
+def test_mlp_lowers_every_matmul_and_keeps_graph_io(run_pass) -> None:
+    model = _portable(run_pass, b.mlp_model(), 4, symmetric=True)
+    io = [(v.name, v.shape, v.dtype) for v in [*model.graph.inputs, *model.graph.outputs]]
+    feed = b.x_feed(64)
+    (expected,) = b.run_ort(model, feed)
+    model, summary = lower(model, LowerConfig(target="cpu", accuracy_level=0))
+    assert summary == {"MatMulNBits 4-bit": 2}
+    assert b.op_types(model) == ["MatMulNBits", "Relu", "MatMulNBits"]
+    assert [(v.name, v.shape, v.dtype) for v in [*model.graph.inputs, *model.graph.outputs]] == io
+    assert _rel(b.run_ort(model, feed)[0], expected) <= 1e-4
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+
+@pytest.mark.parametrize("kwargs", [{"target": "tpu"}, {"target": "cpu", "fp16": True}])
+def test_bad_lower_config_is_an_input_error(kwargs) -> None:
+    with pytest.raises(InputError):
+        LowerConfig(**kwargs)

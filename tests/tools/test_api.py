@@ -1,0 +1,276 @@
+"""Tests for hessc.api: optimize (plan record, verification, determinism), save, check_output_path."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import builders as b
+import hessc
+from hessc import api
+from hessc.errors import InputError
+from hessc.ir import frontend, meta
+
+torch = pytest.importorskip("torch")
+
+WEIGHTS = {"0.weight": (64, 64), "2.weight": (32, 64)}  # torch's (out, in) Linear weights
+ENTRY_KEYS = {"name", "op", "shape", "bits", "group_size", "symmetric", "bytes"}
+SUMMARY_KEYS = {"bytes_before", "bytes_after", "effective_bits_per_weight", "target", "hessc_version"}
+
+
+@pytest.fixture(scope="module")
+def torch_mlp():
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    return module, (torch.randn(2, 64),)
+
+
+@pytest.fixture(scope="module")
+def exported(torch_mlp) -> ir.Model:
+    """The torch MLP exported once; optimize copies an ``onnx_ir.Model`` before changing it."""
+    module, example = torch_mlp
+    return frontend.load(module, example)
+
+
+def _expected_bytes(shape, bits: int, group: int, symmetric: bool, scale_bytes: int = 4) -> int:
+    out, n_in = shape
+    groups = out * math.ceil(n_in / group)
+    zp = 0 if symmetric else math.ceil(groups * bits / 8)
+    return math.ceil(out * n_in * bits / 8) + groups * scale_bytes + zp
+
+
+@pytest.mark.torch
+def test_optimize_a_torch_module(torch_mlp, tmp_path) -> None:
+    module, example = torch_mlp
+    model = hessc.optimize(module, target="cpu", bits=4, example_inputs=example)
+    record = meta.read_plan(model)
+    assert [e["name"] for e in record["weights"]] == sorted(WEIGHTS)
+    assert record["verification"]["status"] == "passed"
+    path = hessc.save(model, tmp_path / "q.onnx")
+    sess = hessc.runtime.session(path, target="cpu")
+    x = example[0].numpy()
+    (y,) = sess.run({sess.input_names[0]: x})
+    with torch.no_grad():
+        ref = module(example[0]).numpy()
+    # 4-bit RTN of two small layers: a few per cent, as the record says.
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert rel < 0.2
+    assert record["verification"]["vs_float"]["rel_error"] < 0.2
+
+
+_ZP_PADDING_BUG = pytest.mark.xfail(
+    reason="bug: tools/api.py optimize builds the plan record (build_plan_record -> "
+    "passes/quantize.py stored_bytes) before lowering, from the portable layout; MatMulNBits pads "
+    "each row's packed 2-bit zero points to a whole byte (runtime/packing.py), so for target='cpu' "
+    "at 2 bits the weights' bytes and effective_bits_per_weight (3.0625) understate what the saved "
+    "model stores (bytes_after is 48 B larger here: 3.125 bits per weight)",
+    strict=True,
+)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    "target, bits",
+    [("onnx", 2), ("onnx", 4), ("onnx", 8), pytest.param("cpu", 2, marks=_ZP_PADDING_BUG), ("cpu", 4), ("cpu", 8)],
+)
+def test_plan_record(exported, target: str, bits: int) -> None:
+    model = hessc.optimize(exported, target=target, bits=bits, group_size=32)
+    record = meta.read_plan(model)
+    entries = {e["name"]: e for e in record["weights"]}
+    assert set(entries) == set(WEIGHTS)
+    for name, shape in WEIGHTS.items():
+        entry = entries[name]
+        assert ENTRY_KEYS <= set(entry)
+        assert (entry["op"], entry["shape"], entry["bits"], entry["group_size"], entry["symmetric"]) == (
+            "Gemm", list(shape), bits, 32, False
+        )
+        assert entry["bytes"] == _expected_bytes(shape, bits, 32, False)
+    summary = record["summary"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["target"] == target and summary["hessc_version"] == hessc.__version__
+    assert summary["bytes_before"] == 4 * (64 * 64 + 64 + 32 * 64 + 32)
+    # bits + 32-bit scale per 32 weights + a bits-wide zero point per 32 weights.
+    assert summary["effective_bits_per_weight"] == pytest.approx(bits + 32 / 32 + bits / 32)
+
+    ops = [n.op_type for n in model.graph]
+    verification = record["verification"]
+    assert verification["status"] == "passed" and verification["vs_float"]["samples"] == 2
+    if target == "cpu":
+        assert record["lowering"] == {f"MatMulNBits {bits}-bit": 2}
+        assert ops == ["MatMulNBits", "Relu", "MatMulNBits"]
+        assert verification["vs_portable"]["rel_error"] <= api.LOWERING_TOLERANCE["cpu"]
+    else:
+        assert record["lowering"] == {}
+        assert ops == ["DequantizeLinear", "Gemm", "Relu", "DequantizeLinear", "Gemm"]
+        assert "vs_portable" not in verification
+    # The recorded bytes are what the saved model stores: quantized weights plus float biases.
+    biases = 4 * (64 + 32)
+    assert summary["bytes_after"] == sum(e["bytes"] for e in entries.values()) + biases
+
+
+@pytest.mark.torch
+def test_effective_bits_by_hand(exported) -> None:
+    """4-bit, group 32, asymmetric, fp32 scales: 4 + 32/32 + 4/32 = 5.125 bits per weight."""
+    record = meta.read_plan(hessc.optimize(exported, target="onnx", bits=4, group_size=32))
+    # 0.weight: 4096 codes · 4 bits = 2048 B, 128 groups · 4 B = 512 B, 128 zero points · 4 bits = 64 B
+    assert {e["name"]: e["bytes"] for e in record["weights"]} == {"0.weight": 2624, "2.weight": 1312}
+    assert record["summary"]["effective_bits_per_weight"] == 5.125
+    sym = meta.read_plan(hessc.optimize(exported, target="onnx", bits=4, group_size=64, symmetric=True))
+    assert sym["summary"]["effective_bits_per_weight"] == 4.5  # 4 + 32/64, no zero points
+
+
+@pytest.mark.torch
+def test_optimize_does_not_change_the_callers_model(exported) -> None:
+    before = b.to_bytes(exported)
+    hessc.optimize(exported, target="cpu", bits=4)
+    assert b.to_bytes(exported) == before
+
+
+def _without_timings(model: ir.Model) -> bytes:
+    proto = ir.to_proto(model)
+    for prop in proto.metadata_props:
+        if prop.key == meta.PLAN_KEY:
+            plan = json.loads(prop.value)
+            plan.pop("timings")
+            plan["summary"].pop("optimize_seconds")
+            prop.value = json.dumps(plan, sort_keys=True)
+    return proto.SerializeToString()
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("target", ["onnx", "cpu"])
+def test_optimize_is_deterministic_apart_from_wall_times(exported, target: str) -> None:
+    first = hessc.optimize(exported, target=target, bits=4)
+    second = hessc.optimize(exported, target=target, bits=4)
+    assert _without_timings(first) == _without_timings(second)
+
+
+@pytest.mark.torch
+@pytest.mark.xfail(
+    reason="bug: tools/api.py optimize writes wall-clock times (record['timings'], "
+    "summary['optimize_seconds'], lines 140-146) into metadata_props['hessc.plan'], so two runs of "
+    "the same optimize save different bytes; DESIGN.md: 'Outputs are deterministic for a fixed seed'",
+    strict=True,
+)
+def test_two_runs_save_identical_bytes(exported, tmp_path, monkeypatch) -> None:
+    saved = []
+    for i, tick in enumerate((0.25, 0.5)):  # the second run is slower, as real runs can be
+        clock = itertools.count(0.0, tick)
+        monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+        model = hessc.optimize(exported, target="cpu", bits=4)
+        saved.append(hessc.save(model, tmp_path / f"run{i}.onnx").read_bytes())
+    assert saved[0] == saved[1]
+
+
+@pytest.mark.torch
+def test_calibration_with_wrong_input_names_is_an_input_error(exported) -> None:
+    bad = [{"not_the_input": np.zeros((2, 64), np.float32)}]
+    with pytest.raises(InputError, match=r"has inputs \['not_the_input'\] but the model expects \['input'\]"):
+        hessc.optimize(exported, target="cpu", calibration=bad)
+
+
+@pytest.mark.torch
+def test_calibration_is_used_for_verification(exported) -> None:
+    feeds = [{"input": np.random.default_rng(i).standard_normal((2, 64)).astype(np.float32)} for i in range(3)]
+    record = meta.read_plan(hessc.optimize(exported, target="cpu", calibration=feeds))
+    assert record["verification"]["vs_float"]["samples"] == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"target": "tpu"}, "unknown target 'tpu'"), ({"bits": 5}, "--bits 5"), ({"group_size": 24}, "--group-size 24"),
+     ({"method": "gptq"}, "unknown method")],
+)
+def test_bad_options_are_input_errors(kwargs, message) -> None:
+    with pytest.raises(InputError, match=message):
+        hessc.optimize(b.mlp_model(), **kwargs)
+
+
+@pytest.mark.xfail(
+    reason="bug: passes/quantize.py _ensure_opset loses node meta when converting from opset <= 17 "
+    "(see tests/passes/test_quantize.py), so optimize on an opset-17 ONNX model records no weights "
+    "in its plan and effective_bits_per_weight is None",
+    strict=True,
+)
+def test_plan_record_of_an_opset_17_model(tmp_path) -> None:
+    path = tmp_path / "m17.onnx"
+    onnx.save(b.mlp_model(opset=17), path)
+    record = meta.read_plan(hessc.optimize(path, target="cpu", bits=4))
+    assert [e["name"] for e in record["weights"]] == ["W1", "W2"]
+    assert record["summary"]["effective_bits_per_weight"] == 5.125
+
+
+# ---------------------------------------------------------------------------------- save
+
+
+def _quantized(target: str = "onnx") -> ir.Model:
+    return hessc.optimize(b.mlp_model(), target=target, bits=4)
+
+
+def test_save_and_reload_passes_the_full_checker(tmp_path) -> None:
+    model = _quantized()
+    path = api.save(model, tmp_path / "sub" / "q.onnx")
+    assert path == tmp_path / "sub" / "q.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    assert meta.read_plan(ir.load(path)) == meta.read_plan(model)
+    feed = b.x_feed(64)
+    np.testing.assert_array_equal(b.run_ort(str(path), feed)[0], b.run_ort(model, feed)[0])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["q.onnx"]
+
+
+def test_save_with_external_data_writes_the_data_file_and_reloads(tmp_path) -> None:
+    model = _quantized("cpu")
+    feed = b.x_feed(64)
+    (expected,) = b.run_ort(model, feed)
+    path = api.save(model, tmp_path / "q.onnx", external_data=True)
+    data = tmp_path / "q.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx", "q.onnx.data"]
+    assert data.stat().st_size > 0
+    proto = onnx.load(str(path), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    np.testing.assert_array_equal(b.run_ort(str(path), feed)[0], expected)
+    # The in-memory model does not point into the (deleted) temporary directory.
+    np.testing.assert_array_equal(b.run_ort(model, feed)[0], expected)
+
+
+def test_failed_save_leaves_no_partial_file_and_no_temp_dir(tmp_path, monkeypatch) -> None:
+    model = _quantized()
+    target = tmp_path / "q.onnx"
+    target.write_bytes(b"previous result")
+
+    def broken_save(model, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a mod")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    for external_data in (False, True):
+        with pytest.raises(OSError, match="disk full"):
+            api.save(model, target, external_data=external_data)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
+        assert target.read_bytes() == b"previous result"
+
+
+def test_save_to_a_directory_is_an_input_error(tmp_path) -> None:
+    with pytest.raises(InputError, match="is a directory"):
+        api.save(_quantized(), tmp_path)
+
+
+# ---------------------------------------------------------------------------------- output path
+
+
+def test_check_output_path_refuses_to_overwrite_the_input(tmp_path) -> None:
+    src = tmp_path / "in.onnx"
+    onnx.save(b.mlp_model(), src)
+    for output in (src, str(src), tmp_path / "x" / ".." / "in.onnx", tmp_path / "in.onnx.data"):
+        with pytest.raises(InputError, match="would overwrite the input model"):
+            api.check_output_path(src, output)
+    api.check_output_path(src, tmp_path / "out.onnx")
+    api.check_output_path(None, src)
