@@ -243,11 +243,92 @@ def lower(model: ir.Model, config: LowerConfig) -> tuple[ir.Model, dict[str, int
     return model, summary
 
 
+def _const_scalar(value: ir.Value | None) -> float | None:
+    if value is None or value.const_value is None or value.const_value.size != 1:
+        return None
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
+def _single_use_producer(value: ir.Value, op_type: str) -> ir.Node | None:
+    node = value.producer()
+    if node is None or node.op_type != op_type or len(list(value.uses())) != 1 or value.is_graph_output():
+        return None
+    return node
+
+
+def fuse_rms_norms(model: ir.Model) -> int:
+    """Rewrites decomposed RMSNorms into ONNX Runtime's ``SimplifiedLayerNormalization``.
+
+    ``γ · x · 1/sqrt(mean(x², axis=-1) + ε)`` — ``Pow → ReduceMean → Add → Sqrt → Reciprocal →
+    Mul(x, ·) → Mul(γ, ·)`` as exported — is exactly ``SimplifiedLayerNormalization(x, γ; ε)``,
+    whose kernels accumulate the statistics in fp32 even for fp16 inputs. In fp16 the decomposed
+    form overflows once ``|x| > 256`` (``mean(x²) = inf``, so the normalized output is 0).
+
+    Returns:
+        How many norms were fused.
+    """
+    fused = 0
+    graph = model.graph
+    for node in list(graph):
+        if node.op_type != "Mul" or node.graph is None:
+            continue
+        gamma_index = next((i for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None), None)
+        if gamma_index is None:
+            continue
+        gamma, y = node.inputs[gamma_index], node.inputs[1 - gamma_index]
+        if len(gamma.const_value.shape) != 1:
+            continue
+        mul = _single_use_producer(y, "Mul")
+        if mul is None:
+            continue
+        for r_index in (0, 1):
+            recip = _single_use_producer(mul.inputs[r_index], "Reciprocal")
+            if recip is not None:
+                x = mul.inputs[1 - r_index]
+                break
+        else:
+            continue
+        sqrt = _single_use_producer(recip.inputs[0], "Sqrt")
+        add = sqrt and _single_use_producer(sqrt.inputs[0], "Add")
+        if add is None:
+            continue
+        eps_index = next((i for i, v in enumerate(add.inputs) if _const_scalar(v) is not None), None)
+        if eps_index is None:
+            continue
+        mean = _single_use_producer(add.inputs[1 - eps_index], "ReduceMean")
+        if mean is None or not mean.attributes.get_int("keepdims", 1):
+            continue
+        axes = mean.inputs[1].const_value.numpy().tolist() if len(mean.inputs) > 1 and mean.inputs[1] is not None \
+            else mean.attributes.get_ints("axes", [])
+        rank = len(x.shape) if x.shape is not None else None
+        if list(axes) not in ([-1], [rank - 1] if rank else [-1]):
+            continue
+        power = _single_use_producer(mean.inputs[0], "Pow")
+        if power is None or power.inputs[0] is not x or _const_scalar(power.inputs[1]) != 2.0:
+            continue
+        new = ir.node(
+            "SimplifiedLayerNormalization", [x, gamma],
+            attributes={"axis": -1, "epsilon": _const_scalar(add.inputs[eps_index]), "stash_type": 1},
+            name=f"{node.name or 'rms'}_fused",  # ORT registers it in the default domain
+        )
+        _replace(graph, node, new)
+        for dead in (mul, recip, sqrt, add, mean, power):
+            graph.remove(dead, safe=True)
+        fused += 1
+    return fused
+
+
 def to_fp16(model: ir.Model) -> ir.Model:
-    """Float tensors to fp16, keeping the graph's input and output types (for the CUDA provider)."""
+    """Float tensors to fp16, keeping the graph's input and output types (for the CUDA provider).
+
+    Decomposed RMSNorms are fused first (:func:`fuse_rms_norms`), so their statistics are
+    accumulated in fp32.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     metadata = dict(model.metadata_props)
+    fused = fuse_rms_norms(model)
+    logger.info("fused %d RMSNorms before fp16 conversion", fused)
     ir.external_data.load_to_model(model)  # the converter reads tensors inline
     proto = convert_float_to_float16(
         ir.to_proto(model), keep_io_types=True, disable_shape_infer=True, op_block_list=["RandomNormalLike"]

@@ -292,16 +292,20 @@ def cuda_latency(
             label = f"hessc {bits}-bit {'fp16' if fp16 else 'fp32'} act"
             candidates[label] = hessc.save(m, out_dir / f"hessc-{fp16}-{seq}.onnx", external_data=True)
             logger.info("%s optimized in %.1f s", label, time.perf_counter() - start)
+        reference = sessions.session(fp32_static, "cpu").run(feed)[0].astype(np.float64)
         for label, path in candidates.items():
             for graph in (False, True):
+                rel = None
                 try:
                     sess = sessions.session(path, "cuda", cuda_graph=graph)
+                    out = sess.run(feed)[0].astype(np.float64)
+                    rel = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
                     ms = _latency(sess.run_bound, feed, runs)
                     err = None
                 except Exception as e:
                     ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"
                 rows.append({"model": label, "tokens": seq, "cuda_graph": graph, "latency_ms": ms,
-                             "file_bytes": _dir_size(path), "error": err})
+                             "rel_error_vs_fp32": rel, "file_bytes": _dir_size(path), "error": err})
                 logger.info("%s", rows[-1])
     results = {"rows": rows}
     (out_dir / "cuda_latency.json").write_text(json.dumps(results, indent=2))
