@@ -69,13 +69,15 @@ def _load_path(path: Path) -> ir.Model:
         raise InputError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise InputError(f"{path} is a directory; pass the .onnx file inside it")
+    fix = "pass a .onnx file saved by onnx.save or torch.onnx.export"
     try:
-        return ir.load(path)
+        model = ir.load(path)
     except Exception as e:  # protobuf raises several unrelated types on garbage
-        raise InputError(
-            f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]}); "
-            "pass a .onnx file saved by onnx.save or torch.onnx.export"
-        ) from None
+        raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+    if not model.opset_imports or (len(model.graph) == 0 and not model.graph.outputs):
+        # Protobuf parses many byte strings (an empty file included) as an empty ModelProto.
+        raise InputError(f"{path} is not an ONNX model (no graph and no opset); {fix}")
+    return model
 
 
 def _is_torch_module(source: Any) -> bool:

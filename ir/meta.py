@@ -19,6 +19,9 @@ HESSIAN_KEY = "hessc.hessian"
 WEIGHT_NAME_KEY = "hessc.weight_name"
 """``value.meta`` key: the user-facing name of a weight (the original parameter name)."""
 
+TIMINGS_KEY = "hessc.timings"
+"""``model.meta`` key: wall-clock seconds per pass of the last ``optimize`` (not saved)."""
+
 PLAN_KEY = "hessc.plan"
 """``model.metadata_props`` key: the JSON record of every compression decision."""
 

@@ -125,8 +125,9 @@ def classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
     if node.attributes.get_int("axis", 0) != 0 or rank != 2:
         return Skipped(name, op, "Gather not on axis 0 of a 2-D table")
     ids = node.inputs[1]
-    if ids is None or ids.const_value is not None:
-        return None
+    producer = ids.producer() if ids is not None else None
+    if ids is None or ids.const_value is not None or (producer is not None and producer.op_type == "Constant"):
+        return None  # a constant lookup, not an embedding
     return WeightRef(name, node, graph, value, op, transposed=False)
 
 

@@ -108,7 +108,12 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
 
 
 def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarray | None = None):
-    """Quantizes an (out, in) matrix by the plan; a partial last group is zero-padded."""
+    """Quantizes an (out, in) matrix by the plan; a partial last group is zero-padded.
+
+    Returns:
+        The quantized weight of the padded matrix and the true input size (codes past it are
+        padding and are not stored).
+    """
     out_dim, in_dim = matrix.shape
     group = plan.group_size or in_dim
     padded = math.ceil(in_dim / group) * group
@@ -122,9 +127,7 @@ def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarra
         q = quantizers.gptq(matrix, hessian, plan.bits, plan.group_size, plan.symmetric)
     else:
         q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric)
-    if padded != in_dim:
-        q = dataclasses.replace(q, codes=q.codes[:, :in_dim])
-    return q
+    return q, in_dim
 
 
 def stored_bytes(plan: meta.QuantPlan, scale_bytes: int) -> int:
@@ -150,12 +153,22 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         skip_log = model.meta.setdefault("hessc.skipped", {})
         for s in skipped:
             skip_log[s.name] = s.reason
+        plans: dict[str, meta.QuantPlan] = {}
         for ref in refs:
             plan = plan_for(ref, self.config)
             if isinstance(plan, str):
                 skip_log[ref.name] = plan
-                continue
-            if ref.value.meta.get(meta.QUANT_KEY) != plan:
+            else:
+                plans[ref.value.name] = plan
+        if plans:
+            # Raise the opset first: converting from opset <= 17 rebuilds the graph (and its meta).
+            needed = max(PORTABLE_OPSET[p.bits] for p in plans.values())
+            if _ensure_opset(model, needed):
+                modified = True
+                refs, _ = qweights.find_weights(model)
+        for ref in refs:
+            plan = plans.get(ref.value.name)
+            if plan is not None and ref.value.meta.get(meta.QUANT_KEY) != plan:
                 ref.value.meta[meta.QUANT_KEY] = plan
                 modified = True
         planned = sum(1 for r in refs if meta.QUANT_KEY in r.value.meta)
@@ -183,6 +196,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.hessian_for = hessian_for or (lambda ref: None)
         self.progress = progress
 
+    def requires(self, model: ir.Model) -> None:
+        for ref in qweights.iter_weights(model):
+            plan = ref.value.meta.get(meta.QUANT_KEY)
+            if plan is not None and model.opset_imports.get("", 1) < PORTABLE_OPSET[plan.bits]:
+                raise ir.passes.PreconditionError(
+                    f"{plan.bits}-bit codes need opset {PORTABLE_OPSET[plan.bits]}; run plan-quantization first"
+                )
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         refs = [r for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta]
         by_value: dict[int, list[qweights.WeightRef]] = {}
@@ -193,8 +214,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if self.progress:
                 self.progress(i, len(by_value), ref.name)
             self._materialize(model, ref, group)
-        if refs:
-            _ensure_opset(model, max(PORTABLE_OPSET[r.value.meta[meta.QUANT_KEY].bits] for r in refs))
         return ir.passes.PassResult(model, bool(refs))
 
     def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> None:
@@ -202,10 +221,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if any(r.op != ref.op or r.transposed != ref.transposed for r in group[1:]):
             logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
         hessian = self.hessian_for(ref) if plan.method == "gptq" else None
-        q = quantize_matrix(ref.matrix(), plan, hessian)
+        q, in_dim = quantize_matrix(ref.matrix(), plan, hessian)
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
-        codes = q.codes
+        codes = q.codes[:, :in_dim]
         if ref.op == "Conv":
             codes = codes.reshape(ref.stored_shape)
             axis, block = 0, None
@@ -240,8 +259,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for r in group:
             index = 0 if r.op == "Gather" else 1
             r.node.replace_input_with(index, dq.outputs[0])
-        if not ref.value.uses() and ref.value.name in graph.initializers:
-            graph.initializers.pop(ref.value.name)
+        owner = ref.value.graph  # the main graph for an outer-scope weight read in a subgraph
+        if not ref.value.uses() and owner is not None and ref.value.name in owner.initializers:
+            owner.initializers.pop(ref.value.name)
         logger.debug("quantized %s to %d bits (group %d)", plan.name, plan.bits, plan.group_size)
 
 
@@ -253,11 +273,11 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _ensure_opset(model: ir.Model, opset: int) -> None:
-    """Raises the default-domain opset to what the quantized element types need."""
+def _ensure_opset(model: ir.Model, opset: int) -> bool:
+    """Raises the default-domain opset to what the quantized element types need; True if raised."""
     current = model.opset_imports.get("", 1)
     if current >= opset:
-        return
+        return False
     from onnxscript import version_converter
 
     version_converter.convert_version(model, opset, fallback=True)
@@ -268,3 +288,4 @@ def _ensure_opset(model: ir.Model, opset: int) -> None:
         model.ir_version = 10
     if opset >= 25 and model.ir_version < 11:
         model.ir_version = 11
+    return True

@@ -150,7 +150,8 @@ def _check(w_shape: tuple[int, ...], bits: int, group_size: int) -> int:
 
 
 def _as_f32(w: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = w.detach() if isinstance(w, torch.Tensor) else torch.from_numpy(np.asarray(w))
+    # A copy: weights may be read-only memory-mapped arrays, which torch cannot wrap.
+    t = w.detach() if isinstance(w, torch.Tensor) else torch.from_numpy(np.array(w, dtype=np.float32))
     return t.to(device="cpu", dtype=torch.float32)
 
 

@@ -26,7 +26,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _from_npz(path: Path, names: list[str]) -> list[Feed]:
+def _from_npz(path: Path, names: list[str], shapes: dict) -> list[Feed]:
     if not path.exists():
         raise InputError(f"{path}: no such calibration file; check the path")
     try:
@@ -35,8 +35,16 @@ def _from_npz(path: Path, names: list[str]) -> list[Feed]:
         raise InputError(f"{path} is not a readable .npz file ({e}); save it with numpy.savez") from None
     keys = list(data.keys())
     if all(k in keys for k in names):
+        # Samples run along the first axis: a new axis in front of the input's own dims (rank + 1),
+        # or the input's batch axis (the same rank), sliced one sample at a time.
         count = data[names[0]].shape[0]
-        return [{n: data[n][i : i + 1] for n in names} for i in range(count)]
+        ranks = {n: len(shapes[n]) if shapes.get(n) is not None else None for n in names}
+
+        def sample(n: str, i: int) -> np.ndarray:
+            array = data[n]
+            return array[i] if ranks[n] is not None and array.ndim == ranks[n] + 1 else array[i : i + 1]
+
+        return [{n: sample(n, i) for n in names} for i in range(count)]
     per_sample: dict[int, Feed] = {}
     for key in keys:
         name, _, index = key.rpartition("__")
@@ -54,7 +62,8 @@ def feeds_from(calibration: Any, model: ir.Model, limit: int | None = None) -> l
     """Normalises calibration data into checked feeds for the model's graph inputs."""
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
     if isinstance(calibration, (str, os.PathLike)):
-        feeds = _from_npz(Path(calibration), names)
+        shapes = {v.name: v.shape for v in model.graph.inputs}
+        feeds = _from_npz(Path(calibration), names, shapes)
     else:
         feeds = []
         for item in _iterate(calibration):

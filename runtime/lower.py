@@ -340,3 +340,33 @@ def to_fp16(model: ir.Model) -> ir.Model:
 
 def block_count(k: int, block: int) -> int:
     return math.ceil(k / block)
+
+
+def quantized_storage(model: ir.Model) -> tuple[int, int]:
+    """Bytes stored for quantized weights (codes, scales, zero points) and their element count.
+
+    Reads ``MatMulNBits``, ``GatherBlockQuantized`` and weight ``DequantizeLinear`` nodes, whoever
+    wrote them, so every method is counted the same way.
+    """
+    total_bytes = 0
+    numel = 0
+
+    def nbytes(v: ir.Value | None) -> int:
+        return int(v.const_value.nbytes) if v is not None and v.const_value is not None else 0
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        ins = list(node.inputs) + [None] * 4
+        if node.op_type == "MatMulNBits":
+            numel += node.attributes.get_int("K") * node.attributes.get_int("N")
+            total_bytes += nbytes(ins[1]) + nbytes(ins[2]) + nbytes(ins[3])
+        elif node.op_type == "GatherBlockQuantized":
+            data = ins[0]
+            count = int(np.prod(data.const_value.shape))
+            if data.dtype == ir.DataType.UINT8 and node.attributes.get_int("bits", 4) == 4:
+                count *= 2  # two 4-bit codes per byte
+            numel += count
+            total_bytes += nbytes(ins[0]) + nbytes(ins[2]) + nbytes(ins[3])
+        elif node.op_type == "DequantizeLinear" and ins[0] is not None and ins[0].const_value is not None:
+            numel += int(np.prod(ins[0].const_value.shape))
+            total_bytes += nbytes(ins[0]) + nbytes(ins[1]) + nbytes(ins[2])
+    return total_bytes, numel

@@ -185,16 +185,13 @@ def session(
     opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     provider_opts = {"enable_cuda_graph": "1" if use_graph else "0"}
     try:
-        inner = ort.InferenceSession(
-            source, opts, providers=[("CUDAExecutionProvider", provider_opts), "CPUExecutionProvider"]
-        )
+        # Only the CUDA provider, with CPU fallback disabled: a node CUDA cannot run is an error.
+        inner = ort.InferenceSession(source, opts, providers=[("CUDAExecutionProvider", provider_opts)])
     except Exception as e:
         if use_graph and cuda_graph is None:
             logger.info("CUDA graph capture refused (%s); running without it", str(e)[:120])
             provider_opts["enable_cuda_graph"] = "0"
-            inner = ort.InferenceSession(
-                source, opts, providers=[("CUDAExecutionProvider", provider_opts), "CPUExecutionProvider"]
-            )
+            inner = ort.InferenceSession(source, opts, providers=[("CUDAExecutionProvider", provider_opts)])
             use_graph = False
         else:
             raise UnsupportedError(

@@ -26,6 +26,7 @@ import onnx
 import onnx_ir as ir
 
 from hessc.errors import InputError
+from hessc.runtime import lower as lowering
 
 logger = logging.getLogger(__name__)
 
@@ -39,37 +40,9 @@ def _dir_size(path: Path) -> int:
 
 
 def effective_bits(path: Path) -> tuple[float | None, int]:
-    """Stored bits per quantized weight (codes + scales + zero points), and the quantized count.
-
-    Reads MatMulNBits, GatherBlockQuantized and weight DequantizeLinear nodes, whoever wrote them.
-    """
-    model = ir.load(path)
-    total_bytes = 0
-    numel = 0
-
-    def nbytes(v) -> int:
-        return int(v.const_value.nbytes) if v is not None and v.const_value is not None else 0
-
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        ins = list(node.inputs) + [None] * 4
-        if node.op_type == "MatMulNBits":
-            k, n = node.attributes.get_int("K"), node.attributes.get_int("N")
-            numel += k * n
-            total_bytes += nbytes(ins[1]) + nbytes(ins[2]) + nbytes(ins[3])
-        elif node.op_type == "GatherBlockQuantized":
-            data = ins[0]
-            shape = list(data.const_value.shape)
-            count = int(np.prod(shape))
-            if data.dtype == ir.DataType.UINT8 and node.attributes.get_int("bits", 4) == 4:
-                count *= 2  # two 4-bit codes per byte
-            numel += count
-            total_bytes += nbytes(ins[0]) + nbytes(ins[2]) + nbytes(ins[3])
-        elif node.op_type == "DequantizeLinear" and ins[0] is not None and ins[0].const_value is not None:
-            if ins[0].dtype in (ir.DataType.INT32,):
-                continue
-            numel += int(np.prod(ins[0].const_value.shape))
-            total_bytes += nbytes(ins[0]) + nbytes(ins[1]) + nbytes(ins[2])
-    return (8 * total_bytes / numel if numel else None), numel
+    """Stored bits per quantized weight of a saved model (see ``lower.quantized_storage``)."""
+    nbytes, numel = lowering.quantized_storage(ir.load(path))
+    return (8 * nbytes / numel if numel else None), numel
 
 
 def _latency(run: Callable, feed: dict, runs: int) -> float:

@@ -121,7 +121,7 @@ def _cmd_optimize(args) -> int:
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
     if args.report:
-        _write_text(Path(args.report), report.plan_markdown(record))
+        _write_text(Path(args.report), report.plan_markdown(record, timings=model.meta.get(meta.TIMINGS_KEY)))
     s = record["summary"]
     if args.json:
         print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification")}, indent=2))

@@ -27,9 +27,16 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def plan_markdown(record: dict, title: str = "hessc optimization report") -> str:
-    """The plan record (``metadata_props["hessc.plan"]``) as a markdown report."""
+def plan_markdown(record: dict, title: str = "hessc optimization report", timings: dict | None = None) -> str:
+    """The plan record (``metadata_props["hessc.plan"]``) as a markdown report.
+
+    Args:
+        record: the plan record.
+        title: the report's heading.
+        timings: seconds per pass (``model.meta["hessc.timings"]``), when known.
+    """
     s = record["summary"]
+    timings = timings or {}
     out = [f"# {title}", ""]
     out.append(
         table(
@@ -38,7 +45,7 @@ def plan_markdown(record: dict, title: str = "hessc optimization report") -> str
                 s["target"], _fmt_bytes(s["bytes_before"]), _fmt_bytes(s["bytes_after"]),
                 f"{s['bytes_before'] / max(s['bytes_after'], 1):.2f}x",
                 s.get("effective_bits_per_weight"), s.get("quantized_weights"),
-                f"{s.get('optimize_seconds', 0):.1f} s",
+                f"{timings['total']:.1f} s" if "total" in timings else "-",
             ]],
         )
     )
@@ -66,8 +73,8 @@ def plan_markdown(record: dict, title: str = "hessc optimization report") -> str
     out.append(table(["weight", "op", "shape", "bits", "group", "zero point", "method", "bytes"], rows))
     if record.get("skipped"):
         out += ["", "## Kept in float", "", table(["weight", "reason"], [[k, v] for k, v in record["skipped"].items()])]
-    if record.get("timings"):
-        out += ["", "## Pass timings", "", table(["pass", "seconds"], [[k, v] for k, v in record["timings"].items()])]
+    if timings:
+        out += ["", "## Pass timings", "", table(["pass", "seconds"], [[k, v] for k, v in timings.items()])]
     return "\n".join(out) + "\n"
 
 

@@ -96,12 +96,6 @@ def test_garbage_file_is_an_input_error(tmp_path, content: bytes) -> None:
         frontend.load(path)
 
 
-@pytest.mark.xfail(
-    reason="bug: ir/frontend.py _load_path (line 73) returns whatever protobuf parses: an empty file "
-    "or bytes that happen to be valid protobuf load as a ModelProto with no graph and no opset "
-    "(check_opset returns early on a missing opset), instead of an InputError",
-    strict=True,
-)
 @pytest.mark.parametrize("content", [b"", b"\x08\x96\x01" * 7], ids=["empty", "protobuf-varints"])
 def test_file_that_parses_as_an_empty_protobuf_is_an_input_error(tmp_path, content: bytes) -> None:
     path = tmp_path / "garbage.onnx"

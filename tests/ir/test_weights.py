@@ -77,12 +77,6 @@ def test_gather_with_constant_indices_is_not_a_weight() -> None:
     assert weights.find_weights(frontend.load(_gather_constant_ids(False))) == ([], [])
 
 
-@pytest.mark.xfail(
-    reason="bug (minor): ir/weights.py classify checks `ids.const_value is not None`, but the output "
-    "of a small Constant node (below the lift size limit of 16 elements) has no const_value, so "
-    "Gather(E, Constant ids) is taken for an embedding lookup",
-    strict=True,
-)
 def test_gather_with_constant_node_indices_is_not_a_weight() -> None:
     assert weights.find_weights(frontend.load(_gather_constant_ids(True))) == ([], [])
 

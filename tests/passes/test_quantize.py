@@ -96,13 +96,6 @@ def test_opset_above_the_requirement_is_kept(run_pass) -> None:
     assert model.opset_imports[""] == 23
 
 
-@pytest.mark.xfail(
-    reason="bug: passes/quantize.py _ensure_opset: from opset <= 17, onnxscript's version_converter "
-    "falls back to the onnx C API, which rebuilds model.graph from protobuf; every node/value meta "
-    "is lost, so the DQ nodes lose their hessc.quant QuantPlan (build_plan_record then lists no "
-    "weights, verify_model skips the DQ checks, lowering cannot see 3-bit plans)",
-    strict=True,
-)
 @pytest.mark.parametrize("opset", [13, 17])
 def test_plans_survive_the_opset_upgrade_from_an_old_opset(run_pass, opset: int) -> None:
     model = _quantized(run_pass, b.mlp_model(opset=opset), QuantConfig(bits=4))
@@ -216,13 +209,6 @@ def test_gemm_and_gather_qdq_match_numpy(run_pass, bits: int, symmetric: bool) -
     assert np.all(np.abs(deq - b.weight((100, 64))) <= _error_bound(_dq(gather), bits, symmetric))
 
 
-@pytest.mark.xfail(
-    reason="bug: passes/quantize.py quantize_matrix (line 126) truncates the padded codes with "
-    "dataclasses.replace, and QuantizedWeight.__post_init__ (passes/quantizers.py, n_groups = "
-    "in // block, a floor) then rejects the ceil(in/group) scales: ValueError 'scales have shape "
-    "(24, 3), expected (24, 2)' for in=80, group 32",
-    strict=True,
-)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_input_size_not_divisible_by_group(run_pass, symmetric: bool) -> None:
     model = _quantized(run_pass, b.matmul_model(k=80, n=24), QuantConfig(bits=4, group_size=32, symmetric=symmetric))

@@ -172,13 +172,6 @@ def test_generated_feeds_fit_the_model(two_inputs) -> None:
     _assert_feeds_equal(again, feeds)
 
 
-@pytest.mark.xfail(
-    reason="bug: runtime/calibration.py _from_npz (line 40) slices data[n][i:i+1], i.e. treats the "
-    "first axis as the model's batch axis; for an input with a static shape such as [2, 5] (what "
-    "torch.onnx.export writes by default) an array of N samples stacked on a new first axis, "
-    "(N, 2, 5), as the docstring describes ('first axis = samples'), is refused with a rank error",
-    strict=True,
-)
 def test_npz_samples_of_a_static_shape_input(tmp_path) -> None:
     node = helper.make_node("Identity", ["ids"], ["y"])
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 5])
