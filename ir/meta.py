@@ -22,6 +22,9 @@ WEIGHT_NAME_KEY = "hessc.weight_name"
 TIMINGS_KEY = "hessc.timings"
 """``model.meta`` key: wall-clock seconds per pass of the last ``optimize`` (not saved)."""
 
+LATENCY_KEY = "hessc.latency"
+"""``model.meta`` key: float vs optimized latency measured by ``optimize`` (not saved)."""
+
 PLAN_KEY = "hessc.plan"
 """``model.metadata_props`` key: the JSON record of every compression decision."""
 

@@ -49,6 +49,8 @@ class QuantConfig:
         method: ``rtn`` or ``gptq`` (GPTQ needs Hessian annotation).
         min_numel: weights smaller than this stay in float (biases, tiny projections).
         bits_override: per-weight bits by user-facing name (used by the bit allocator).
+        embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
+            runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run).
     """
 
     bits: int = 4
@@ -59,6 +61,7 @@ class QuantConfig:
     method: str = "rtn"
     min_numel: int = 1024
     bits_override: tuple[tuple[str, int], ...] = ()
+    embedding_min_bits: int = 2
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
@@ -101,6 +104,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
     bits = overrides.get(ref.name, config.bits)
     if bits >= 16:
         return "kept in float by the plan"
+    if ref.op == "Gather":
+        bits = max(bits, config.embedding_min_bits)
     method = config.method if ref.op in ("MatMul", "Gemm") else "rtn"
     return meta.QuantPlan(
         ref.name, ref.op, ref.stored_shape, bits, config.group_size, config.symmetric, method, ref.matrix_shape

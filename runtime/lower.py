@@ -10,8 +10,10 @@ matches that ``DequantizeLinear`` together with its consumers and rewrites them:
 * ``target="cuda"`` additionally converts float tensors to fp16 (inputs and outputs keep their types)
   when asked, since the CUDA kernels of MatMulNBits are fastest in fp16.
 
-A pattern a target cannot run as a kernel (3-bit codes, a block size the kernel refuses) is left in
-the portable form, which every target runs; each such case is reported in the lowering summary.
+3-bit codes (no 3-bit kernel exists) run as 4-bit ``MatMulNBits``: they are stored in a 4-bit
+container in the portable form too, so this costs no size. A pattern a target cannot run as a
+kernel (a block size the kernel refuses) is left in the portable form, which every target runs;
+each such case is reported in the lowering summary.
 """
 
 from __future__ import annotations
@@ -116,9 +118,6 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         block = dq.attributes.get_int("block_size", 0)
         axis = dq.attributes.get_int("axis", 1)
         bits = _BITS[q.dtype]
-        if _plan_bits(dq, bits) == 3:
-            self._count("kept Q/DQ: 3-bit codes (no 3-bit kernel)")
-            return False
         ops = {(u.node.op_type, u.idx) for u in uses}
         if ops == {("MatMul", 1)} and axis == 0 and block:
             return self._to_matmul_nbits(model, dq, uses, q, scale, zp, bits, block, transposed=True)
@@ -178,7 +177,8 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or base}_nbits")
             new.meta[meta.QUANT_KEY] = dq.meta.get(meta.QUANT_KEY)
             _replace(graph, node, new)
-        self._count(f"MatMulNBits {bits}-bit")
+        plan_bits = _plan_bits(dq, bits)
+        self._count(f"MatMulNBits {bits}-bit" + (f" ({plan_bits}-bit codes)" if plan_bits != bits else ""))
         return True
 
     def _to_gather_block_quantized(self, model, dq, uses, q, scale, zp, bits, block) -> bool:

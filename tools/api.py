@@ -39,7 +39,9 @@ Progress = Callable[[str, int, int], None]
 LOWERING_TOLERANCE = {"cpu": 0.05, "cuda": 0.02, "onnx": 1e-4}
 """Relative output error allowed between the lowered model and its portable Q/DQ form: the
 kernels differ only in arithmetic (int8 activations at ``accuracy_level=4`` on the CPU, fp16 on
-CUDA). A larger difference means a broken rewrite, and the result is refused."""
+CUDA), so the difference must stay below this, or below half the quantization error itself
+(a coarse model amplifies arithmetic noise). A larger difference means a broken rewrite, and the
+result is refused."""
 
 
 @dataclasses.dataclass
@@ -72,6 +74,7 @@ def optimize(
     input_shapes: dict[str, Sequence[int]] | None = None,
     fp16: bool | None = None,
     verify: bool = True,
+    measure_latency: bool = False,
     progress: Progress | None = None,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
@@ -94,6 +97,8 @@ def optimize(
             ``target="cuda"`` sessions can capture the model in a CUDA graph.
         fp16: fp16 activations (cuda only; default on for cuda).
         verify: compare the result with the float model in ORT before returning it.
+        measure_latency: also time the float and the optimized model on the first calibration
+            input (``model.meta["hessc.latency"]``; warns when the result is slower).
         progress: called as long steps advance.
 
     Returns:
@@ -113,6 +118,7 @@ def optimize(
     config = quantize.QuantConfig(
         bits=bits, group_size=group_size, symmetric=symmetric,
         quantize_conv=(target == "onnx"), quantize_embeddings=quantize_embeddings, method=method,
+        embedding_min_bits=2 if target == "onnx" else 4,
     )
     lower_config = lowering.LowerConfig(target=target, fp16=fp16)
     source = _load_source(model, example_inputs)
@@ -157,6 +163,8 @@ def optimize(
     # Wall-clock facts stay out of the saved model, so outputs are byte-identical for a seed.
     timings.append(pipeline.PassTiming("total", time.perf_counter() - started, True))
     model.meta[meta.TIMINGS_KEY] = {t.name: round(t.seconds, 3) for t in timings}
+    if verify and measure_latency:
+        model.meta[meta.LATENCY_KEY] = _latency(reference, model, target, feeds[0])
     return model
 
 
@@ -177,7 +185,7 @@ def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:
     if portable is not None:
         lowered = sessions.compare(portable, candidate, feeds)
         record["vs_portable"] = lowered.to_json()
-        limit = LOWERING_TOLERANCE[target]
+        limit = max(LOWERING_TOLERANCE[target], 0.5 * record["vs_float"]["rel_error"])
         if not math.isfinite(lowered.rel_error) or lowered.rel_error > limit:
             raise VerificationError(
                 f"the lowered {target} model differs from its portable Q/DQ form by {lowered.rel_error:.2%} "
@@ -186,6 +194,35 @@ def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:
     if not math.isfinite(record["vs_float"]["rel_error"]):
         raise VerificationError("the optimized model produces non-finite outputs; use more bits")
     return record
+
+
+def _latency(reference, model: ir.Model, target: str, feed) -> dict | None:
+    """Median latency of the float and the optimized model on one calibration input (not saved:
+    wall-clock values would make outputs differ run to run)."""
+    if target == "cuda" and not sessions.cuda_available():
+        return None
+    candidate = sessions.session(model, "cpu" if target == "onnx" else target)
+    latency = {
+        "float": _median_ms(reference, feed), "optimized": _median_ms(candidate, feed),
+        "input": {k: list(v.shape) for k, v in feed.items()}, "provider": candidate.inner.get_providers()[0],
+    }
+    if latency["optimized"] > 1.05 * latency["float"]:
+        logger.warning(
+            "the optimized model runs slower than the float model on this input (%.2f ms vs %.2f ms): "
+            "low-bit kernels pay off at small batch x sequence; measure at your serving shape",
+            latency["optimized"], latency["float"],
+        )
+    return latency
+
+
+def _median_ms(sess, feed, runs: int = 5) -> float:
+    sess.run(feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        sess.run(feed)
+        times.append(time.perf_counter() - start)
+    return round(sorted(times)[len(times) // 2] * 1000, 3)
 
 
 def _weight_bytes(model: ir.Model) -> int:

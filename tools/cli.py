@@ -116,18 +116,22 @@ def _cmd_optimize(args) -> int:
         str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
         calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
-        input_shapes=_input_shapes(args.input_shape),
+        input_shapes=_input_shapes(args.input_shape), measure_latency=True,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
     if args.report:
-        _write_text(Path(args.report), report.plan_markdown(record, timings=model.meta.get(meta.TIMINGS_KEY)))
+        _write_text(Path(args.report), report.plan_markdown(
+            record, timings=model.meta.get(meta.TIMINGS_KEY), latency=model.meta.get(meta.LATENCY_KEY)))
     s = record["summary"]
     if args.json:
         print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification")}, indent=2))
     elif not args.quiet:
         ver = record.get("verification", {}).get("vs_float")
         extra = f", output cosine to fp32 {ver['cosine']:.4f}" if ver else ""
+        latency = model.meta.get(meta.LATENCY_KEY)
+        if latency:
+            extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms"
         print(
             f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
             f"{s['effective_bits_per_weight']} effective bits/weight{extra}"

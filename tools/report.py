@@ -27,13 +27,16 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def plan_markdown(record: dict, title: str = "hessc optimization report", timings: dict | None = None) -> str:
+def plan_markdown(
+    record: dict, title: str = "hessc optimization report", timings: dict | None = None, latency: dict | None = None
+) -> str:
     """The plan record (``metadata_props["hessc.plan"]``) as a markdown report.
 
     Args:
         record: the plan record.
         title: the report's heading.
         timings: seconds per pass (``model.meta["hessc.timings"]``), when known.
+        latency: float vs optimized latency (``model.meta["hessc.latency"]``), when measured.
     """
     s = record["summary"]
     timings = timings or {}
@@ -62,6 +65,11 @@ def plan_markdown(record: dict, title: str = "hessc optimization report", timing
         if rows:
             out += ["", table(["outputs", "samples", "relative error", "cosine", "max abs error"], rows)]
         out.append("")
+    if latency:
+        shape = ", ".join(f"{k} {v}" for k, v in latency["input"].items())
+        out += ["## Latency", "", f"Median of 5 runs on {latency['provider']}, input {shape}.", "",
+                table(["float ms", "optimized ms", "speed-up"],
+                      [[latency["float"], latency["optimized"], f"{latency['float'] / latency['optimized']:.2f}x"]]), ""]
     if record.get("lowering"):
         out += ["## Lowering", "", table(["rewrite", "count"], [[k, v] for k, v in record["lowering"].items()]), ""]
     out += ["## Weights", ""]

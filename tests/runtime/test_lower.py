@@ -93,12 +93,16 @@ def test_lowered_model_matches_its_portable_form(
     assert not run_pass(again, model).modified
 
 
-def test_three_bit_stays_portable_and_is_reported(run_pass) -> None:
-    model = _portable(run_pass, b.mlp_model(), 3, symmetric=False)
-    before = b.to_bytes(model)
-    model, summary = lower(model, LowerConfig(target="cpu"))
-    assert summary == {"kept Q/DQ: 3-bit codes (no 3-bit kernel)": 2}
-    assert b.to_bytes(model) == before
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_three_bit_codes_run_as_four_bit_kernels(run_pass, symmetric: bool) -> None:
+    model = _portable(run_pass, b.mlp_model(), 3, symmetric=symmetric)
+    feed = {"x": np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)}
+    (portable,) = b.run_ort(model, feed)
+    lowered, summary = lower(model, LowerConfig(target="cpu", accuracy_level=0))
+    assert summary == {"MatMulNBits 4-bit (3-bit codes)": 2}
+    assert [n.attributes.get_int("bits") for n in lowered.graph if n.op_type == "MatMulNBits"] == [4, 4]
+    (out,) = b.run_ort(lowered, feed)
+    np.testing.assert_allclose(out, portable, rtol=1e-4, atol=1e-4)
 
 
 def test_target_onnx_leaves_the_model_unchanged(run_pass) -> None:
