@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -169,3 +169,17 @@ def _smallest_table(model: ir.Model) -> int:
         and node.inputs[0].const_value is not None
     ]
     return int(min(sizes)) if sizes else 2
+
+
+def activation_ranges(model: ir.Model, names: Sequence[str], feeds: Sequence[Feed]) -> dict[str, tuple[float, float]]:
+    """Min and max of the named values over the feeds, streamed feed by feed through ORT."""
+    from hessc.runtime import sessions
+
+    names = list(dict.fromkeys(names))
+    sess = sessions.session_with_outputs(model, names)
+    ranges = {n: (np.inf, -np.inf) for n in names}
+    for feed in feeds:
+        for name, array in zip(names, sess.run(feed)):
+            lo, hi = ranges[name]
+            ranges[name] = (min(lo, float(np.min(array))), max(hi, float(np.max(array))))
+    return ranges

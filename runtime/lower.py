@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from hessc.errors import InputError
 from hessc.ir import meta
+from hessc.passes.activations import ACT_QUANT_KEY
 from hessc.runtime import packing
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,17 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             return self._to_gather_block_quantized(model, dq, uses, q, scale, zp, bits, block)
         return False
 
+    def _activation_input(self, x: ir.Value) -> ir.Value:
+        """On the CPU, static per-tensor activation Q/DQ gives way to the kernel's own int8 path."""
+        dq = x.producer()
+        if self.config.target != "cpu" or dq is None or ACT_QUANT_KEY not in dq.meta:
+            return x
+        q = dq.inputs[0].producer()
+        if q is None or q.op_type != "QuantizeLinear":
+            return x
+        self._count("8-bit activations: MatMulNBits dynamic int8 (accuracy_level 4)")
+        return q.inputs[0]
+
     @staticmethod
     def _plain_gemm(node: ir.Node) -> bool:
         a = node.attributes
@@ -164,7 +176,7 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         zp_val = None if packed_zp is None else _initializer(graph, f"{base}_nbits_zp", packed_zp)
         for use in uses:
             node = use.node
-            x = node.inputs[0]
+            x = self._activation_input(node.inputs[0])
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
             inputs = [x, b_val, s_val, zp_val]
             if bias is not None:

@@ -254,3 +254,29 @@ def compare(reference: Session, candidate: Session, feeds: Sequence[dict[str, np
         len(feeds), max_abs, rel, cos,
         reference.inner.get_providers()[0], candidate.inner.get_providers()[0],
     )
+
+
+def session_with_outputs(model: ir.Model, names: Sequence[str], threads: int | None = None) -> Session:
+    """A CPU session whose outputs are the named intermediate values (for statistics).
+
+    The model is left as it was: the extra graph outputs exist only in the session.
+    """
+    values = {}
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    for value in model.graph.inputs:
+        values[value.name] = value
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise InputError(f"no values named {missing[:5]} in the model")
+    outputs = model.graph.outputs
+    original = list(outputs)
+    outputs.clear()
+    outputs.extend(values[n] for n in names)
+    try:
+        return session(model, "cpu", threads=threads)
+    finally:
+        outputs.clear()
+        outputs.extend(original)

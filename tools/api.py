@@ -26,6 +26,7 @@ from hessc import __version__
 from hessc.errors import InputError, UnsupportedError, VerificationError
 from hessc.ir import frontend, meta
 from hessc.ir import weights as qweights
+from hessc.passes import activations as act
 from hessc.passes import pipeline, quantize
 from hessc.runtime import calibration as calib
 from hessc.runtime import lower as lowering
@@ -70,6 +71,7 @@ def optimize(
     symmetric: bool = False,
     example_inputs: tuple | dict | None = None,
     method: str = "rtn",
+    activations: int | None = None,
     quantize_embeddings: bool = True,
     input_shapes: dict[str, Sequence[int]] | None = None,
     fp16: bool | None = None,
@@ -92,6 +94,10 @@ def optimize(
         symmetric: symmetric quantization (no zero points).
         example_inputs: inputs for exporting a torch module.
         method: ``rtn`` (round to nearest).
+        activations: 8 quantizes the inputs of quantized MatMul/Gemm layers to uint8 with
+            calibrated per-tensor ranges (needs calibration); on the CPU the kernel's own dynamic
+            int8 path runs them. 16 keeps float activations (on the CPU: ``accuracy_level=1``,
+            slow for 2- and 8-bit weights). None: the target's fastest (int8 compute on the CPU).
         quantize_embeddings: quantize Gather embedding tables too.
         input_shapes: make these graph inputs static (``{"input_ids": [1, 128]}``), so that
             ``target="cuda"`` sessions can capture the model in a CUDA graph.
@@ -120,7 +126,13 @@ def optimize(
         quantize_conv=(target == "onnx"), quantize_embeddings=quantize_embeddings, method=method,
         embedding_min_bits=2 if target == "onnx" else 4,
     )
-    lower_config = lowering.LowerConfig(target=target, fp16=fp16)
+    if activations not in (None, 8, 16):
+        raise InputError(f"--activations {activations} is not supported; use 8 or 16")
+    if activations == 8 and calibration is None:
+        raise InputError("--activations 8 needs calibration data to set activation ranges; pass --calibration")
+    lower_config = lowering.LowerConfig(
+        target=target, fp16=fp16, accuracy_level=1 if activations == 16 else 4
+    )
     source = _load_source(model, example_inputs)
     model = source.model
     if input_shapes:
@@ -143,6 +155,12 @@ def optimize(
 
     steps = pipeline.build_quantization_pipeline(config, progress=step)
     timings = pipeline.run(model, steps)
+    if activations == 8:
+        start = time.perf_counter()
+        names = list(act.quantized_layer_inputs(model))
+        ranges = calib.activation_ranges(model, names, feeds)
+        act.InsertActivationQDQPass(ranges)(model)
+        timings.append(pipeline.PassTiming("insert-activation-qdq", time.perf_counter() - start, True))
     skipped = dict(model.meta.get("hessc.skipped", {}))
     # The portable form runs with ORT's fusions off: the plain float dequantization path.
     portable = sessions.session(model, "cpu", optimize=False) if verify and target != "onnx" else None
