@@ -30,7 +30,13 @@ from hessc.runtime import lower as lowering
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("hessc", "hessc-matmul", "ort-rtn", "ort-default", "ort-hqq")
+HESSC_VARIANTS: dict[str, dict[str, Any]] = {
+    "hessc": {},
+    # The scope of ORT's quantizer (MatMul/Gemm weights; embeddings stay float), for like-for-like sizes.
+    "hessc-matmul": {"quantize_embeddings": False},
+    "hessc-gptq": {"quantize_embeddings": False, "method": "gptq"},
+}
+METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
 
 
 def _dir_size(path: Path) -> int:
@@ -55,11 +61,30 @@ def _latency(run: Callable, feed: dict, runs: int) -> float:
     return statistics.median(times) * 1000
 
 
-def _ort_quantize(src: Path, dst: Path, method: str, bits: int, group: int, external: bool) -> None:
+def _ort_quantize(
+    src: Path, dst: Path, method: str, bits: int, group: int, external: bool, calibration: list | None = None
+) -> None:
+    """ONNX Runtime's own MatMulNBitsQuantizer with the named algorithm (MatMul weights only)."""
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, feeds: list) -> None:
+            self.feeds = list(feeds)
+            self.index = 0
+
+        def get_next(self):
+            if self.index >= len(self.feeds):
+                return None
+            self.index += 1
+            return self.feeds[self.index - 1]
 
     if method == "ort-rtn":
         algo = mnq.RTNWeightOnlyQuantConfig()
+    elif method == "ort-kquant":
+        algo = mnq.KQuantWeightOnlyQuantConfig()
+    elif method == "ort-gptq":
+        algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(calibration or []), block_size=group)
     elif method == "ort-hqq":
         algo = mnq.HQQWeightOnlyQuantConfig(block_size=group, bits=bits)
     else:
@@ -153,10 +178,11 @@ def run_bench(
                     if method.startswith("hessc"):
                         m = hessc.optimize(
                             str(src), target=target, bits=b, group_size=g, calibration=calibration,
-                        ) if method == "hessc" else _hessc_matmul_only(src, target, b, g, calibration)
+                            **HESSC_VARIANTS[method],
+                        )
                         hessc.save(m, dst, external_data=external)
                     else:
-                        _ort_quantize(src, dst, method, b, g, external)
+                        _ort_quantize(src, dst, method, b, g, external, calibration)
                 except Exception as e:  # a method that cannot do this setting is reported, not hidden
                     logger.warning("%s at %d bits, group %d failed: %s", method, b, g, str(e)[:200])
                     rows.append({"model": name, "method": method, "bits": b, "group_size": g, "target": target,
@@ -168,15 +194,6 @@ def run_bench(
     (out_dir / "results.md").write_text(results_markdown(results))
     shutil.rmtree(work, ignore_errors=True)
     return results
-
-
-def _hessc_matmul_only(src: Path, target: str, bits: int, group: int, calibration):
-    """hessc with ORT's quantizer scope: MatMul/Gemm weights only, embeddings kept in float."""
-    from hessc import api
-
-    return api.optimize(
-        str(src), target=target, bits=bits, group_size=group, calibration=calibration, quantize_embeddings=False
-    )
 
 
 def _machine() -> dict:
