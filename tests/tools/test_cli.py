@@ -1,0 +1,107 @@
+"""The ``hessc`` command line: exit codes, one-line errors, JSON output, reports, inputs untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import builders as b
+import numpy as np
+import onnx
+import pytest
+
+from hessc import cli
+from hessc.ir import meta
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(b.mlp_model(), path)
+    return path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_optimize_writes_model_report_and_json(model_path: Path, tmp_path: Path, capsys) -> None:
+    before = _digest(model_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.md"
+    code = cli.main(["optimize", str(model_path), "-o", str(out), "--bits", "4", "--report", str(report),
+                     "--json", "--quiet"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["summary"]["effective_bits_per_weight"] == pytest.approx(4 + 1 + 4 / 32)
+    assert printed["verification"]["status"] == "passed"
+    assert _digest(model_path) == before, "the input is never modified"
+    saved = onnx.load(out)
+    onnx.checker.check_model(saved, full_check=True)
+    plan = json.loads(next(p.value for p in saved.metadata_props if p.key == meta.PLAN_KEY))
+    assert {w["name"] for w in plan["weights"]} == {"W1", "W2"}
+    text = report.read_text()
+    assert "| W1 | MatMul | 64×64 | 4 |" in text and "## Verification" in text and "## Latency" in text
+
+
+def test_calibration_npz(model_path: Path, tmp_path: Path) -> None:
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((6, 1, 64)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--calibration", str(data), "--quiet"]) == 0
+    plan = json.loads(next(p.value for p in onnx.load(out).metadata_props if p.key == meta.PLAN_KEY))
+    assert plan["verification"]["vs_float"]["samples"] == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bits", "5"], "--bits 5 is not supported"),
+        (["--group-size", "48"], "--group-size 48 is not supported"),
+        (["--input-shape", "nope=1,2"], "names 'nope'"),
+    ],
+)
+def test_bad_options_are_one_line_errors(model_path: Path, tmp_path: Path, capsys, args, message) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hessc: error: ") and message in err[0]
+    assert not out.exists(), "no output on failure"
+
+
+def test_bad_inputs(model_path: Path, tmp_path: Path, capsys) -> None:
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00\xffnot a model at all" * 10)
+    cases = [
+        ([str(tmp_path / "missing.onnx")], "no such file"),
+        ([str(garbage)], "not a readable ONNX model"),
+    ]
+    for inp, message in cases:
+        assert cli.main(["optimize", *inp, "-o", str(tmp_path / "o.onnx")]) == 2
+        assert message in capsys.readouterr().err
+    # Writing over the input is refused before anything runs.
+    assert cli.main(["optimize", str(model_path), "-o", str(model_path)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    calib = tmp_path / "wrong.npz"
+    np.savez(calib, not_x=np.zeros((2, 1, 64), np.float32))
+    assert cli.main(["optimize", str(model_path), "-o", str(tmp_path / "o.onnx"), "--calibration", str(calib)]) == 2
+    assert "the model's inputs are ['x']" in capsys.readouterr().err
+
+
+def test_inspect_json(model_path: Path, capsys) -> None:
+    assert cli.main(["inspect", str(model_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {w["name"] for w in info["compressible"]} == {"W1", "W2"}
+    assert info["ops"] == {"MatMul": 2, "Relu": 1}
+
+
+def test_console_script_runs_without_a_traceback(tmp_path: Path) -> None:
+    """The installed entry point: a bad input exits 2 with one line on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "hessc.cli", "optimize", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "o.onnx")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
