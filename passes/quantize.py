@@ -48,7 +48,10 @@ class QuantConfig:
         quantize_embeddings: quantize Gather embedding tables.
         method: ``rtn`` or ``gptq`` (GPTQ needs Hessian annotation).
         min_numel: weights smaller than this stay in float (biases, tiny projections).
-        bits_override: per-weight bits by user-facing name (used by the bit allocator).
+        bits_override: per-weight bits by user-facing name (used by the bit allocator); 16 or
+            more keeps the weight in float.
+        method_override: per-weight method (``rtn``/``gptq``) by user-facing name, for MatMul and
+            Gemm weights (used by the bit allocator).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run).
     """
@@ -62,11 +65,15 @@ class QuantConfig:
     min_numel: int = 1024
     bits_override: tuple[tuple[str, int], ...] = ()
     embedding_min_bits: int = 2
+    method_override: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
         if self.method not in ("rtn", "gptq"):
             raise InputError(f"unknown quantization method {self.method!r}; use 'rtn' or 'gptq'")
+        for name, method in self.method_override:
+            if method not in ("rtn", "gptq"):
+                raise InputError(f"{name}: unknown quantization method {method!r}; use 'rtn' or 'gptq'")
 
 
 def validate_bits_and_group(bits: int, group_size: int) -> None:
@@ -106,7 +113,7 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
         return "kept in float by the plan"
     if ref.op == "Gather":
         bits = max(bits, config.embedding_min_bits)
-    method = config.method if ref.op in ("MatMul", "Gemm") else "rtn"
+    method = dict(config.method_override).get(ref.name, config.method) if ref.op in ("MatMul", "Gemm") else "rtn"
     return meta.QuantPlan(
         ref.name, ref.op, ref.stored_shape, bits, config.group_size, config.symmetric, method, ref.matrix_shape
     )
@@ -276,6 +283,12 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.const_value = tensor
     graph.register_initializer(value)
     return value
+
+
+def ensure_opset(model: ir.Model, opset: int) -> bool:
+    """Raises the default-domain opset to ``opset`` if lower (for passes that plan low-bit codes
+    after plan-quantization); True if raised."""
+    return _ensure_opset(model, opset)
 
 
 def _ensure_opset(model: ir.Model, opset: int) -> bool:

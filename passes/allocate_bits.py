@@ -1,0 +1,473 @@
+r"""Mixed-precision bit allocation: one grouped knapsack over (bits × method) items per weight.
+
+For a weight ``W`` (out × in, ``y = W x``) and a candidate item ``b`` (bits, quantizer), the
+weight change is ``Δ_b = Q_b(W) − W`` and the loss change is predicted by the second-order Taylor
+model with the K-FAC block ``H ≈ A ⊗ G`` (ALGORITHMS.md §1.2, §3(c))::
+
+    c(b) = ⟨∇_W L, Δ_b⟩ + ½ tr(G Δ_b A Δ_bᵀ)                                   (K-FAC)
+    c(b) = ⟨∇_W L, Δ_b⟩ + ½ Σ_o G_oo (Δ_b A Δ_bᵀ)_oo                           (only diag G)
+    c(b) = ⟨∇_W L, Δ_b⟩ + ½ γ tr(Δ_b A Δ_bᵀ)                                   (layer-wise)
+
+``A = E[x xᵀ]``; ``G = E[g gᵀ]`` with ``g = ∂ℓ/∂y``; the gradient term is dropped where the
+gradient was not measured. The layer-wise estimator is GPTQ's proxy ``G = γ I``, with ``γ`` the
+scalar that puts it in the loss's units, taken from the first statistic available:
+``γ = tr(G)/m`` (the mean output curvature, when G or diag G was measured);
+``γ = tr(H_l) / (m · tr A)`` (Hutchinson trace of the layer block, since ``tr(A ⊗ γI) = γ m tr A``);
+``γ = λ_max(H_l) / λ_max(A)``. With none of them ``γ = 1``: the prediction is then the layer-output
+error ``½ E‖Δ x‖²``, not a loss change, so the gradient term is dropped and ``lossless`` is refused.
+
+Each item costs its true stored bytes (:func:`hessc.passes.quantize.stored_bytes`: codes at their
+container width plus scales and zero points). A 3-bit code lives in a 4-bit container, so a 3-bit
+item costs exactly what the 4-bit item costs and (almost always) predicts more loss: it is
+dominated, and the allocator rightly never picks it unless its gradient term makes it better.
+One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.passes.allocate`::
+
+    min Σ_l c_l(b_l)  s.t.  Σ_l bytes_l(b_l) ≤ B            (budget: bits/weight or bytes)
+    min Σ_l bytes_l(b_l)  s.t.  Σ_l c_l(b_l) ≤ 0            ("lossless")
+
+``budget_bits`` means ``B = budget_bits / 8 · Σ_l numel_l`` over the allocated weights (so the
+effective bits per weight, scales and zero points counted, stays within it); ``budget_bytes``
+bounds the same allocated weights' stored bytes. In lossless mode each weight may also stay in
+float (cost 4 bytes per weight, ``c = 0``), which keeps the problem always feasible. A budget at
+or above the float size of the allocated weights is an honest no-op: every weight stays in float
+and the record says why.
+
+The pass re-plans the MatMul/Gemm weights that plan-quantization planned and that carry Hessian
+statistics, replacing their :class:`~hessc.ir.meta.QuantPlan` (bits and method), and records the
+decision, every candidate's prediction and the budget accounting in
+``model.meta["hessc.allocation"]`` (with a ``bits_override``/``method_override`` pair that
+:class:`~hessc.passes.quantize.QuantConfig` honours, to replay the plan on a fresh copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.errors import InputError
+from hessc.ir import meta
+from hessc.ir import weights as qweights
+from hessc.passes import allocate, curvature, quantize
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ALLOCATION_KEY",
+    "ESTIMATOR_KEY",
+    "FLOAT_BITS",
+    "AllocateBitsPass",
+    "AllocationConfig",
+    "Candidate",
+    "WeightAllocation",
+    "predict_delta_loss",
+    "step_up",
+]
+
+ALLOCATION_KEY = "hessc.allocation"
+"""``model.meta`` key: the allocation record (JSON-able dict) of the last allocate-bits run."""
+
+ESTIMATOR_KEY = "hessc.estimator"
+"""``model.meta`` key: the estimator (``kfac``/``layerwise``) Hessian annotation found to predict
+true loss changes best; ``estimator="auto"`` follows it when present."""
+
+FLOAT_BITS = 32
+"""Bits of the keep-in-float item (the weight stays fp32: 4 bytes per weight)."""
+
+ESTIMATORS = ("kfac", "layerwise", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocationConfig:
+    """Configuration of :class:`AllocateBitsPass`; exactly one of the three budgets is set.
+
+    Attributes:
+        budget_bits: average stored bits per allocated weight (scales and zero points counted).
+        budget_bytes: stored bytes of the allocated weights.
+        lossless: the cheapest allocation whose summed predicted loss change is at most 0.
+        candidate_bits: bit widths offered per weight.
+        methods: quantizers offered per weight (``gptq`` only where ``A`` was measured).
+        group_size: weights per scale along the input dimension.
+        symmetric: no zero points.
+        estimator: ``kfac``, ``layerwise`` or ``auto`` (see the module docstring).
+        scale_bytes: bytes per stored scale (4 for fp32, 2 for fp16 kernels).
+    """
+
+    budget_bits: float | None = None
+    budget_bytes: int | None = None
+    lossless: bool = False
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    methods: tuple[str, ...] = ("rtn", "gptq")
+    group_size: int = 32
+    symmetric: bool = False
+    estimator: str = "auto"
+    scale_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        chosen = [self.budget_bits is not None, self.budget_bytes is not None, self.lossless]
+        if sum(chosen) != 1:
+            raise InputError("give exactly one budget: bits per weight, bytes, or lossless")
+        if self.budget_bits is not None and not (math.isfinite(self.budget_bits) and self.budget_bits > 0):
+            raise InputError(f"--bits {self.budget_bits} must be a positive number")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise InputError(f"--budget-bytes {self.budget_bytes} must be positive")
+        if not self.candidate_bits:
+            raise InputError("offer at least one candidate bit width")
+        for bits in self.candidate_bits:
+            quantize.validate_bits_and_group(bits, self.group_size)
+        for method in self.methods:
+            if method not in ("rtn", "gptq"):
+                raise InputError(f"unknown quantization method {method!r}; use 'rtn' or 'gptq'")
+        if "rtn" not in self.methods:
+            raise InputError("the methods must include 'rtn' (weights without A can only use it)")
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One item of a weight's group.
+
+    Attributes:
+        bits: bits per code, or :data:`FLOAT_BITS` for the keep-in-float item.
+        method: ``rtn``, ``gptq`` or ``float``.
+        bytes: true stored bytes.
+        delta_loss: predicted loss change.
+        first_order: the gradient term ``⟨∇L, Δ⟩`` (0 when not measured).
+    """
+
+    bits: int
+    method: str
+    bytes: int
+    delta_loss: float
+    first_order: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits, "method": self.method, "bytes": self.bytes,
+            "predicted_delta_loss": self.delta_loss, "first_order": self.first_order,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightAllocation:
+    """The candidates of one weight and the one chosen."""
+
+    name: str
+    shape: tuple[int, int]
+    estimator: str
+    candidates: tuple[Candidate, ...]
+    chosen: Candidate
+    curvature: dict[str, Any]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "shape": list(self.shape), "estimator": self.estimator,
+            "bits": self.chosen.bits, "method": self.chosen.method, "bytes": self.chosen.bytes,
+            "predicted_delta_loss": self.chosen.delta_loss,
+            "candidates": [c.to_json() for c in self.candidates], "curvature": self.curvature,
+        }
+
+
+def _stat(stats: Any, name: str) -> Any:
+    return getattr(stats, name, None) if stats is not None else None
+
+
+def _layerwise_scale(stats: Any, out_dim: int) -> float | None:
+    """``γ`` of the layer-wise estimator ``G = γI`` in loss units, or None when unknown."""
+    g, g_diag = _stat(stats, "g"), _stat(stats, "g_diag")
+    if g is not None:
+        return float(np.trace(g)) / out_dim
+    if g_diag is not None:
+        return float(np.sum(g_diag)) / out_dim
+    a = _stat(stats, "a")
+    trace = _stat(stats, "hutchinson_trace")
+    if trace is not None and a is not None and np.trace(a) > 0:
+        return float(trace) / (out_dim * float(np.trace(a)))
+    lam = _stat(stats, "lambda_max")
+    if lam is not None and a is not None:
+        alpha = float(np.linalg.eigvalsh(np.asarray(a, dtype=np.float64))[-1])
+        if alpha > 0:
+            return float(lam) / alpha
+    return None
+
+
+def resolve_estimator(requested: str, stats: Any, model_choice: str | None) -> str:
+    """The estimator used for one weight: ``kfac`` needs G or diag G; else ``layerwise``."""
+    has_g = _stat(stats, "g") is not None or _stat(stats, "g_diag") is not None
+    choice = requested
+    if requested == "auto":
+        choice = model_choice if model_choice in ("kfac", "layerwise") else "kfac"
+    return "kfac" if choice == "kfac" and has_g else "layerwise"
+
+
+def predict_delta_loss(stats: Any, delta: np.ndarray, estimator: str) -> tuple[float, float]:
+    """Predicted loss change of a weight change ``delta`` (out × in) and its first-order part.
+
+    Args:
+        stats: the weight's Hessian statistics (``a``, ``g``/``g_diag``, ``grad`` where measured).
+        delta: ``Q(W) − W`` in the normalised (out, in) view.
+        estimator: ``kfac`` or ``layerwise`` (as resolved by :func:`resolve_estimator`).
+
+    Returns:
+        ``(c, first_order)``: the full prediction and its gradient term.
+    """
+    a = _stat(stats, "a")
+    if a is None:
+        raise ValueError("predicting a loss change needs the input factor A")
+    d = np.asarray(delta, dtype=np.float64)
+    if estimator == "kfac" and _stat(stats, "g") is not None:
+        quadratic = curvature.kfac_quadratic(_stat(stats, "g"), a, d)
+        in_loss_units = True
+    elif estimator == "kfac" and _stat(stats, "g_diag") is not None:
+        g_diag = np.asarray(_stat(stats, "g_diag"), dtype=np.float64)
+        quadratic = 0.5 * float(np.sum(g_diag[:, None] * (d @ np.asarray(a, dtype=np.float64)) * d))
+        in_loss_units = True
+    else:
+        gamma = _layerwise_scale(stats, d.shape[0])
+        in_loss_units = gamma is not None
+        quadratic = (1.0 if gamma is None else gamma) * curvature.kfac_quadratic(None, a, d)
+    grad = _stat(stats, "grad")
+    first = float(np.sum(np.asarray(grad, dtype=np.float64) * d)) if grad is not None and in_loss_units else 0.0
+    return first + quadratic, first
+
+
+def _curvature_summary(stats: Any) -> dict[str, Any]:
+    summary = getattr(stats, "summary", None)
+    out: dict[str, Any] = dict(summary()) if callable(summary) else {}
+    a = _stat(stats, "a")
+    if a is not None and "a_trace" not in out:
+        out["a_trace"] = float(np.trace(a))
+    grad = _stat(stats, "grad")
+    if grad is not None:
+        out["grad_norm"] = float(np.linalg.norm(grad))
+    return out
+
+
+class AllocateBitsPass(ir.passes.InPlacePass):
+    """Chooses bits and quantizer per MatMul/Gemm weight by a grouped knapsack on predicted Δloss.
+
+    Runs after plan-quantization (which decides *which* weights are quantized, with what group
+    size) and before insert-qdq; see the module docstring for the maths.
+    """
+
+    def __init__(self, config: AllocationConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def _targets(self, model: ir.Model) -> list[qweights.WeightRef]:
+        seen: set[int] = set()
+        refs = []
+        for ref in qweights.iter_weights(model):
+            if ref.op in ("MatMul", "Gemm") and meta.QUANT_KEY in ref.value.meta and id(ref.value) not in seen:
+                seen.add(id(ref.value))
+                refs.append(ref)
+        return refs
+
+    def requires(self, model: ir.Model) -> None:
+        refs = self._targets(model)
+        if not refs:
+            raise ir.passes.PreconditionError(
+                "allocate-bits found no planned MatMul/Gemm weights; run plan-quantization first"
+            )
+        if not any(_stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None for r in refs):
+            raise ir.passes.PreconditionError(
+                "allocate-bits needs Hessian statistics (at least A) on the weights; run annotate-hessian "
+                "with calibration data first"
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        config = self.config
+        refs = [r for r in self._targets(model) if _stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None]
+        allocated = {id(r.value) for r in refs}
+        unallocated = [r.name for r in self._targets(model) if id(r.value) not in allocated]
+        if unallocated:
+            logger.warning("no Hessian statistics for %d weights; they keep the uniform plan: %s",
+                           len(unallocated), ", ".join(unallocated[:5]))
+        model_choice = model.meta.get(ESTIMATOR_KEY)
+        numel = sum(r.matrix_shape[0] * r.matrix_shape[1] for r in refs)
+        float_bytes = 4 * numel
+        budget = None
+        if config.budget_bits is not None:
+            budget = config.budget_bits / 8 * numel
+        elif config.budget_bytes is not None:
+            budget = float(config.budget_bytes)
+        if config.lossless and any(
+            resolve_estimator(config.estimator, r.value.meta[meta.HESSIAN_KEY], model_choice) == "layerwise"
+            and _layerwise_scale(r.value.meta[meta.HESSIAN_KEY], r.matrix_shape[0]) is None
+            for r in refs
+        ):
+            raise InputError(
+                "lossless allocation needs curvature in loss units (G, a Hessian trace or lambda_max) "
+                "and gradients; run Hessian annotation with backward statistics"
+            )
+        no_op = budget is not None and budget >= float_bytes
+        allocations = [self._candidates(r, model_choice, with_float=config.lossless or no_op) for r in refs]
+
+        if no_op:
+            picks = [next(c for c in cands if c.method == "float") for _, cands, _ in allocations]
+            note = (
+                f"the budget ({budget:.0f} bytes) is at or above the float size of the weights "
+                f"({float_bytes} bytes): nothing to compress, every weight stays in float"
+            )
+            logger.warning(note)
+        else:
+            note = None
+            groups = [
+                [allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands]
+                for _, cands, _ in allocations
+            ]
+            try:
+                if config.lossless:
+                    chosen = allocate.solve_min_cost(groups, max_loss=0.0, quantum=_quantum(groups, None))
+                else:
+                    chosen = allocate.solve_knapsack(groups, budget, quantum=_quantum(groups, budget))
+            except allocate.InfeasibleBudget as e:
+                raise InputError(_budget_message(config, e.min_cost, numel)) from None
+            picks = [item.payload for item in chosen]
+
+        results = [
+            WeightAllocation(ref.name, ref.matrix_shape, est, tuple(cands), pick,
+                             _curvature_summary(ref.value.meta[meta.HESSIAN_KEY]))
+            for (ref, cands, est), pick in zip(allocations, picks)
+        ]
+        modified = self._apply(model, refs, results)
+        used = sum(r.chosen.bytes for r in results)
+        record: dict[str, Any] = {
+            "mode": "lossless" if config.lossless else "budget",
+            "budget_bits": config.budget_bits,
+            "budget_bytes": None if budget is None else int(math.floor(budget)),
+            "estimator": config.estimator,
+            "allocated_params": numel,
+            "used_bytes": used,
+            "effective_bits": round(8 * used / numel, 4) if numel else None,
+            "predicted_delta_loss": float(sum(r.chosen.delta_loss for r in results)),
+            "bits_override": [[r.name, r.chosen.bits] for r in results],
+            "method_override": [[r.name, r.chosen.method] for r in results if r.chosen.method != "float"],
+            "weights": [r.to_json() for r in results],
+            "not_allocated": unallocated,
+        }
+        if note:
+            record["note"] = note
+        model.meta[ALLOCATION_KEY] = record
+        logger.info(
+            "allocated %d weights: %.3f effective bits, predicted Δloss %.4g",
+            len(results), record["effective_bits"] or 0.0, record["predicted_delta_loss"],
+        )
+        return ir.passes.PassResult(model, modified)
+
+    def _candidates(
+        self, ref: qweights.WeightRef, model_choice: str | None, with_float: bool
+    ) -> tuple[qweights.WeightRef, list[Candidate], str]:
+        config = self.config
+        stats = ref.value.meta[meta.HESSIAN_KEY]
+        estimator = resolve_estimator(config.estimator, stats, model_choice)
+        matrix = ref.matrix()
+        a = np.asarray(_stat(stats, "a"), dtype=np.float64)
+        out: list[Candidate] = []
+        for bits in sorted(set(config.candidate_bits)):
+            for method in config.methods:
+                plan = self._plan(ref, bits, method)
+                q, in_dim = quantize.quantize_matrix(matrix, plan, a if method == "gptq" else None)
+                delta = q.dequantize()[:, :in_dim].astype(np.float64) - matrix
+                loss, first = predict_delta_loss(stats, delta, estimator)
+                out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes), loss, first))
+                logger.debug("%s: %d-bit %s predicts %.4g", ref.name, bits, method, loss)
+        if with_float:
+            out.append(Candidate(FLOAT_BITS, "float", 4 * ref.numel, 0.0, 0.0))
+        return ref, out, estimator
+
+    def _plan(self, ref: qweights.WeightRef, bits: int, method: str) -> meta.QuantPlan:
+        return meta.QuantPlan(
+            ref.name, ref.op, ref.stored_shape, bits, self.config.group_size, self.config.symmetric,
+            method, ref.matrix_shape,
+        )
+
+    def _apply(self, model: ir.Model, refs: Sequence[qweights.WeightRef], results: Sequence[WeightAllocation]) -> bool:
+        modified = False
+        quantized = [r.chosen.bits for r in results if r.chosen.method != "float"]
+        if quantized:
+            needed = max(quantize.PORTABLE_OPSET[b] for b in quantized)
+            if quantize.ensure_opset(model, needed):
+                modified = True
+        by_name = {r.name: r for r in results}
+        skip_log = model.meta.setdefault("hessc.skipped", {})
+        for ref in self._targets(model):
+            result = by_name.get(ref.name)
+            if result is None:
+                continue
+            if result.chosen.method == "float":
+                if ref.value.meta.get(meta.QUANT_KEY) is not None:
+                    del ref.value.meta[meta.QUANT_KEY]
+                    modified = True
+                skip_log[ref.name] = "kept in float by the bit allocator"
+                continue
+            plan = self._plan(ref, result.chosen.bits, result.chosen.method)
+            if ref.value.meta.get(meta.QUANT_KEY) != plan:
+                ref.value.meta[meta.QUANT_KEY] = plan
+                modified = True
+        return modified
+
+
+def _quantum(groups: Sequence[Sequence[allocate.Item]], budget: float | None) -> float:
+    """Whole bytes when that keeps the DP small (exact); else the solver's default resolution."""
+    free = sum(max(i.cost for i in g) - min(i.cost for i in g) for g in groups)
+    if budget is not None:
+        free = min(free, budget)
+    return 1.0 if free <= 200_000 else allocate.default_quantum(groups, budget)
+
+
+def _budget_message(config: AllocationConfig, min_bytes: float, numel: int) -> str:
+    min_bits = 8 * min_bytes / numel
+    if config.budget_bits is not None:
+        asked = f"--bits {config.budget_bits:g}"
+    else:
+        asked = f"--budget-bytes {config.budget_bytes}"
+    return (
+        f"{asked} is below what the smallest items allow: {min_bits:.4f} bits per weight "
+        f"({int(math.ceil(min_bytes))} bytes, {min(config.candidate_bits)}-bit codes with their scales and zero "
+        f"points at group size {config.group_size}); ask for at least that, or use a larger --group-size"
+    )
+
+
+def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: float = 0.1) -> list[dict[str, Any]] | None:
+    """One backing-off step of a lossless allocation that failed its held-out check.
+
+    The ``ceil(fraction · L)`` weights with the largest predicted loss change that are not yet in
+    float move up one bit level (to the best-predicted item of the next wider bit width offered;
+    past the widest, to float). 3-bit is skipped as a level: it costs what 4-bit costs.
+
+    Args:
+        record: the allocation record (``model.meta["hessc.allocation"]``); not changed.
+        candidate_bits: the bit widths offered.
+        fraction: the share of weights moved per step.
+
+    Returns:
+        The new ``weights`` entries (same schema, ``bits``/``method``/``bytes``/
+        ``predicted_delta_loss`` updated), or None when every weight is already in float.
+    """
+    levels = sorted(b for b in set(candidate_bits) if b != 3 or 4 not in candidate_bits) + [FLOAT_BITS]
+    weights = [dict(w) for w in record["weights"]]
+    movable = [w for w in weights if w["bits"] != FLOAT_BITS]
+    if not movable:
+        return None
+    count = max(1, math.ceil(fraction * len(weights)))
+    for w in sorted(movable, key=lambda w: w["predicted_delta_loss"], reverse=True)[:count]:
+        above = [b for b in levels if b > w["bits"]]
+        target = above[0]
+        if target == FLOAT_BITS:
+            best = {"bits": FLOAT_BITS, "method": "float", "bytes": 4 * w["shape"][0] * w["shape"][1],
+                    "predicted_delta_loss": 0.0}
+        else:
+            best = min((c for c in w["candidates"] if c["bits"] == target), key=lambda c: c["predicted_delta_loss"])
+        w.update(bits=best["bits"], method=best["method"], bytes=best["bytes"],
+                 predicted_delta_loss=best["predicted_delta_loss"])
+    return weights

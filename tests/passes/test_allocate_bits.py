@@ -1,0 +1,262 @@
+"""Tests for hessc.passes.allocate_bits: AllocateBitsPass (grouped knapsack over bits × method).
+
+The pass runs on tiny MLPs after plan-quantization, with synthetic Hessian statistics (any object
+with the ``HessianStats`` attribute names), so the predictions are known in closed form and the
+chosen allocation can be checked against brute force over the same items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import builders as b
+from hessc.errors import InputError
+from hessc.ir import meta
+from hessc.ir import weights as qweights
+from hessc.passes import allocate_bits, quantize
+from hessc.passes.allocate_bits import AllocateBitsPass, AllocationConfig
+from hessc.passes.quantize import PlanQuantizationPass, QuantConfig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Stats:
+    """Synthetic curvature statistics with the ``HessianStats`` field names."""
+
+    a: np.ndarray | None = None
+    g: np.ndarray | None = None
+    g_diag: np.ndarray | None = None
+    grad: np.ndarray | None = None
+    hutchinson_trace: float | None = None
+    lambda_max: float | None = None
+
+
+def _mlp3(k: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """``y = relu(relu(x W1) W2) W3``: three 64×64 MatMul weights."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "W2"], ["h2"], name="mm2"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "W3"], ["y"], name="mm3"),
+    ]
+    inits = {f"W{i}": b.weight((k, k), seed + i) for i in (1, 2, 3)}
+    return b.make_model(nodes, [b.x_input(k)], [b.y_output(k)], inits)
+
+
+def _correlated_cov(n: int, seed: int, scale: float = 1.0, rank: int = 4) -> np.ndarray:
+    """``E[x xᵀ]`` of inputs driven by a few latent factors (strongly correlated columns)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2048, rank)) @ rng.standard_normal((rank, n)) + 0.1 * rng.standard_normal((2048, n))
+    return scale * (x.T @ x) / len(x)
+
+
+def _planned(proto: onnx.ModelProto, stats: dict[str, Stats], group: int = 32):
+    model = b.load(proto)
+    PlanQuantizationPass(QuantConfig(bits=4, group_size=group))(model)
+    for ref in qweights.iter_weights(model):
+        if ref.name in stats:
+            ref.value.meta[meta.HESSIAN_KEY] = stats[ref.name]
+    return model
+
+
+def _plans(model) -> dict[str, meta.QuantPlan]:
+    return {r.name: r.value.meta[meta.QUANT_KEY] for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta}
+
+
+def _identity_stats(scales: dict[str, float], n: int = 64, seed: int = 0) -> dict[str, Stats]:
+    return {name: Stats(a=_correlated_cov(n, seed + i, s), g=np.eye(n)) for i, (name, s) in enumerate(scales.items())}
+
+
+def _brute_force(weights: list[dict], feasible) -> float:
+    best = math.inf
+    for combo in itertools.product(*(w["candidates"] for w in weights)):
+        if feasible(combo):
+            best = min(best, sum(c["predicted_delta_loss"] for c in combo))
+    return best
+
+
+# ------------------------------------------------------------------------------ predictions
+
+
+def test_kfac_prediction_matches_the_kronecker_form() -> None:
+    rng = np.random.default_rng(0)
+    m, n = 5, 7
+    a, g = _correlated_cov(n, 1), _correlated_cov(m, 2)
+    grad, delta = rng.standard_normal((m, n)), rng.standard_normal((m, n))
+    stats = Stats(a=a, g=g, grad=grad)
+    vec = delta.reshape(-1, order="F")  # column-major vec: (A ⊗ G)
+    expected = float(np.sum(grad * delta)) + 0.5 * vec @ np.kron(a, g) @ vec
+    loss, first = allocate_bits.predict_delta_loss(stats, delta, "kfac")
+    assert loss == pytest.approx(expected, rel=1e-10)
+    assert first == pytest.approx(float(np.sum(grad * delta)), rel=1e-12)
+    diag = Stats(a=a, g_diag=np.diag(g).copy(), grad=grad)
+    expected_diag = float(np.sum(grad * delta)) + 0.5 * vec @ np.kron(a, np.diag(np.diag(g))) @ vec
+    assert allocate_bits.predict_delta_loss(diag, delta, "kfac")[0] == pytest.approx(expected_diag, rel=1e-10)
+
+
+def test_layerwise_prediction_is_scaled_to_loss_units() -> None:
+    rng = np.random.default_rng(1)
+    m, n = 4, 6
+    a, g = _correlated_cov(n, 3), _correlated_cov(m, 4)
+    delta = rng.standard_normal((m, n))
+    gamma = np.trace(g) / m
+    proxy = 0.5 * float(np.sum((delta @ a) * delta))
+    assert allocate_bits.predict_delta_loss(Stats(a=a, g=g), delta, "layerwise")[0] == pytest.approx(gamma * proxy)
+    # From a Hutchinson trace of the block A ⊗ γI: γ = tr(H) / (m tr A).
+    traced = Stats(a=a, hutchinson_trace=2.5 * m * np.trace(a), grad=np.ones((m, n)))
+    loss, first = allocate_bits.predict_delta_loss(traced, delta, "layerwise")
+    assert loss == pytest.approx(2.5 * proxy + delta.sum())
+    # No scale at all: the output-error proxy, and the gradient term (other units) is dropped.
+    loss, first = allocate_bits.predict_delta_loss(Stats(a=a, grad=np.ones((m, n))), delta, "layerwise")
+    assert (loss, first) == (pytest.approx(proxy), 0.0)
+
+
+def test_auto_estimator_follows_the_annotation_and_falls_back() -> None:
+    with_g, without_g = Stats(a=np.eye(2), g=np.eye(2)), Stats(a=np.eye(2))
+    assert allocate_bits.resolve_estimator("auto", with_g, None) == "kfac"
+    assert allocate_bits.resolve_estimator("auto", with_g, "layerwise") == "layerwise"
+    assert allocate_bits.resolve_estimator("auto", without_g, "kfac") == "layerwise"
+    assert allocate_bits.resolve_estimator("kfac", without_g, None) == "layerwise"
+
+
+# ------------------------------------------------------------------------------ the pass
+
+
+def test_budget_is_respected_in_stored_bytes_and_optimal(run_pass) -> None:
+    stats = _identity_stats({"W1": 10.0, "W2": 1.0, "W3": 0.1})
+    model = _planned(_mlp3(), stats)
+    config = AllocationConfig(budget_bits=3.5)
+    result = run_pass(AllocateBitsPass(config), model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    numel = 3 * 64 * 64
+    budget = 3.5 / 8 * numel
+    plans = _plans(model)
+    used = sum(quantize.stored_bytes(p, 4) for p in plans.values())
+    assert used == record["used_bytes"] <= budget
+    assert record["effective_bits"] == pytest.approx(8 * used / numel, abs=1e-4) and record["effective_bits"] <= 3.5
+    best = _brute_force(record["weights"], lambda combo: sum(c["bytes"] for c in combo) <= budget)
+    assert record["predicted_delta_loss"] == pytest.approx(best, rel=1e-12)
+    assert result.modified == any(p.bits != 4 or p.method != "rtn" for p in plans.values())
+    # The plans carry the chosen bits and methods; 3-bit costs its 4-bit container.
+    for w in record["weights"]:
+        assert (plans[w["name"]].bits, plans[w["name"]].method) == (w["bits"], w["method"])
+        by = {(c["bits"], c["method"]): c["bytes"] for c in w["candidates"]}
+        assert by[(3, "rtn")] == by[(4, "rtn")]
+    assert not run_pass(AllocateBitsPass(config), model).modified  # idempotent
+
+
+def test_more_sensitive_layers_get_more_bits(run_pass) -> None:
+    stats = _identity_stats({"W1": 100.0, "W2": 1.0, "W3": 0.01})
+    model = _planned(_mlp3(), stats)
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=4.5, methods=("rtn",))), model)
+    bits = {w["name"]: w["bits"] for w in model.meta[allocate_bits.ALLOCATION_KEY]["weights"]}
+    assert bits["W1"] >= bits["W2"] >= bits["W3"]
+    assert bits["W1"] > bits["W3"]
+
+
+def test_gptq_is_predicted_better_than_rtn_on_correlated_inputs(run_pass) -> None:
+    stats = _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0})
+    model = _planned(_mlp3(), stats)
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=4.5)), model)
+    for w in model.meta[allocate_bits.ALLOCATION_KEY]["weights"]:
+        loss = {(c["bits"], c["method"]): c["predicted_delta_loss"] for c in w["candidates"]}
+        for bits in (2, 3, 4):
+            assert loss[(bits, "gptq")] < loss[(bits, "rtn")]
+        assert w["method"] == "gptq"
+
+
+def test_budget_below_the_smallest_items_names_the_minimum() -> None:
+    model = _planned(_mlp3(), _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0}))
+    smallest = meta.QuantPlan("W", "MatMul", (64, 64), 2, 32, False, "rtn", (64, 64))
+    min_bits = 8 * quantize.stored_bytes(smallest, 4) / (64 * 64)
+    with pytest.raises(InputError, match=f"{min_bits:.4f} bits per weight"):
+        AllocateBitsPass(AllocationConfig(budget_bits=2.0))(model)
+    with pytest.raises(InputError, match="--budget-bytes 100 is below"):
+        AllocateBitsPass(AllocationConfig(budget_bytes=100))(model)
+
+
+def test_budget_at_float_size_is_an_honest_no_op(run_pass) -> None:
+    model = _planned(_mlp3(), _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0}))
+    assert run_pass(AllocateBitsPass(AllocationConfig(budget_bits=32)), model).modified
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert "nothing to compress" in record["note"]
+    assert _plans(model) == {}
+    assert all(w["bits"] == allocate_bits.FLOAT_BITS for w in record["weights"])
+    assert model.meta["hessc.skipped"]["W1"] == "kept in float by the bit allocator"
+
+
+def test_lossless_picks_the_cheapest_allocation_predicted_not_worse(run_pass) -> None:
+    # W1's gradient points against its 4-bit RTN error: quantizing W1 is predicted to *lower* the
+    # loss, which pays for quantizing some of the others; W3 has no gradient.
+    probe = _planned(_mlp3(), {})
+    w1 = next(r for r in qweights.iter_weights(probe) if r.name == "W1").matrix()
+    plan4 = meta.QuantPlan("W1", "MatMul", (64, 64), 4, 32, False, "rtn", (64, 64))
+    q, _ = quantize.quantize_matrix(w1, plan4)
+    err = q.dequantize() - w1
+    stats = _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0})
+    stats["W1"] = dataclasses.replace(stats["W1"], grad=-200.0 * err / np.sum(err * err))
+    stats["W2"] = dataclasses.replace(stats["W2"], grad=np.zeros((64, 64)))
+    model = _planned(_mlp3(), stats)
+    assert run_pass(AllocateBitsPass(AllocationConfig(lossless=True)), model).modified
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert record["predicted_delta_loss"] <= 0
+    assert any(c["predicted_delta_loss"] < 0 for w in record["weights"] for c in w["candidates"])
+    chosen = {w["name"]: w for w in record["weights"]}
+    assert chosen["W1"]["bits"] != allocate_bits.FLOAT_BITS
+    assert chosen["W2"]["bits"] != allocate_bits.FLOAT_BITS  # paid for by W1's negative term
+    # Cheapest among the selections with Σ predicted ≤ 0 (brute force over the same items).
+    cheapest = min(
+        sum(c["bytes"] for c in combo)
+        for combo in itertools.product(*(w["candidates"] for w in record["weights"]))
+        if sum(c["predicted_delta_loss"] for c in combo) <= 0
+    )
+    assert record["used_bytes"] == cheapest
+
+
+def test_lossless_needs_curvature_in_loss_units() -> None:
+    model = _planned(_mlp3(), {n: Stats(a=np.eye(64)) for n in ("W1", "W2", "W3")})
+    with pytest.raises(InputError, match="loss units"):
+        AllocateBitsPass(AllocationConfig(lossless=True))(model)
+
+
+def test_weights_without_a_keep_their_uniform_plan(run_pass) -> None:
+    model = _planned(b.mlp_model(), {"W1": Stats(a=_correlated_cov(64, 0), g=np.eye(64)), "W2": Stats(g=np.eye(32))})
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=3.5)), model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert [w["name"] for w in record["weights"]] == ["W1"] and record["not_allocated"] == ["W2"]
+    assert _plans(model)["W2"].bits == 4
+    with pytest.raises(Exception, match="annotate-hessian"):
+        AllocateBitsPass(AllocationConfig(budget_bits=3.0))(_planned(b.mlp_model(), {}))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(InputError, match="exactly one budget"):
+        AllocationConfig(budget_bits=3.0, lossless=True)
+    with pytest.raises(InputError, match="exactly one budget"):
+        AllocationConfig()
+    with pytest.raises(InputError, match="estimator"):
+        AllocationConfig(budget_bits=3.0, estimator="magic")
+    with pytest.raises(InputError, match="--bits 5"):
+        AllocationConfig(budget_bits=3.0, candidate_bits=(5,))
+
+
+def test_step_up_moves_the_worst_layers_one_level() -> None:
+    model = _planned(_mlp3(), _identity_stats({"W1": 100.0, "W2": 1.0, "W3": 0.01}))
+    config = AllocationConfig(budget_bits=3.2, methods=("rtn",))
+    AllocateBitsPass(config)(model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    before = {w["name"]: w for w in record["weights"]}
+    after = {w["name"]: w for w in allocate_bits.step_up(record, config.candidate_bits, fraction=0.1)}
+    worst = max(before.values(), key=lambda w: w["predicted_delta_loss"])["name"]
+    assert before[worst]["bits"] == 2 and after[worst]["bits"] == 4  # 3-bit is no level: same bytes
+    assert all(after[n]["bits"] == before[n]["bits"] for n in before if n != worst)
+    for w in after.values():
+        w["bits"] = allocate_bits.FLOAT_BITS
+    assert allocate_bits.step_up({"weights": list(after.values())}, config.candidate_bits) is None
