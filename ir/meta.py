@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 QUANT_KEY = "hessc.quant"
 """``node.meta`` key of a weight ``DequantizeLinear``: the :class:`QuantPlan` it materializes."""
 
@@ -27,6 +29,10 @@ LATENCY_KEY = "hessc.latency"
 
 PLAN_KEY = "hessc.plan"
 """``model.metadata_props`` key: the JSON record of every compression decision."""
+
+CURVATURE_KEY = "hessc.curvature"
+"""``model.meta`` key: ``{weight name: HessianStats.summary()}``, the JSON-able curvature record
+that goes into the plan under each weight's ``curvature``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +80,111 @@ def read_plan(model) -> dict[str, Any] | None:
 
 def write_plan(model, plan: dict[str, Any]) -> None:
     model.metadata_props[PLAN_KEY] = json.dumps(plan, sort_keys=True)
+
+
+def _matrix(value: Any, what: str, square: bool = False) -> np.ndarray | None:
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.ndim != 2 or (square and array.shape[0] != array.shape[1]):
+        kind = "a square matrix" if square else "a matrix"
+        raise ValueError(f"HessianStats.{what} must be {kind}, got shape {array.shape}")
+    return array
+
+
+def _vector(value: Any, what: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.ndim != 1:
+        raise ValueError(f"HessianStats.{what} must be a vector, got shape {array.shape}")
+    return array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HessianStats:
+    """Curvature statistics of one weight ``W`` (out × in), stored under :data:`HESSIAN_KEY`.
+
+    Every field is optional except the sample counts: only what was asked for is computed.
+
+    Attributes:
+        samples: rows (tokens, pixels, samples) behind ``a``; 0 when ``a`` was not computed.
+        a: input factor ``A = E[x xᵀ]`` (in × in, float64); layers that read the same input share
+            one array (treat it as read-only).
+        a_eig_top: the largest eigenvalues of ``a``, descending.
+        a_trace: ``tr(A) = E[‖x‖²]``.
+        g: output factor ``G`` (out × out, float64) with ``H ≈ A ⊗ G`` (K-FAC).
+        g_diag: ``diag(G)`` only (layers wider than ``HessianConfig.kfac_diag_above``).
+        grad: mean gradient ``∇_W L = E[g xᵀ]`` (out × in, float64).
+        fisher_diag_mean: the mean of the diagonal Fisher ``E[(g xᵀ)²]`` over the weight.
+        lambda_max: the top eigenvalue (largest magnitude) of the layer's Hessian block.
+        lanczos_eigs: the top eigenvalues of the layer's Hessian block, descending (Lanczos).
+        hutchinson_trace: Hutchinson's estimate of the trace of the layer's Hessian block.
+        loss_name: the loss behind the backward statistics (``next-token``, ``ce``, ``kl``,
+            ``mse``, ``custom``), None when only forward statistics were computed.
+        grad_samples: rows behind the backward statistics (0 when none were computed).
+    """
+
+    samples: int = 0
+    a: np.ndarray | None = None
+    a_eig_top: np.ndarray | None = None
+    a_trace: float | None = None
+    g: np.ndarray | None = None
+    g_diag: np.ndarray | None = None
+    grad: np.ndarray | None = None
+    fisher_diag_mean: float | None = None
+    lambda_max: float | None = None
+    lanczos_eigs: np.ndarray | None = None
+    hutchinson_trace: float | None = None
+    loss_name: str | None = None
+    grad_samples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 0 or self.grad_samples < 0:
+            raise ValueError("HessianStats sample counts must be >= 0")
+        a = _matrix(self.a, "a", square=True)
+        g = _matrix(self.g, "g", square=True)
+        grad = _matrix(self.grad, "grad")
+        g_diag = _vector(self.g_diag, "g_diag")
+        _vector(self.a_eig_top, "a_eig_top")
+        _vector(self.lanczos_eigs, "lanczos_eigs")
+        if a is not None and self.samples == 0:
+            raise ValueError("HessianStats.a is set but samples is 0")
+        if g is not None and g_diag is not None:
+            raise ValueError("HessianStats holds either g or g_diag, not both")
+        out = g.shape[0] if g is not None else g_diag.shape[0] if g_diag is not None else None
+        if grad is not None:
+            if out is not None and grad.shape[0] != out:
+                raise ValueError(f"HessianStats: grad {grad.shape} does not match G of size {out}")
+            if a is not None and grad.shape[1] != a.shape[0]:
+                raise ValueError(f"HessianStats: grad {grad.shape} does not match A {a.shape}")
+        for name in ("a", "g", "g_diag", "grad"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(value).all():
+                raise ValueError(f"HessianStats.{name} has NaN or infinite entries")
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able scalars of what was computed (for the plan record)."""
+        out: dict[str, Any] = {}
+        if self.a is not None:
+            out["samples"] = int(self.samples)
+        if self.a_eig_top is not None and len(self.a_eig_top):
+            out["a_eig_max"] = float(self.a_eig_top[0])
+        if self.a_trace is not None:
+            out["a_trace"] = float(self.a_trace)
+        if self.g is not None:
+            out["g_trace"] = float(np.trace(self.g))
+        elif self.g_diag is not None:
+            out["g_trace"] = float(np.sum(self.g_diag))
+        if self.fisher_diag_mean is not None:
+            out["fisher_diag_mean"] = float(self.fisher_diag_mean)
+        if self.lambda_max is not None:
+            out["lambda_max"] = float(self.lambda_max)
+        if self.lanczos_eigs is not None:
+            out["lanczos_eigs"] = [float(v) for v in self.lanczos_eigs]
+        if self.hutchinson_trace is not None:
+            out["hutchinson_trace"] = float(self.hutchinson_trace)
+        if self.loss_name is not None:
+            out["loss"] = self.loss_name
+            out["grad_samples"] = int(self.grad_samples)
+        return out
