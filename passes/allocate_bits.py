@@ -340,21 +340,15 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             for (ref, cands, est), pick in zip(allocations, picks)
         ]
         modified = self._apply(model, refs, results)
-        used = sum(r.chosen.bytes for r in results)
         record: dict[str, Any] = {
             "mode": "lossless" if config.lossless else "budget",
             "budget_bits": config.budget_bits,
             "budget_bytes": None if budget is None else int(math.floor(budget)),
             "estimator": config.estimator,
             "allocated_params": numel,
-            "used_bytes": used,
-            "effective_bits": round(8 * used / numel, 4) if numel else None,
-            "predicted_delta_loss": float(sum(r.chosen.delta_loss for r in results)),
-            "bits_override": [[r.name, r.chosen.bits] for r in results],
-            "method_override": [[r.name, r.chosen.method] for r in results if r.chosen.method != "float"],
-            "weights": [r.to_json() for r in results],
             "not_allocated": unallocated,
         }
+        record = with_weights(record, [r.to_json() for r in results])
         if note:
             record["note"] = note
         model.meta[ALLOCATION_KEY] = record
@@ -436,6 +430,62 @@ def _budget_message(config: AllocationConfig, min_bytes: float, numel: int) -> s
         f"({int(math.ceil(min_bytes))} bytes, {min(config.candidate_bits)}-bit codes with their scales and zero "
         f"points at group size {config.group_size}); ask for at least that, or use a larger --group-size"
     )
+
+
+def with_weights(record: dict[str, Any], weights: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A copy of an allocation record with these per-weight entries and the totals recomputed
+    (used bytes, effective bits, predicted Δloss, and the ``bits_override``/``method_override``
+    pair that replays the allocation through :class:`~hessc.passes.quantize.QuantConfig`)."""
+    numel = sum(w["shape"][0] * w["shape"][1] for w in weights)
+    used = sum(w["bytes"] for w in weights)
+    out = dict(record)
+    out.update(
+        weights=[dict(w) for w in weights],
+        allocated_params=numel,
+        used_bytes=used,
+        effective_bits=round(8 * used / numel, 4) if numel else None,
+        predicted_delta_loss=float(sum(w["predicted_delta_loss"] for w in weights)),
+        bits_override=[[w["name"], w["bits"]] for w in weights],
+        method_override=[[w["name"], w["method"]] for w in weights if w["method"] != "float"],
+    )
+    return out
+
+
+def heldout_loss(
+    outputs: Sequence[Sequence[np.ndarray]], feeds: Sequence[dict[str, np.ndarray]], loss_name: str,
+    ids_name: str | None = None, labels: Sequence[np.ndarray] | None = None,
+) -> float:
+    """The annotation's loss (:mod:`hessc.passes.hessian`) on ORT outputs, in float64.
+
+    ``next-token``: cross-entropy of ``logits[:, :-1]`` against ``input_ids[:, 1:]``; ``ce``:
+    cross-entropy of the first output against ``labels``. Over several feeds, the mean weighted
+    by each feed's number of loss terms (as the annotation averages its statistics).
+
+    Args:
+        outputs: per feed, the model's outputs (the first is the logits).
+        feeds: the feeds the outputs came from.
+        loss_name: ``next-token`` or ``ce``.
+        ids_name: the ``input_ids`` input (``next-token``).
+        labels: one integer array per feed (``ce``).
+
+    Returns:
+        The mean loss.
+    """
+    total, count = 0.0, 0
+    for i, (outs, feed) in enumerate(zip(outputs, feeds)):
+        logits = np.asarray(outs[0], dtype=np.float64)
+        if loss_name == "next-token":
+            ids = np.asarray(feed[ids_name])
+            logits, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        elif loss_name == "ce":
+            logits, target = logits.reshape(-1, logits.shape[-1]), np.asarray(labels[i]).reshape(-1)
+        else:
+            raise ValueError(f"no held-out loss for {loss_name!r}: use 'next-token' or 'ce'")
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        total += float(-logp[np.arange(len(target)), target].sum())
+        count += len(target)
+    return total / max(count, 1)
 
 
 def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: float = 0.1) -> list[dict[str, Any]] | None:

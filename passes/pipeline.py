@@ -54,18 +54,23 @@ def build_quantization_pipeline(
     config: quantize.QuantConfig,
     *,
     annotate: ir.passes.PassBase | None = None,
+    allocate: ir.passes.PassBase | None = None,
     hessian_for: Callable | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     disabled: Sequence[str] = (),
 ) -> list[tuple[str, ir.passes.PassBase]]:
-    """The default pipeline, top to bottom in execution order."""
+    """The default pipeline, top to bottom in execution order.
+
+    ``allocate`` (the bit allocator) re-plans, after plan-quantization, the weights it has
+    Hessian statistics for.
+    """
     steps: list[tuple[str, ir.passes.PassBase]] = []
     if annotate is not None:
         steps.append(("annotate-hessian", annotate))
-    steps += [
-        ("plan-quantization", quantize.PlanQuantizationPass(config)),
-        ("insert-qdq", quantize.InsertQDQPass(hessian_for=hessian_for, progress=progress)),
-    ]
+    steps.append(("plan-quantization", quantize.PlanQuantizationPass(config)))
+    if allocate is not None:
+        steps.append(("allocate-bits", allocate))
+    steps.append(("insert-qdq", quantize.InsertQDQPass(hessian_for=hessian_for, progress=progress)))
     return [(name, p) for name, p in steps if name not in disabled]
 
 

@@ -27,7 +27,7 @@ from hessc.errors import InputError, UnsupportedError, VerificationError
 from hessc.ir import frontend, meta
 from hessc.ir import weights as qweights
 from hessc.passes import activations as act
-from hessc.passes import pipeline, quantize
+from hessc.passes import allocate_bits, pipeline, quantize
 from hessc.runtime import calibration as calib
 from hessc.runtime import lower as lowering
 from hessc.runtime import sessions
@@ -63,7 +63,7 @@ def _load_source(model: Any, example_inputs) -> _Source:
 def optimize(
     model: Any,
     target: str = "cpu",
-    bits: int = 4,
+    bits: int | float | str = 4,
     group_size: int = 32,
     calibration: Any = None,
     seed: int = 0,
@@ -71,6 +71,8 @@ def optimize(
     symmetric: bool = False,
     example_inputs: tuple | dict | None = None,
     method: str = "rtn",
+    budget_bytes: int | None = None,
+    labels: Sequence[np.ndarray] | None = None,
     activations: int | None = None,
     quantize_embeddings: bool = True,
     input_shapes: dict[str, Sequence[int]] | None = None,
@@ -86,14 +88,24 @@ def optimize(
             ``torch.fx.GraphModule`` (torch sources need ``example_inputs``).
         target: ``cpu`` (MatMulNBits with int8 compute), ``cuda`` (MatMulNBits, fp16 activations by
             default) or ``onnx`` (portable blocked QuantizeLinear/DequantizeLinear).
-        bits: bits per weight: 2, 3, 4 or 8.
+        bits: bits per weight: 2, 3, 4 or 8 for every weight; a non-integer (``3.5``) is a
+            budget of average stored bits per MatMul/Gemm weight (scales and zero points counted)
+            that the bit allocator spends where the predicted loss change is largest;
+            ``"lossless"`` asks for the smallest allocation whose predicted loss change is at most
+            zero, confirmed on held-out calibration feeds. Both need calibration.
         group_size: weights per scale along the input dimension (16–256, a power of two).
         calibration: samples (list of input dicts, ``.npz`` path or torch DataLoader). Used for
             verification here; without it, generated inputs are used.
         seed: seed for anything random (generated inputs).
         symmetric: symmetric quantization (no zero points).
         example_inputs: inputs for exporting a torch module.
-        method: ``rtn`` (round to nearest).
+        method: ``rtn`` (round to nearest) or ``gptq`` (error feedback through the input
+            covariance; needs calibration). With a bit budget: the quantizers the allocator may
+            choose from (``gptq`` offers both).
+        budget_bytes: a budget of stored bytes for the MatMul/Gemm weights instead of ``bits``.
+        labels: integer class labels, one array per calibration sample, for a cross-entropy
+            loss in the curvature statistics (needed for ``lossless`` unless the model is a
+            language model with ``input_ids``).
         activations: 8 quantizes the inputs of quantized MatMul/Gemm layers to uint8 with
             calibrated per-tensor ranges (needs calibration); on the CPU the kernel's own dynamic
             int8 path runs them. 16 keeps float activations (on the CPU: ``accuracy_level=1``,
@@ -118,9 +130,15 @@ def optimize(
     started = time.perf_counter()
     if target not in lowering.TARGETS:
         raise InputError(f"unknown target {target!r}; use one of {', '.join(lowering.TARGETS)}")
-    if method != "rtn":
-        raise InputError(f"unknown method {method!r}; use 'rtn'")
+    if method not in ("rtn", "gptq"):
+        raise InputError(f"unknown method {method!r}; use 'rtn' or 'gptq'")
     fp16 = (target == "cuda") if fp16 is None else fp16
+    allocation, bits = _allocation_config(bits, budget_bytes, method, group_size, symmetric, scale_bytes=2 if fp16 else 4)
+    if (allocation is not None or method == "gptq") and calibration is None:
+        what = "a bit budget" if allocation is not None else "method='gptq'"
+        raise InputError(f"{what} needs calibration data for the curvature statistics; pass --calibration")
+    if allocation is not None and allocation.lossless and activations == 8:
+        raise InputError("lossless is checked for weight quantization only; drop --activations 8")
     config = quantize.QuantConfig(
         bits=bits, group_size=group_size, symmetric=symmetric,
         quantize_conv=(target == "onnx"), quantize_embeddings=quantize_embeddings, method=method,
@@ -153,8 +171,26 @@ def optimize(
         if progress:
             progress("quantize", i + 1, total)
 
-    steps = pipeline.build_quantization_pipeline(config, progress=step)
-    timings = pipeline.run(model, steps)
+    curvature = None
+    if allocation is not None or method == "gptq":
+        curvature = _Curvature.prepare(model, feeds, labels, allocation, progress)
+    steps = pipeline.build_quantization_pipeline(
+        config, progress=step,
+        annotate=curvature.annotate if curvature else None,
+        allocate=allocate_bits.AllocateBitsPass(allocation) if allocation is not None else None,
+        hessian_for=curvature.hessian_for if curvature else None,
+    )
+    split = [n for n, _ in steps].index("insert-qdq")
+    timings = pipeline.run(model, steps[:split])
+    if curvature:
+        curvature.snapshot(model)
+    timings += pipeline.run(model, steps[split:])
+    allocation_record = model.meta.get(allocate_bits.ALLOCATION_KEY)
+    lossless = None
+    if allocation is not None and allocation.lossless:
+        start = time.perf_counter()
+        model, lossless, allocation_record = curvature.confirm_lossless(model, config, allocation, step)
+        timings.append(pipeline.PassTiming("confirm-lossless", time.perf_counter() - start, bool(lossless["steps"])))
     if activations == 8:
         start = time.perf_counter()
         names = list(act.quantized_layer_inputs(model))
@@ -175,6 +211,8 @@ def optimize(
     summary["effective_bits_per_weight"] = round(8 * stored / numel, 4) if numel else None
     record["lowering"] = lowered
     record["skipped"] = skipped
+    if curvature:
+        _record_allocation(record, allocation_record, curvature.summaries, lossless)
     if verify:
         record["verification"] = _verify(model, reference, portable, feeds, target)
     meta.write_plan(model, record)
@@ -184,6 +222,165 @@ def optimize(
     if verify and measure_latency:
         model.meta[meta.LATENCY_KEY] = _latency(reference, model, target, feeds[0])
     return model
+
+
+def _allocation_config(
+    bits: int | float | str, budget_bytes: int | None, method: str, group_size: int, symmetric: bool,
+    scale_bytes: int,
+) -> tuple[allocate_bits.AllocationConfig | None, int]:
+    """The bit allocator's configuration (None for uniform bits) and the uniform bits to plan."""
+    lossless = isinstance(bits, str) and bits.strip().lower() == "lossless"
+    if isinstance(bits, str) and not lossless:
+        try:
+            bits = float(bits)
+        except ValueError:
+            raise InputError(f"--bits {bits!r}: give a number of bits (4, 3.5) or 'lossless'") from None
+    if not lossless and budget_bytes is None and float(bits).is_integer():
+        return None, int(bits)
+    methods = ("rtn", "gptq") if method == "gptq" else ("rtn",)
+    common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes)
+    if lossless:
+        return allocate_bits.AllocationConfig(lossless=True, **common), 4
+    if budget_bytes is not None:
+        return allocate_bits.AllocationConfig(budget_bytes=int(budget_bytes), **common), 4
+    return allocate_bits.AllocationConfig(budget_bits=float(bits), **common), 4
+
+
+class _Curvature:
+    """Hessian annotation for GPTQ and the bit allocator, and the lossless held-out check.
+
+    For ``lossless`` the last quarter of the calibration feeds is held out: the statistics never
+    see it, and the quantized portable model's loss on it must not exceed the float model's. While
+    it does, the allocation backs off (:func:`hessc.passes.allocate_bits.step_up`: the worst 10% of
+    layers by predicted Δloss move up one bit level) and is re-checked.
+    """
+
+    def __init__(self, annotate, float_copy, held, held_labels, loss_name: str | None, ids_name: str | None) -> None:
+        self.annotate = annotate
+        self.float_copy = float_copy
+        self.held = held
+        self.held_labels = held_labels
+        self.loss_name = loss_name
+        self.ids_name = ids_name
+        self.a_by_name: dict[str, np.ndarray] = {}
+        self.summaries: dict[str, Any] = {}
+
+    @classmethod
+    def prepare(cls, model: ir.Model, feeds, labels, allocation, progress: Progress | None) -> "_Curvature":
+        from hessc.passes import hessian
+
+        # Raise the opset before annotating: a conversion later would rebuild the graph's meta.
+        quantize.ensure_opset(model, 21)
+        labels = list(labels) if labels is not None else None
+        if labels is not None and len(labels) < len(feeds):
+            raise InputError(f"got {len(labels)} label arrays for {len(feeds)} calibration samples; give one per sample")
+        lossless = allocation is not None and allocation.lossless
+        stat_feeds, held, held_labels = list(feeds), [], None
+        if lossless:
+            if len(feeds) < 2:
+                raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
+            n_held = max(1, len(feeds) // 4)
+            stat_feeds, held = list(feeds[:-n_held]), list(feeds[-n_held:])
+            if labels is not None:
+                held_labels = labels[len(stat_feeds): len(feeds)]
+        stat_labels = tuple(labels[: len(stat_feeds)]) if labels is not None else None
+        backward = allocation is not None
+        config = hessian.HessianConfig(
+            covariance=True, kfac=backward, gradient=backward, max_samples=len(stat_feeds),
+            max_grad_samples=min(len(stat_feeds), 16), labels=stat_labels if backward else None,
+        )
+        loss_name = hessian.resolve_loss(config, model) if backward else None
+        if lossless and loss_name not in ("next-token", "ce"):
+            raise InputError(
+                f"lossless needs a loss whose fp32 value is not already its minimum; the model's loss is {loss_name!r} "
+                "(zero at the float weights): give labels (cross-entropy) or use a language model with input_ids"
+            )
+
+        def annotate_progress(stage: str, done: int, total: int) -> None:
+            if progress:
+                progress(stage, done, total)
+
+        annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
+        float_copy = ir.from_proto(ir.to_proto(model)) if lossless else None
+        return cls(annotate, float_copy, held, held_labels, loss_name, hessian._ids_input(model))
+
+    def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
+        """``A`` of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
+        return self.a_by_name.get(ref.name)
+
+    def snapshot(self, model: ir.Model) -> None:
+        for ref in qweights.iter_weights(model):
+            stats = ref.value.meta.get(meta.HESSIAN_KEY)
+            a = getattr(stats, "a", None)
+            if a is not None and a.shape[0] == ref.matrix_shape[1]:
+                self.a_by_name[ref.name] = a
+        self.summaries = dict(model.meta.get(meta.CURVATURE_KEY, {}))
+
+    def _loss(self, model: ir.Model) -> float:
+        sess = sessions.session(model, "cpu", optimize=False)
+        outputs = [sess.run(feed) for feed in self.held]
+        return allocate_bits.heldout_loss(outputs, self.held, self.loss_name, self.ids_name, self.held_labels)
+
+    def confirm_lossless(self, model: ir.Model, config: quantize.QuantConfig, allocation, progress) -> tuple[ir.Model, dict, dict]:
+        record = model.meta[allocate_bits.ALLOCATION_KEY]
+        fp32 = self._loss(self.float_copy)
+        quantized = self._loss(model)
+        steps: list[dict] = []
+        logger.info("lossless: held-out loss %.6g (fp32) vs %.6g (quantized)", fp32, quantized)
+        while quantized > fp32:
+            weights = allocate_bits.step_up(record, allocation.candidate_bits)
+            if weights is None:
+                break
+            raised = [w["name"] for w, old in zip(weights, record["weights"]) if w["bits"] != old["bits"]]
+            record = allocate_bits.with_weights(record, weights)
+            replay = dataclasses.replace(
+                config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
+                method_override=tuple((n, m) for n, m in record["method_override"]),
+            )
+            candidate = ir.from_proto(ir.to_proto(self.float_copy))
+            try:
+                pipeline.run(candidate, pipeline.build_quantization_pipeline(replay, hessian_for=self.hessian_for, progress=progress))
+            except InputError:  # everything is back in float: the float model itself
+                candidate = ir.from_proto(ir.to_proto(self.float_copy))
+            model = candidate
+            quantized = self._loss(model)
+            steps.append({"raised": raised, "heldout_loss_quantized": quantized, "used_bytes": record["used_bytes"]})
+            logger.info("lossless: raised %s; held-out loss %.6g", ", ".join(raised), quantized)
+        model.meta[allocate_bits.ALLOCATION_KEY] = record
+        info = {"heldout_loss_fp32": fp32, "heldout_loss_quantized": quantized, "heldout_samples": len(self.held),
+                "loss": self.loss_name, "steps": steps}
+        return model, info, record
+
+
+def _record_allocation(record: dict, allocation: dict | None, curvature: dict, lossless: dict | None) -> None:
+    """Adds the allocator's decisions, predictions and budget accounting to the plan record."""
+    for entry in record["weights"]:
+        if entry["name"] in curvature:
+            entry.setdefault("curvature", curvature[entry["name"]])
+    if allocation is None:
+        return
+    by_name = {w["name"]: w for w in allocation["weights"]}
+    for entry in record["weights"]:
+        if entry["name"] in by_name:
+            entry["predicted_delta_loss"] = by_name[entry["name"]]["predicted_delta_loss"]
+    summary = record["summary"]
+    summary.update(
+        budget_bits=allocation["budget_bits"], budget_bytes=allocation["budget_bytes"],
+        allocated_bytes=allocation["used_bytes"], allocated_effective_bits=allocation["effective_bits"],
+        predicted_delta_loss=allocation["predicted_delta_loss"], allocation_mode=allocation["mode"],
+    )
+    if lossless is not None:
+        summary.update(
+            heldout_loss_fp32=lossless["heldout_loss_fp32"], heldout_loss_quantized=lossless["heldout_loss_quantized"],
+            steps=lossless["steps"],
+        )
+    record["allocation"] = {
+        key: allocation[key] for key in ("estimator", "note", "not_allocated") if allocation.get(key) is not None
+    }
+    record["allocation"]["weights"] = [
+        {key: w[key] for key in ("name", "shape", "bits", "method", "bytes", "predicted_delta_loss", "estimator", "candidates", "curvature")}
+        for w in allocation["weights"]
+    ]
 
 
 def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:

@@ -45,6 +45,16 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _bits(text: str) -> int | float | str:
+    if text.strip().lower() == "lossless":
+        return "lossless"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits (4, 3.5) or 'lossless', got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hessc", description="Curvature-guided compression of ONNX models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -54,7 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("input", help="the fp32 .onnx model")
     o.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
     o.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
-    o.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    o.add_argument("--bits", type=_bits, default=4,
+                   help="bits per weight: 2, 3, 4 or 8; a non-integer (3.5) is an average-bits budget for the bit "
+                        "allocator; 'lossless' the smallest allocation not worse on held-out data (default 4)")
+    o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the MatMul/Gemm weights")
+    o.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="quantizer (gptq needs --calibration); with a budget, the quantizers offered")
     o.add_argument("--group-size", type=int, default=32, help="weights per scale, 16-256 (default 32)")
     o.add_argument("--symmetric", action="store_true", help="no zero points")
     o.add_argument("--calibration", help=".npz with one array per model input (first axis = samples)")
@@ -114,6 +129,7 @@ def _cmd_optimize(args) -> int:
         raise InputError(f"{args.calibration}: no such calibration file; check the path")
     model = hessc.optimize(
         str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
+        budget_bytes=args.budget_bytes, method=args.method,
         calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,
@@ -121,8 +137,12 @@ def _cmd_optimize(args) -> int:
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
     if args.report:
+        plot = Path(args.report).with_suffix(".png")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        has_plot = report.allocation_plot(record, plot)
         _write_text(Path(args.report), report.plan_markdown(
-            record, timings=model.meta.get(meta.TIMINGS_KEY), latency=model.meta.get(meta.LATENCY_KEY)))
+            record, timings=model.meta.get(meta.TIMINGS_KEY), latency=model.meta.get(meta.LATENCY_KEY),
+            plot=plot.name if has_plot else None))
     s = record["summary"]
     if args.json:
         print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification")}, indent=2))

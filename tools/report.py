@@ -28,7 +28,8 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def plan_markdown(
-    record: dict, title: str = "hessc optimization report", timings: dict | None = None, latency: dict | None = None
+    record: dict, title: str = "hessc optimization report", timings: dict | None = None, latency: dict | None = None,
+    plot: str | None = None,
 ) -> str:
     """The plan record (``metadata_props["hessc.plan"]``) as a markdown report.
 
@@ -37,6 +38,7 @@ def plan_markdown(
         title: the report's heading.
         timings: seconds per pass (``model.meta["hessc.timings"]``), when known.
         latency: float vs optimized latency (``model.meta["hessc.latency"]``), when measured.
+        plot: file name of the bits-against-sensitivity plot (:func:`allocation_plot`) to link.
     """
     s = record["summary"]
     timings = timings or {}
@@ -79,11 +81,74 @@ def plan_markdown(
         for w in record.get("weights", [])
     ]
     out.append(table(["weight", "op", "shape", "bits", "group", "zero point", "method", "bytes"], rows))
+    if record.get("allocation"):
+        out += ["", *_allocation_markdown(record, plot)]
     if record.get("skipped"):
         out += ["", "## Kept in float", "", table(["weight", "reason"], [[k, v] for k, v in record["skipped"].items()])]
     if timings:
         out += ["", "## Pass timings", "", table(["pass", "seconds"], [[k, v] for k, v in timings.items()])]
     return "\n".join(out) + "\n"
+
+
+def _sensitivity(weight: dict) -> float:
+    """Predicted Δloss at the fewest bits with the chosen quantizer: how much the weight suffers."""
+    same = [c for c in weight["candidates"] if c["method"] == weight["method"]]
+    same = same or [c for c in weight["candidates"] if c["method"] == "rtn"]
+    return min(same, key=lambda c: (c["bits"], c["bytes"]))["predicted_delta_loss"]
+
+
+def _allocation_markdown(record: dict, plot: str | None) -> list[str]:
+    s, alloc = record["summary"], record["allocation"]
+    budget = (f"{s['budget_bits']} bits/weight" if s.get("budget_bits") is not None
+              else "lossless" if s.get("allocation_mode") == "lossless" else _fmt_bytes(s.get("budget_bytes")))
+    out = ["## Bit allocation", "",
+           f"Budget {budget}; allocated {_fmt_bytes(s.get('allocated_bytes'))} "
+           f"({s.get('allocated_effective_bits')} effective bits/weight); predicted Δloss "
+           f"{s.get('predicted_delta_loss', 0.0):.4g} (estimator {alloc.get('estimator')}). A 3-bit item costs its "
+           "4-bit container, so it is chosen only when it predicts less loss than 4 bits.", ""]
+    if alloc.get("note"):
+        out += [alloc["note"], ""]
+    if "heldout_loss_fp32" in s:
+        out += [f"Held-out loss: fp32 {s['heldout_loss_fp32']:.6g}, quantized {s['heldout_loss_quantized']:.6g}, "
+                f"after {len(s.get('steps', []))} back-off steps.", ""]
+    rows = []
+    for w in alloc["weights"]:
+        curv = w.get("curvature") or {}
+        curv_text = ", ".join(f"{k} {curv[k]:.3g}" for k in ("a_trace", "g_trace", "grad_norm", "lambda_max") if k in curv) or "-"
+        items = " · ".join(f"{c['bits']}{c['method'][0]} {c['predicted_delta_loss']:.2e}"
+                           for c in w["candidates"] if c["method"] != "float")
+        rows.append([w["name"], f"{w['bits']}-bit {w['method']} ({w.get('estimator', '?')})", f"{w['predicted_delta_loss']:.3e}",
+                     _fmt_bytes(w["bytes"]), curv_text, items])
+    out.append(table(["weight", "chosen", "predicted Δloss", "bytes", "curvature", "candidates (bits+method: Δloss)"], rows))
+    if plot:
+        out += ["", f"![bits against sensitivity]({plot})"]
+    return out
+
+
+def allocation_plot(record: dict, path) -> bool:
+    """Chosen bits against sensitivity (predicted Δloss at the fewest bits), one point per weight,
+    as a PNG (matplotlib, Agg backend); False when the record has no allocation."""
+    alloc = record.get("allocation")
+    if not alloc or not alloc.get("weights"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = alloc["weights"]
+    x = [max(abs(_sensitivity(w)), 1e-30) for w in weights]
+    y = [w["bits"] for w in weights]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(x, y, c=["tab:orange" if w["method"] == "gptq" else "tab:blue" for w in weights])
+    ax.set_xscale("log")
+    ax.set_xlabel("|predicted Δloss| at the fewest bits (chosen quantizer)")
+    ax.set_ylabel("chosen bits (32 = float)")
+    ax.set_title("bits against sensitivity (orange: GPTQ, blue: RTN)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def inspect_model(model: ir.Model) -> dict:

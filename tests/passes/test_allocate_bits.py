@@ -260,3 +260,93 @@ def test_step_up_moves_the_worst_layers_one_level() -> None:
     for w in after.values():
         w["bits"] = allocate_bits.FLOAT_BITS
     assert allocate_bits.step_up({"weights": list(after.values())}, config.candidate_bits) is None
+
+
+# ------------------------------------------------------------------------------ the facade
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def mlp_and_calibration():
+    """A torch MLP (static batch 16) and correlated calibration inputs: 4 latent factors."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
+    )
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4, 64))
+    feeds = [{"input": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(np.float32)}
+             for _ in range(12)]
+    from hessc.ir import frontend
+
+    return frontend.load(module, (torch.randn(16, 64),)), feeds
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HESSC_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.torch
+def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
+    import hessc
+
+    model, feeds = mlp_and_calibration
+    out = hessc.optimize(model, target="onnx", bits=3.5, calibration=feeds, method="gptq")
+    record = meta.read_plan(out)
+    s = record["summary"]
+    assert s["budget_bits"] == 3.5 and s["allocated_effective_bits"] <= 3.5
+    assert s["effective_bits_per_weight"] <= 3.5
+    assert record["verification"]["status"] == "passed"
+    assert {w["bits"] for w in record["weights"]} <= {2, 3, 4, 8}
+    assert all("predicted_delta_loss" in w and w["method"] in ("rtn", "gptq") for w in record["weights"])
+    assert s["predicted_delta_loss"] == pytest.approx(sum(w["predicted_delta_loss"] for w in record["weights"]))
+
+
+@pytest.mark.torch
+def test_gptq_beats_rtn_at_four_bits_on_correlated_data(mlp_and_calibration) -> None:
+    import hessc
+
+    model, feeds = mlp_and_calibration
+    errors = {}
+    for method in ("rtn", "gptq"):
+        out = hessc.optimize(model, target="onnx", bits=4, calibration=feeds, method=method)
+        record = meta.read_plan(out)
+        assert {w["method"] for w in record["weights"]} == {method}
+        errors[method] = record["verification"]["vs_float"]["rel_error"]
+    assert errors["gptq"] < errors["rtn"]
+
+
+@pytest.mark.torch
+def test_lossless_is_confirmed_on_held_out_data() -> None:
+    import hessc
+    from hessc.ir import frontend
+
+    torch.manual_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
+                                 torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    model = frontend.load(module, (torch.randn(16, 64),))
+    rng = np.random.default_rng(2)
+    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    labels = [rng.integers(0, 16, 16) for _ in range(8)]
+    out = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels, method="gptq")
+    s = meta.read_plan(out)["summary"]
+    assert s["allocation_mode"] == "lossless"
+    assert s["heldout_loss_quantized"] <= s["heldout_loss_fp32"]
+    assert isinstance(s["steps"], list)
+    with pytest.raises(InputError, match="lossless needs a loss"):
+        hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds)
+
+
+@pytest.mark.torch
+def test_budgets_need_calibration(mlp_and_calibration) -> None:
+    import hessc
+
+    model, _ = mlp_and_calibration
+    with pytest.raises(InputError, match="needs calibration"):
+        hessc.optimize(model, target="onnx", bits=3.5)
+    with pytest.raises(InputError, match="needs calibration"):
+        hessc.optimize(model, target="onnx", bits=4, method="gptq")
+    with pytest.raises(InputError, match="'lossless'"):
+        hessc.optimize(model, target="onnx", bits="many")

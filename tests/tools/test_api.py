@@ -165,7 +165,7 @@ def test_calibration_is_used_for_verification(exported) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"target": "tpu"}, "unknown target 'tpu'"), ({"bits": 5}, "--bits 5"), ({"group_size": 24}, "--group-size 24"),
-     ({"method": "gptq"}, "unknown method")],
+     ({"method": "awq"}, "unknown method")],
 )
 def test_bad_options_are_input_errors(kwargs, message) -> None:
     with pytest.raises(InputError, match=message):
