@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="directory for results.json and results.md")
     b.add_argument("--eval-tokens", type=int, default=4096, help="smollm2 perplexity tokens")
     b.add_argument("--latency-runs", type=int, default=20)
+    b.add_argument("--sensitivity", type=int, metavar="BITS",
+                   help="instead: correlate predicted per-layer loss changes of a BITS-bit RTN "
+                        "perturbation with measured held-out loss changes (Spearman)")
+    b.add_argument("--layers", type=int, help="with --sensitivity: only the first N layers")
     b.add_argument("--quiet", action="store_true")
     b.add_argument("--json", action="store_true")
 
@@ -170,6 +174,17 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_bench(args) -> int:
     from hessc import bench
+
+    if args.sensitivity:
+        from hessc import sensitivity
+
+        result = sensitivity.run_sensitivity(
+            args.model, Path(args.out), bits=args.sensitivity, group_size=args.group_size[0],
+            eval_tokens=args.eval_tokens, layers=args.layers, progress=_progress_factory(args.quiet),
+        )
+        summary = {k: result[k] for k in ("model", "bits", "group_size", "metric", "spearman", "best_estimator")}
+        print(json.dumps(summary if not args.json else result, indent=2))
+        return 0
 
     results = bench.run_bench(
         args.model, bits=args.bits, group_sizes=args.group_size, target=args.target,
