@@ -212,6 +212,8 @@ def _fold_weight_transposes(graph: ir.Graph) -> None:
         )
         new_value.const_value = ir.tensor(array, name=new_value.name)
         new_value.meta[meta.WEIGHT_NAME_KEY] = original_name(src)
+        if any(use.node.op_type == "Gather" for use in src.uses()):
+            new_value.meta[meta.TIED_KEY] = src.name  # an output projection tied to an embedding
         graph.register_initializer(new_value)
         ir.convenience.replace_all_uses_with(out, new_value)
         graph.remove(node, safe=True)

@@ -18,6 +18,9 @@ QUANT_KEY = "hessc.quant"
 HESSIAN_KEY = "hessc.hessian"
 """``value.meta`` key of a weight initializer: its curvature statistics."""
 
+TIED_KEY = "hessc.tied_to"
+"""``value.meta`` key: the embedding table a transposed weight copy was folded from (tied weights)."""
+
 WEIGHT_NAME_KEY = "hessc.weight_name"
 """``value.meta`` key: the user-facing name of a weight (the original parameter name)."""
 

@@ -45,7 +45,7 @@ class QuantConfig:
         group_size: weights per scale along the input dimension (16–256, a power of two).
         symmetric: no zero points when true.
         quantize_conv: quantize Conv weights per output channel at 8 bits.
-        quantize_embeddings: quantize Gather embedding tables.
+        quantize_embeddings: quantize Gather embedding tables (and output projections tied to them).
         method: ``rtn`` or ``gptq`` (GPTQ needs Hessian annotation).
         min_numel: weights smaller than this stay in float (biases, tiny projections).
         bits_override: per-weight bits by user-facing name (used by the bit allocator); 16 or
@@ -106,8 +106,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
         if not config.quantize_conv:
             return "Conv quantization is off for this target"
         return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, CONV_BITS, 0, True, "rtn", ref.matrix_shape)
-    if ref.op == "Gather" and not config.quantize_embeddings:
-        return "embedding quantization is off"
+    if not config.quantize_embeddings and (ref.op == "Gather" or meta.TIED_KEY in ref.value.meta):
+        return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")
     bits = overrides.get(ref.name, config.bits)
     if bits >= 16:
         return "kept in float by the plan"
@@ -217,6 +217,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        retied = _retie_float_copies(model)
         refs = [r for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta]
         by_value: dict[int, list[qweights.WeightRef]] = {}
         for ref in refs:
@@ -226,7 +227,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             if self.progress:
                 self.progress(i, len(by_value), ref.name)
             self._materialize(model, ref, group)
-        return ir.passes.PassResult(model, bool(refs))
+        return ir.passes.PassResult(model, bool(refs) or retied > 0)
 
     def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> None:
         plan: meta.QuantPlan = ref.value.meta[meta.QUANT_KEY]
@@ -275,6 +276,34 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if not ref.value.uses() and owner is not None and ref.value.name in owner.initializers:
             owner.initializers.pop(ref.value.name)
         logger.debug("quantized %s to %d bits (group %d)", plan.name, plan.bits, plan.group_size)
+
+
+def _retie_float_copies(model: ir.Model) -> int:
+    """Turns unquantized transposed copies of embedding tables back into ``Transpose(table)``.
+
+    The front door folds ``MatMul(x, Transpose(E))`` into a transposed copy of ``E`` so the
+    output projection can be quantized on its own; left in float, the copy would store the table
+    twice.
+    """
+    count = 0
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        table_name = value.meta.get(meta.TIED_KEY)
+        if table_name is None or meta.QUANT_KEY in value.meta or table_name not in graph.initializers:
+            continue
+        table = graph.initializers[table_name]
+        uses = list(value.uses())
+        if not uses:
+            continue
+        first = min((u.node for u in uses), key=lambda n: list(graph).index(n))
+        transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]}, name=f"{value.name}_retied")
+        transpose.outputs[0].name = f"{value.name}_retied"
+        graph.insert_before(first, transpose)
+        for use in uses:
+            use.node.replace_input_with(use.idx, transpose.outputs[0])
+        graph.initializers.pop(value.name)
+        count += 1
+    return count
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -9,8 +9,10 @@ Taylor model (ALGORITHMS.md §1.2) predicts
 
 from statistics on calibration data. Each prediction is compared with the measured increase of
 the held-out loss when only that layer is quantized (all others float), by Spearman rank
-correlation over layers. The model runs in hessc's torch executor of the IR, with the one
-quantized weight passed as an override, so any ONNX graph can be studied.
+correlation over layers. The measurement runs the model with the one quantized weight swapped in:
+in hessc's torch executor of the IR (``measure="onnx"``: any ONNX graph), or, several times
+faster, in the model's own torch module (``measure="torch"``, zoo models), whose parameter names
+are the names the exporter kept.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def run_sensitivity(
     seq_len: int = 256,
     eval_tokens: int = 1024,
     layers: int | None = None,
+    measure: str = "torch",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Measures predicted vs real per-layer loss changes; writes ``sensitivity.json`` in out_dir."""
@@ -82,20 +85,40 @@ def run_sensitivity(
     AnnotateHessianPass(config, feeds, progress=progress)(model)
     annotate_seconds = time.perf_counter() - start
 
-    executor = TorchExecutor(model)
-    output = executor.output_names[0]
+    if measure == "torch":
+        module = zm.torch_module().eval()
+        params = dict(module.named_parameters())
 
-    def run(overrides: dict) -> Callable:
-        def run_fn(feed):
-            with torch.no_grad():
-                return [executor.run(feed, outputs=[output], overrides=overrides)[output].numpy()]
-        return run_fn
+        def run(overrides: dict) -> Callable:
+            def run_fn(feed):
+                saved = {name: params[name].detach().clone() for name in overrides}
+                try:
+                    with torch.no_grad():
+                        for name, value in overrides.items():
+                            params[name].copy_(value)
+                        out = module(*[torch.from_numpy(feed[n]) for n in zm.input_names])
+                finally:
+                    with torch.no_grad():
+                        for name, value in saved.items():
+                            params[name].copy_(value)
+                return [(out[0] if isinstance(out, (tuple, list)) else out).numpy()]
+            return run_fn
+    else:
+        executor = TorchExecutor(model)
+        output = executor.output_names[0]
+
+        def run(overrides: dict) -> Callable:
+            def run_fn(feed):
+                with torch.no_grad():
+                    return [executor.run(feed, outputs=[output], overrides=overrides)[output].numpy()]
+            return run_fn
 
     base = zm.evaluate(run({}))
     metric = "loss" if "loss" in base else next(iter(base))
     refs = [
         r for r in qweights.iter_weights(model)
         if r.op in ("MatMul", "Gemm") and meta.HESSIAN_KEY in r.value.meta and r.graph is model.graph
+        and (measure != "torch" or r.name in params)
     ]
     refs = refs[:layers] if layers else refs
     rows = []
@@ -105,8 +128,11 @@ def run_sensitivity(
         q, in_dim = quantize.quantize_matrix(w.astype(np.float32), plan)
         delta = q.dequantize()[:, :in_dim].astype(np.float64) - w
         predicted = predictions(ref.value.meta[meta.HESSIAN_KEY], delta)
-        stored = (w + delta).T if ref.transposed else (w + delta)
-        override = {ref.value.name: torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))}
+        if measure == "torch":  # torch Linear weights are (out, in)
+            override = {ref.name: torch.from_numpy(np.ascontiguousarray(w + delta, dtype=np.float32))}
+        else:
+            stored = (w + delta).T if ref.transposed else (w + delta)
+            override = {ref.value.name: torch.from_numpy(np.ascontiguousarray(stored, dtype=np.float32))}
         measured = zm.evaluate(run(override))[metric] - base[metric]
         rows.append({"name": ref.name, "shape": list(w.shape), "measured": measured, **predicted})
         logger.info("%d/%d %s: measured %.4g, kfac %s", i + 1, len(refs), ref.name, measured, predicted["kfac"])
@@ -124,6 +150,7 @@ def run_sensitivity(
         "model": model_name, "bits": bits, "group_size": group_size, "metric": metric,
         "baseline": base, "calibration_samples": calibration_samples, "grad_samples": grad_samples,
         "seq_len": seq_len, "eval_tokens": eval_tokens, "annotate_seconds": round(annotate_seconds, 1),
+        "measure": measure,
         "spearman": correlation, "best_estimator": best, "layers": rows,
     }
     (out_dir / "sensitivity.json").write_text(json.dumps(result, indent=2))
