@@ -280,3 +280,17 @@ def session_with_outputs(model: ir.Model, names: Sequence[str], threads: int | N
     finally:
         outputs.clear()
         outputs.extend(original)
+
+
+def median_latency_ms(run, feed: dict[str, np.ndarray], runs: int = 20) -> float:
+    """Median wall time of ``run(feed)`` in milliseconds, after one warm-up run."""
+    import statistics
+    import time
+
+    run(feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(feed)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 3)

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc import __version__
-from hessc.errors import InputError, UnsupportedError, VerificationError
+from hessc.errors import InputError, VerificationError
 from hessc.ir import frontend, meta
 from hessc.ir import weights as qweights
 from hessc.passes import activations as act
@@ -418,7 +418,8 @@ def _latency(reference, model: ir.Model, target: str, feed) -> dict | None:
         return None
     candidate = sessions.session(model, "cpu" if target == "onnx" else target)
     latency = {
-        "float": _median_ms(reference, feed), "optimized": _median_ms(candidate, feed),
+        "float": sessions.median_latency_ms(reference.run, feed, 5),
+        "optimized": sessions.median_latency_ms(candidate.run, feed, 5),
         "input": {k: list(v.shape) for k, v in feed.items()}, "provider": candidate.inner.get_providers()[0],
     }
     if latency["optimized"] > 1.05 * latency["float"]:
@@ -428,16 +429,6 @@ def _latency(reference, model: ir.Model, target: str, feed) -> dict | None:
             latency["optimized"], latency["float"],
         )
     return latency
-
-
-def _median_ms(sess, feed, runs: int = 5) -> float:
-    sess.run(feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(feed)
-        times.append(time.perf_counter() - start)
-    return round(sorted(times)[len(times) // 2] * 1000, 3)
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -16,10 +16,9 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
@@ -49,16 +48,6 @@ def effective_bits(path: Path) -> tuple[float | None, int]:
     """Stored bits per quantized weight of a saved model (see ``lower.quantized_storage``)."""
     nbytes, numel = lowering.quantized_storage(ir.load(path))
     return (8 * nbytes / numel if numel else None), numel
-
-
-def _latency(run: Callable, feed: dict, runs: int) -> float:
-    run(feed)  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def _ort_quantize(
@@ -119,7 +108,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Runs every method at every setting; writes ``results.json`` and ``results.md`` in out_dir."""
     import hessc
-    from hessc import report, zoo
+    from hessc import zoo
     from hessc.runtime import sessions
 
     unknown = [m for m in methods if m not in METHODS]
@@ -162,7 +151,7 @@ def run_bench(
         row["quantized_params"] = numel
         if evaluate is not None:
             row.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in evaluate(sess.run).items()})
-        row["latency_ms"] = round(_latency(sess.run, feed, latency_runs), 3)
+        row["latency_ms"] = sessions.median_latency_ms(sess.run, feed, latency_runs)
         row.update(extra or {})
         rows.append(row)
         if not quiet:
@@ -290,7 +279,7 @@ def cuda_latency(
                     sess = sessions.session(path, "cuda", cuda_graph=graph)
                     out = sess.run(feed)[0].astype(np.float64)
                     rel = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
-                    ms = _latency(sess.run_bound, feed, runs)
+                    ms = sessions.median_latency_ms(sess.run_bound, feed, runs)
                     err = None
                 except Exception as e:
                     ms, err = None, f"{type(e).__name__}: {str(e)[:200]}"

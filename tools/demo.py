@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from hessc import bench
 from hessc.report import table
 
 
@@ -41,7 +40,7 @@ def run(bits: int = 4, group_size: int = 32, quiet: bool = False) -> dict:
             sess = sessions.session(path, "cpu")
             quality = zm.evaluate(sess.run)
             ebits = 32.0 if label == "fp32" else plan["summary"]["effective_bits_per_weight"]
-            latency = bench._latency(sess.run, feed, 20)
+            latency = sessions.median_latency_ms(sess.run, feed, 20)
             size = path.stat().st_size
             results[label] = {**quality, "bytes": size, "effective_bits_per_weight": ebits, "latency_ms": latency}
             rows.append([label, f"{size / 2**20:.1f} MiB", ebits, f"{quality['cosine_to_fp32']:.4f}",
