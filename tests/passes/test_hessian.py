@@ -242,7 +242,7 @@ def test_spectral_statistics_match_eigh(exact_blocks) -> None:
         # Within 5% at 200 probes where the estimator's sd allows it (W1: sd 2.8% of the trace);
         # W2's block is nearly rank-deficient with large off-diagonals (sd = 4.3%): 3 sd there.
         trace = float(np.trace(H.numpy()))
-        sd = float(np.sqrt(2 * ((H**2).sum() - (H.diagonal() ** 2).sum()) / 200))
+        sd = float(torch.sqrt(2 * ((H**2).sum() - (H.diagonal() ** 2).sum()) / 200))
         assert abs(s.hutchinson_trace - trace) <= (0.05 * trace if name == "W1" else 3 * sd)
         assert s.loss_name == "ce" and s.a is None and s.samples == 0
     summary = model.meta[meta.CURVATURE_KEY]["W2"]
