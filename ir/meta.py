@@ -175,10 +175,18 @@ class HessianStats:
             out["a_eig_max"] = float(self.a_eig_top[0])
         if self.a_trace is not None:
             out["a_trace"] = float(self.a_trace)
+        g_max = None
         if self.g is not None:
             out["g_trace"] = float(np.trace(self.g))
+            g_max = float(np.linalg.eigvalsh(self.g)[-1])
         elif self.g_diag is not None:
             out["g_trace"] = float(np.sum(self.g_diag))
+            g_max = float(np.max(self.g_diag))  # diag(G) only: max diag ≤ λ_max(G)
+        # K-FAC closed forms, H ≈ A ⊗ G: eigenvalues α_i γ_j, trace tr(A) tr(G).
+        if "g_trace" in out and self.a_trace is not None:
+            out["kfac_trace"] = float(self.a_trace) * out["g_trace"]
+        if g_max is not None and "a_eig_max" in out:
+            out["kfac_lambda_max"] = out["a_eig_max"] * g_max
         if self.fisher_diag_mean is not None:
             out["fisher_diag_mean"] = float(self.fisher_diag_mean)
         if self.lambda_max is not None:

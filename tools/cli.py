@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="list weights, sizes, ops and what can be compressed")
     i.add_argument("model")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--calibration", help=".npz calibration data (for --hessian)")
+    i.add_argument("--hessian", action="store_true",
+                   help="per-layer curvature table (input covariance and K-FAC factors), sorted by sensitivity")
+    i.add_argument("--hvp", action="store_true",
+                   help="with --hessian: also exact lambda_max and Hutchinson trace by Hessian-vector products (slow)")
+    i.add_argument("--samples", type=int, default=32, help="calibration samples for the covariance (default 32)")
+    i.add_argument("--plot", help="with --hessian: draw sensitivity and spectra to this PNG")
+    i.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="compare hessc with ONNX Runtime's quantizers on a real model")
     b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, or a .onnx path")
@@ -167,8 +175,27 @@ def _cmd_inspect(args) -> int:
     import hessc
     from hessc import report
 
-    info = report.inspect_model(hessc.load(args.model))
-    print(json.dumps(info, indent=2) if args.json else report.inspect_markdown(info), end="\n" if args.json else "")
+    model = hessc.load(args.model)
+    if not args.hessian:
+        if args.plot or args.calibration:
+            raise InputError("--calibration and --plot go with --hessian")
+        info = report.inspect_model(model)
+        print(json.dumps(info, indent=2) if args.json else report.inspect_markdown(info), end="\n" if args.json else "")
+        return 0
+    if not args.calibration:
+        raise InputError("--hessian needs calibration data: pass --calibration DATA.npz")
+    from hessc.passes.hessian import AnnotateHessianPass, HessianConfig
+    from hessc.runtime import calibration
+
+    feeds = calibration.feeds_from(args.calibration, model, limit=args.samples)
+    config = HessianConfig(
+        kfac=True, max_samples=args.samples, lambda_max=args.hvp, hutchinson_probes=50 if args.hvp else 0,
+    )
+    AnnotateHessianPass(config, feeds, progress=_progress_factory(args.quiet))(model)
+    rows = report.curvature_rows(model)
+    if args.plot:
+        report.plot_curvature(model, rows, Path(args.plot))
+    print(json.dumps(rows, indent=2) if args.json else report.curvature_markdown(rows))
     return 0
 
 

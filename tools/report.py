@@ -194,3 +194,67 @@ def inspect_markdown(info: dict) -> str:
                 table(["weight", "op", "reason"], [[s["name"], s["op"], s["reason"]] for s in info["not_compressible"]])]
     out += ["", "Ops: " + ", ".join(f"{k} {v}" for k, v in info["ops"].items())]
     return "\n".join(out) + "\n"
+
+
+def curvature_rows(model: ir.Model) -> list[dict]:
+    """One row per annotated weight, most sensitive first.
+
+    Sensitivity is the trace of the layer's Hessian block (the expected loss increase under
+    isotropic weight noise): Hutchinson's estimate when measured, else the K-FAC closed form
+    ``tr(A) tr(G)``, else ``tr(A)`` (the layer-wise proxy).
+    """
+    from hessc.ir import meta
+
+    rows = []
+    for ref in qweights.iter_weights(model):
+        stats = ref.value.meta.get(meta.HESSIAN_KEY)
+        if stats is None:
+            continue
+        s = stats.summary()
+        trace = s.get("hutchinson_trace", s.get("kfac_trace", s.get("a_trace")))
+        rows.append({
+            "name": ref.name, "op": ref.op, "shape": list(ref.matrix_shape),
+            "a_eig_max": s.get("a_eig_max"), "a_trace": s.get("a_trace"),
+            "lambda_max": s.get("lambda_max", s.get("kfac_lambda_max")),
+            "lambda_max_source": "hvp" if "lambda_max" in s else ("kfac" if "kfac_lambda_max" in s else None),
+            "trace": trace,
+            "trace_source": "hutchinson" if "hutchinson_trace" in s else ("kfac" if "kfac_trace" in s else "a"),
+            "a_eig_top": [float(v) for v in (stats.a_eig_top if stats.a_eig_top is not None else [])],
+        })
+    rows.sort(key=lambda r: -(r["trace"] or 0.0))
+    return rows
+
+
+def curvature_markdown(rows: list[dict]) -> str:
+    def g(v) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    body = [[r["name"], "×".join(map(str, r["shape"])), g(r["a_eig_max"]), g(r["a_trace"]),
+             g(r["lambda_max"]) + (f" ({r['lambda_max_source']})" if r["lambda_max_source"] else ""),
+             g(r["trace"]) + f" ({r['trace_source']})"] for r in rows]
+    return table(["weight", "out×in", "a_eig_max", "a_trace", "lambda_max", "trace (sensitivity)"], body) + "\n"
+
+
+def plot_curvature(model: ir.Model, rows: list[dict], path) -> None:
+    """Per-layer sensitivity (bars, log scale) and the input-covariance spectra of the top layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5))
+    left.bar(range(len(rows)), [max(r["trace"] or 0.0, 1e-30) for r in rows])
+    left.set_yscale("log")
+    left.set_xlabel("layer (most sensitive first)")
+    left.set_ylabel("Hessian trace estimate")
+    left.set_title("per-layer sensitivity")
+    for r in rows[:5]:
+        if r["a_eig_top"]:
+            right.semilogy(range(1, len(r["a_eig_top"]) + 1), r["a_eig_top"], marker="o", label=r["name"][-40:])
+    right.set_xlabel("eigenvalue index")
+    right.set_ylabel("eigenvalue of A = E[x xᵀ]")
+    right.set_title("input-covariance spectra, 5 most sensitive layers")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -105,3 +105,23 @@ def test_console_script_runs_without_a_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_inspect_hessian_table_and_plot(model_path: Path, tmp_path: Path, capsys) -> None:
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((6, 3, 64)).astype(np.float32))
+    plot = tmp_path / "curvature.png"
+    code = cli.main(["inspect", str(model_path), "--hessian", "--calibration", str(calib), "--json",
+                     "--plot", str(plot), "--quiet", "--samples", "6"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"W1", "W2"}
+    traces = [r["trace"] for r in rows]
+    assert traces == sorted(traces, reverse=True), "most sensitive first"
+    x = np.load(calib)["x"].reshape(-1, 64).astype(np.float64)
+    w1 = next(r for r in rows if r["name"] == "W1")
+    # A = E[x xᵀ] of the first layer's input: its trace is the mean squared norm of the inputs.
+    assert w1["a_trace"] == pytest.approx(float(np.mean(np.sum(x * x, axis=1))), rel=1e-6)
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["inspect", str(model_path), "--hessian"]) == 2
+    assert "needs calibration" in capsys.readouterr().err
