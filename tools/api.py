@@ -88,8 +88,8 @@ def optimize(
             ``torch.fx.GraphModule`` (torch sources need ``example_inputs``).
         target: ``cpu`` (MatMulNBits with int8 compute), ``cuda`` (MatMulNBits, fp16 activations by
             default) or ``onnx`` (portable blocked QuantizeLinear/DequantizeLinear).
-        bits: bits per weight: 2, 3, 4 or 8 for every weight; a non-integer (``3.5``) is a
-            budget of average stored bits per MatMul/Gemm weight (scales and zero points counted)
+        bits: bits per weight: an ``int`` (2, 3, 4 or 8) for every weight; a ``float`` (``3.5``,
+            ``3.0``) is a budget of average stored bits per MatMul/Gemm weight (scales and zero points counted)
             that the bit allocator spends where the predicted loss change is largest;
             ``"lossless"`` asks for the smallest allocation whose predicted loss change is at most
             zero, confirmed on held-out calibration feeds. Both need calibration.
@@ -235,8 +235,8 @@ def _allocation_config(
             bits = float(bits)
         except ValueError:
             raise InputError(f"--bits {bits!r}: give a number of bits (4, 3.5) or 'lossless'") from None
-    if not lossless and budget_bytes is None and float(bits).is_integer():
-        return None, int(bits)
+    if not lossless and budget_bytes is None and isinstance(bits, int):
+        return None, bits  # an int is uniform codes; a float (3.0 included) is a budget
     methods = ("rtn", "gptq") if method == "gptq" else ("rtn",)
     common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes)
     if lossless:

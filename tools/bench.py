@@ -35,6 +35,7 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     "hessc-matmul": {"quantize_embeddings": False},
     "hessc-gptq": {"quantize_embeddings": False, "method": "gptq"},
 }
+"""hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
 METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
 
 
@@ -96,7 +97,7 @@ def _latency_feed(zoo_model, name: str, calibration: list[dict]) -> dict:
 def run_bench(
     model: str,
     *,
-    bits: Sequence[int],
+    bits: Sequence[int | float | str],
     group_sizes: Sequence[int],
     target: str,
     methods: Sequence[str],
@@ -161,6 +162,8 @@ def run_bench(
     for b in bits:
         for g in group_sizes:
             for method in methods:
+                if not method.startswith("hessc") and not isinstance(b, int):
+                    continue  # ONNX Runtime's quantizers take whole bits only
                 dst = work / f"{name}-{method}-b{b}-g{g}.onnx"
                 start = time.perf_counter()
                 try:

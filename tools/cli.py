@@ -46,13 +46,22 @@ def _int_list(text: str) -> list[int]:
 
 
 def _bits(text: str) -> int | float | str:
-    if text.strip().lower() == "lossless":
+    """``4`` → uniform 4-bit codes; ``3.5`` or ``3.0`` (a decimal point) → an average-bits budget."""
+    text = text.strip()
+    if text.lower() == "lossless":
         return "lossless"
     try:
-        value = float(text)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of bits (4, 3.5) or 'lossless', got {text!r}") from None
-    return int(value) if value.is_integer() else value
+
+
+def _bits_list(text: str) -> list[int | float | str]:
+    return [_bits(item) for item in text.split(",") if item.strip()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
     o.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
     o.add_argument("--bits", type=_bits, default=4,
-                   help="bits per weight: 2, 3, 4 or 8; a non-integer (3.5) is an average-bits budget for the bit "
-                        "allocator; 'lossless' the smallest allocation not worse on held-out data (default 4)")
+                   help="bits per weight: 2, 3, 4 or 8 (uniform); a number with a decimal point (3.5, 3.0) is an "
+                        "average-bits budget for the bit allocator; 'lossless' the smallest allocation not worse "
+                        "on held-out data (default 4)")
     o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the MatMul/Gemm weights")
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="quantizer (gptq needs --calibration); with a budget, the quantizers offered")
@@ -96,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare hessc with ONNX Runtime's quantizers on a real model")
     b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, or a .onnx path")
-    b.add_argument("--bits", type=_int_list, default=[4])
+    b.add_argument("--bits", type=_bits_list, default=[4],
+                   help="comma-separated: integers, fractional budgets (3.5) or 'lossless' (hessc methods)")
     b.add_argument("--group-size", type=_int_list, default=[32])
     b.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
     b.add_argument("--methods", default="hessc,ort-rtn,ort-default")
