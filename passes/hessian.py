@@ -710,13 +710,13 @@ def resolve_loss(config: HessianConfig, model: ir.Model) -> str:
     out = model.graph.outputs[0]
     if "logit" in (out.name or "").lower():
         rank = len(out.shape) if out.shape is not None else None
-        if rank in (3, None) and _ids_input(model) is not None:
+        if rank in (3, None) and ids_input(model) is not None:
             return "next-token"
         return "kl"
     return "mse"
 
 
-def _ids_input(model: ir.Model) -> str | None:
+def ids_input(model: ir.Model) -> str | None:
     for v in model.graph.inputs:
         if "input_ids" in (v.name or "") and v.dtype in (ir.DataType.INT64, ir.DataType.INT32):
             return v.name
@@ -733,7 +733,7 @@ class _Loss:
     config: HessianConfig
 
     def __post_init__(self) -> None:
-        self.ids = _ids_input(self.model)
+        self.ids = ids_input(self.model)
         if self.name == "next-token" and self.ids is None:
             raise InputError("loss='next-token' needs an integer graph input named like 'input_ids'")
 

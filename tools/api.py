@@ -302,7 +302,7 @@ class _Curvature:
 
         annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
         float_copy = ir.from_proto(ir.to_proto(model)) if lossless else None
-        return cls(annotate, float_copy, held, held_labels, loss_name, hessian._ids_input(model))
+        return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
 
     def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
         """``A`` of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
