@@ -25,7 +25,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from hessc.errors import InputError
+from hessc.errors import InputError, VerificationError
 from hessc.ir import meta
 from hessc.passes.activations import ACT_QUANT_KEY
 from hessc.runtime import packing
@@ -169,6 +169,7 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         packed_b, packed_zp = packing.matmul_nbits_weights(
             codes, None if symmetric else zps, bits, block, symmetric
         )
+        _check_packed(q.name, codes, scales, None if symmetric else zps, packed_b, packed_zp, bits, block, symmetric)
         graph = dq.graph
         base = q.name.removesuffix("_q")
         b_val = _initializer(graph, f"{base}_nbits_B", packed_b)
@@ -223,6 +224,28 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             _replace(graph, node, new)
         self._count(f"GatherBlockQuantized {bits}-bit")
         return True
+
+
+def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, symmetric) -> None:
+    """Asserts that the packed MatMulNBits weight dequantizes to the portable form's weight.
+
+    Checked layer by layer, in numpy: an end-to-end comparison cannot tell a layout error from
+    the arithmetic noise a badly conditioned (e.g. 2-bit) model amplifies.
+    """
+    n_out, k = codes.shape
+    k_blocks = packed_b.shape[1]
+    unpacked = packing.unpack_rows(packed_b.reshape(n_out, -1), bits, k_blocks * block)[:, :k].astype(np.int32)
+    if packed_zp is None:
+        zero = np.full((n_out, k_blocks), 1 << (bits - 1), dtype=np.int32)
+        reference_zero = np.zeros((n_out, k_blocks), dtype=np.int32) if symmetric else zero
+    else:
+        zero = packing.unpack_rows(packed_zp.reshape(n_out, -1), bits, k_blocks).astype(np.int32)
+        reference_zero = zps.astype(np.int32)
+    expand = np.repeat(np.arange(k_blocks), block)[:k]
+    lowered = (unpacked - zero[:, expand]) * scales[:, expand]
+    portable = (codes.astype(np.int32) - reference_zero[:, expand]) * scales[:, expand]
+    if not np.array_equal(lowered, portable):
+        raise VerificationError(f"{name}: the packed MatMulNBits weight differs from the portable form (a hessc bug)")
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:

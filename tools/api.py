@@ -42,7 +42,9 @@ LOWERING_TOLERANCE = {"cpu": 0.05, "cuda": 0.02, "onnx": 1e-4}
 kernels differ only in arithmetic (int8 activations at ``accuracy_level=4`` on the CPU, fp16 on
 CUDA), so the difference must stay below this, or below half the quantization error itself
 (a coarse model amplifies arithmetic noise). A larger difference means a broken rewrite, and the
-result is refused."""
+result is refused. Models whose outputs are already more than 50% from float's are only
+reported: their outputs amplify any arithmetic difference, and the weight-by-weight check of the
+lowering (``runtime.lower``) is what guards them."""
 
 
 @dataclasses.dataclass
@@ -401,7 +403,10 @@ def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:
         lowered = sessions.compare(portable, candidate, feeds)
         record["vs_portable"] = lowered.to_json()
         limit = max(LOWERING_TOLERANCE[target], 0.5 * record["vs_float"]["rel_error"])
-        if not math.isfinite(lowered.rel_error) or lowered.rel_error > limit:
+        # Lowering is checked weight by weight (runtime.lower); end to end, a model whose outputs
+        # are already far from float's amplifies kernel arithmetic noise without bound.
+        conditioned = record["vs_float"]["rel_error"] < 0.5
+        if not math.isfinite(lowered.rel_error) or (conditioned and lowered.rel_error > limit):
             raise VerificationError(
                 f"the lowered {target} model differs from its portable Q/DQ form by {lowered.rel_error:.2%} "
                 f"(limit {limit:.2%}); this is a hessc bug: rerun with --target onnx and report it"

@@ -137,3 +137,19 @@ def test_mlp_lowers_every_matmul_and_keeps_graph_io(run_pass) -> None:
 def test_bad_lower_config_is_an_input_error(kwargs) -> None:
     with pytest.raises(InputError):
         LowerConfig(**kwargs)
+
+
+def test_a_packing_error_is_caught_weight_by_weight(run_pass, monkeypatch) -> None:
+    from hessc.errors import VerificationError
+    from hessc.runtime import packing
+
+    model = _portable(run_pass, b.mlp_model(), 4, symmetric=False)
+    good = packing.matmul_nbits_weights
+
+    def swapped_nibbles(*args, **kwargs):
+        packed_b, zp = good(*args, **kwargs)
+        return (packed_b >> 4) | (packed_b << 4), zp  # high and low codes exchanged
+
+    monkeypatch.setattr(packing, "matmul_nbits_weights", swapped_nibbles)
+    with pytest.raises(VerificationError, match="differs from the portable form"):
+        lower(model, LowerConfig(target="cpu"))
