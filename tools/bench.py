@@ -34,6 +34,9 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # The scope of ORT's quantizer (MatMul/Gemm weights; embeddings stay float), for like-for-like sizes.
     "hessc-matmul": {"quantize_embeddings": False},
     "hessc-gptq": {"quantize_embeddings": False, "method": "gptq"},
+    # Activations: 8 = calibrated uint8 Q/DQ (the CPU kernel's int8 path), 16 = float compute.
+    "hessc-a8": {"quantize_embeddings": False, "activations": 8},
+    "hessc-a16": {"quantize_embeddings": False, "activations": 16},
 }
 """hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
 METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
