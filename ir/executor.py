@@ -711,14 +711,10 @@ def coverage_report(model: ir.Model) -> dict[str, Any]:
 
 
 def _ort_session(model: ir.Model):
-    import onnxruntime as ort
+    """ORT with graph optimizations off (models with external data go through a temporary file)."""
+    from hessc.runtime import sessions
 
-    proto = ir.serde.serialize_model(model)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(
-        proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-    )
+    return sessions.session(model, "cpu", optimize=False).inner
 
 
 def max_deviation_vs_ort(
@@ -734,7 +730,7 @@ def max_deviation_vs_ort(
     returned. Non-float outputs are compared exactly the same way.
 
     Args:
-        model: the model (under 2 GB serialized).
+        model: the model.
         feeds: graph inputs as numpy arrays.
         dtype: the executor's compute dtype.
         outputs: graph outputs to compare; defaults to all.
