@@ -95,6 +95,8 @@ class AllocationConfig:
         symmetric: no zero points.
         estimator: ``kfac``, ``layerwise`` or ``auto`` (see the module docstring).
         scale_bytes: bytes per stored scale (4 for fp32, 2 for fp16 kernels).
+        kernel_layout: cost items in MatMulNBits' layout (blocks padded, zero points per row in
+            whole bytes), as the cpu and cuda targets store them.
     """
 
     budget_bits: float | None = None
@@ -106,6 +108,7 @@ class AllocationConfig:
     symmetric: bool = False
     estimator: str = "auto"
     scale_bytes: int = 4
+    kernel_layout: bool = False
 
     def __post_init__(self) -> None:
         chosen = [self.budget_bits is not None, self.budget_bytes is not None, self.lossless]
@@ -373,7 +376,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 q, in_dim = quantize.quantize_matrix(matrix, plan, a if method == "gptq" else None)
                 delta = q.dequantize()[:, :in_dim].astype(np.float64) - matrix
                 loss, first = predict_delta_loss(stats, delta, estimator)
-                out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes), loss, first))
+                out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout), loss, first))
                 logger.debug("%s: %d-bit %s predicts %.4g", ref.name, bits, method, loss)
         if with_float:
             out.append(Candidate(FLOAT_BITS, "float", 4 * ref.numel, 0.0, 0.0))

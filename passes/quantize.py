@@ -142,14 +142,24 @@ def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarra
     return q, in_dim
 
 
-def stored_bytes(plan: meta.QuantPlan, scale_bytes: int) -> int:
-    """Bytes of codes (at their container width), scales and zero points of one weight."""
+def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = False) -> int:
+    """Bytes of codes (at their container width), scales and zero points of one weight.
+
+    Args:
+        plan: the weight's plan.
+        scale_bytes: bytes per scale.
+        kernel_layout: count MatMulNBits' layout for MatMul/Gemm weights (what the cpu and cuda
+            targets store): codes padded to whole blocks, zero points packed per row in whole bytes.
+    """
     out_dim, in_dim = plan.matrix_shape
-    numel = out_dim * in_dim
-    groups = out_dim * (math.ceil(in_dim / plan.group_size) if plan.group_size else 1)
+    blocks = math.ceil(in_dim / plan.group_size) if plan.group_size else 1
+    groups = out_dim * blocks
     code_bits = container_bits(plan.bits)
+    if kernel_layout and plan.op in ("MatMul", "Gemm") and plan.group_size:
+        zp_bytes = 0 if plan.symmetric else out_dim * math.ceil(blocks * code_bits / 8)
+        return out_dim * blocks * plan.group_size * code_bits // 8 + groups * scale_bytes + zp_bytes
     zp_bytes = 0 if plan.symmetric else math.ceil(groups * code_bits / 8)
-    return math.ceil(numel * code_bits / 8) + groups * scale_bytes + zp_bytes
+    return math.ceil(out_dim * in_dim * code_bits / 8) + groups * scale_bytes + zp_bytes
 
 
 class PlanQuantizationPass(ir.passes.InPlacePass):

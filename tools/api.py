@@ -135,7 +135,10 @@ def optimize(
     if method not in ("rtn", "gptq"):
         raise InputError(f"unknown method {method!r}; use 'rtn' or 'gptq'")
     fp16 = (target == "cuda") if fp16 is None else fp16
-    allocation, bits = _allocation_config(bits, budget_bytes, method, group_size, symmetric, scale_bytes=2 if fp16 else 4)
+    allocation, bits = _allocation_config(
+        bits, budget_bytes, method, group_size, symmetric, scale_bytes=2 if fp16 else 4,
+        kernel_layout=target in ("cpu", "cuda"),
+    )
     if (allocation is not None or method == "gptq") and calibration is None:
         what = "a bit budget" if allocation is not None else "method='gptq'"
         raise InputError(f"{what} needs calibration data for the curvature statistics; pass --calibration")
@@ -228,7 +231,7 @@ def optimize(
 
 def _allocation_config(
     bits: int | float | str, budget_bytes: int | None, method: str, group_size: int, symmetric: bool,
-    scale_bytes: int,
+    scale_bytes: int, kernel_layout: bool = False,
 ) -> tuple[allocate_bits.AllocationConfig | None, int]:
     """The bit allocator's configuration (None for uniform bits) and the uniform bits to plan."""
     lossless = isinstance(bits, str) and bits.strip().lower() == "lossless"
@@ -240,7 +243,8 @@ def _allocation_config(
     if not lossless and budget_bytes is None and isinstance(bits, int):
         return None, bits  # an int is uniform codes; a float (3.0 included) is a budget
     methods = ("rtn", "gptq") if method == "gptq" else ("rtn",)
-    common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes)
+    common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes,
+                  kernel_layout=kernel_layout)
     if lossless:
         return allocate_bits.AllocationConfig(lossless=True, **common), 4
     if budget_bytes is not None:

@@ -153,3 +153,19 @@ def test_a_packing_error_is_caught_weight_by_weight(run_pass, monkeypatch) -> No
     monkeypatch.setattr(packing, "matmul_nbits_weights", swapped_nibbles)
     with pytest.raises(VerificationError, match="differs from the portable form"):
         lower(model, LowerConfig(target="cpu"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kernel_layout_bytes_match_what_the_lowered_model_stores(run_pass, bits: int, symmetric: bool) -> None:
+    from hessc.ir import meta
+    from hessc.passes.quantize import stored_bytes
+    from hessc.runtime.lower import quantized_storage
+
+    model = _portable(run_pass, b.matmul_model(k=80, n=24), bits, symmetric=symmetric)  # 80 = 2.5 blocks of 32
+    (plan,) = [n.meta[meta.QUANT_KEY] for n in model.graph if meta.QUANT_KEY in n.meta]
+    lowered, _ = lower(model, LowerConfig(target="cpu"))
+    stored, numel = quantized_storage(lowered)
+    assert numel == 80 * 24
+    assert stored == stored_bytes(plan, 4, kernel_layout=True)
+    assert stored > stored_bytes(plan, 4), "blocks padded to whole groups cost more than the portable form"
