@@ -245,3 +245,18 @@ def fix_input_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
         value.shape = ir.Shape([int(d) for d in dims])
     # Propagate the static sizes, so graph outputs get static shapes too.
     common_passes.ShapeInferencePass()(model)
+
+
+def clone(model: ir.Model) -> ir.Model:
+    """A deep copy of the model; weights in external data stay on disk and stay readable."""
+    copy = ir.from_proto(ir.to_proto(model))
+    base_dirs = {
+        str(v.const_value.base_dir)
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    if len(base_dirs) == 1:
+        ir.external_data.set_base_dir(copy.graph, base_dirs.pop())
+    elif base_dirs:  # weights from several folders: hold them in memory instead
+        ir.external_data.load_to_model(copy)
+    return copy

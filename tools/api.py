@@ -58,7 +58,7 @@ def _load_source(model: Any, example_inputs) -> _Source:
         return _Source(frontend.load(model), Path(model))
     if isinstance(model, ir.Model):
         # Never change the caller's object: work on a copy.
-        model = ir.from_proto(ir.to_proto(model))
+        model = frontend.clone(model)
     return _Source(frontend.load(model, example_inputs), None)
 
 
@@ -109,8 +109,8 @@ def optimize(
             loss in the curvature statistics (needed for ``lossless`` unless the model is a
             language model with ``input_ids``).
         activations: 8 quantizes the inputs of quantized MatMul/Gemm layers to uint8 with
-            calibrated per-tensor ranges (needs calibration); on the CPU the kernel's own dynamic
-            int8 path runs them. 16 keeps float activations (on the CPU: ``accuracy_level=1``,
+            calibrated per-tensor ranges (needs calibration); on the CPU it is MatMulNBits' own
+            dynamic per-block int8 path (``accuracy_level=4``, the CPU default), with no Q/DQ. 16 keeps float activations (on the CPU: ``accuracy_level=1``,
             slow for 2- and 8-bit weights). None: the target's fastest (int8 compute on the CPU).
         quantize_embeddings: quantize Gather embedding tables too.
         input_shapes: make these graph inputs static (``{"input_ids": [1, 128]}``), so that
@@ -151,7 +151,10 @@ def optimize(
     )
     if activations not in (None, 8, 16):
         raise InputError(f"--activations {activations} is not supported; use 8 or 16")
-    if activations == 8 and calibration is None:
+    # On the CPU, MatMulNBits' int8 path (accuracy_level 4) quantizes activations dynamically per
+    # block: that is 8-bit activations, finer than calibrated per-tensor ranges, so no Q/DQ is added.
+    static_activations = activations == 8 and target != "cpu"
+    if static_activations and calibration is None:
         raise InputError("--activations 8 needs calibration data to set activation ranges; pass --calibration")
     lower_config = lowering.LowerConfig(
         target=target, fp16=fp16, accuracy_level=1 if activations == 16 else 4
@@ -196,7 +199,7 @@ def optimize(
         start = time.perf_counter()
         model, lossless, allocation_record = curvature.confirm_lossless(model, config, allocation, step)
         timings.append(pipeline.PassTiming("confirm-lossless", time.perf_counter() - start, bool(lossless["steps"])))
-    if activations == 8:
+    if static_activations:
         start = time.perf_counter()
         names = list(act.quantized_layer_inputs(model))
         ranges = calib.activation_ranges(model, names, feeds)
@@ -307,7 +310,7 @@ class _Curvature:
                 progress(stage, done, total)
 
         annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
-        float_copy = ir.from_proto(ir.to_proto(model)) if lossless else None
+        float_copy = frontend.clone(model) if lossless else None
         return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
 
     def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
@@ -343,11 +346,11 @@ class _Curvature:
                 config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
                 method_override=tuple((n, m) for n, m in record["method_override"]),
             )
-            candidate = ir.from_proto(ir.to_proto(self.float_copy))
+            candidate = frontend.clone(self.float_copy)
             try:
                 pipeline.run(candidate, pipeline.build_quantization_pipeline(replay, hessian_for=self.hessian_for, progress=progress))
             except InputError:  # everything is back in float: the float model itself
-                candidate = ir.from_proto(ir.to_proto(self.float_copy))
+                candidate = frontend.clone(self.float_copy)
             model = candidate
             quantized = self._loss(model)
             steps.append({"raised": raised, "heldout_loss_quantized": quantized, "used_bytes": record["used_bytes"]})

@@ -206,3 +206,15 @@ def test_load_and_optimize_do_not_modify_the_input_file(tmp_path) -> None:
     hessc.save(model, tmp_path / "out.onnx")
     assert _sha(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx", "out.onnx"]
+
+
+def test_clone_keeps_external_data_readable(tmp_path) -> None:
+    import onnx_ir as ir
+
+    model = b.load(b.mlp_model())
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    loaded = frontend.load(tmp_path / "m.onnx")
+    copy = frontend.clone(loaded)
+    for name, value in loaded.graph.initializers.items():
+        np.testing.assert_array_equal(copy.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
+    ir.save(copy, tmp_path / "copy.onnx", external_data="copy.onnx.data")

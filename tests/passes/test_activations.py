@@ -74,8 +74,12 @@ def test_cpu_lowering_hands_activations_to_the_kernel(run_pass) -> None:
     assert b.op_types(lowered).count("QuantizeLinear") == 0
 
 
-def test_activations_8_needs_calibration() -> None:
+def test_activations_8_needs_calibration_except_on_the_cpu_kernel() -> None:
     with pytest.raises(InputError, match="needs calibration"):
-        hessc.optimize(b.mlp_model(), target="cpu", activations=8)
+        hessc.optimize(b.mlp_model(), target="onnx", activations=8)
+    # On the CPU, MatMulNBits quantizes activations itself (dynamic int8 per block): no Q/DQ.
+    model = hessc.optimize(b.mlp_model(), target="cpu", activations=8)
+    assert b.op_types(model) == ["MatMulNBits", "Relu", "MatMulNBits"]
+    assert {n.attributes.get_int("accuracy_level") for n in model.graph if n.op_type == "MatMulNBits"} == {4}
     with pytest.raises(InputError, match="not supported"):
         hessc.optimize(b.mlp_model(), target="cpu", activations=4)
