@@ -356,8 +356,13 @@ class _Curvature:
             steps.append({"raised": raised, "heldout_loss_quantized": quantized, "used_bytes": record["used_bytes"]})
             logger.info("lossless: raised %s; held-out loss %.6g", ", ".join(raised), quantized)
         model.meta[allocate_bits.ALLOCATION_KEY] = record
+        confirmed = quantized <= fp32
+        if not confirmed:
+            logger.warning(
+                "lossless not confirmed: held-out loss %.6g is above fp32's %.6g after %d steps", quantized, fp32, len(steps)
+            )
         info = {"heldout_loss_fp32": fp32, "heldout_loss_quantized": quantized, "heldout_samples": len(self.held),
-                "loss": self.loss_name, "steps": steps}
+                "loss": self.loss_name, "steps": steps, "confirmed": confirmed}
         return model, info, record
 
 
@@ -381,7 +386,7 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
     if lossless is not None:
         summary.update(
             heldout_loss_fp32=lossless["heldout_loss_fp32"], heldout_loss_quantized=lossless["heldout_loss_quantized"],
-            steps=lossless["steps"],
+            steps=lossless["steps"], lossless_confirmed=lossless["confirmed"],
         )
     record["allocation"] = {
         key: allocation[key] for key in ("estimator", "note", "not_allocated") if allocation.get(key) is not None
