@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -371,10 +370,6 @@ def to_fp16(model: ir.Model) -> ir.Model:
     converted = ir.from_proto(proto)
     converted.metadata_props.update(metadata)
     return converted
-
-
-def block_count(k: int, block: int) -> int:
-    return math.ceil(k / block)
 
 
 def quantized_storage(model: ir.Model) -> tuple[int, int]:
