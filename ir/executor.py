@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from hessc.errors import InputError, UnsupportedError
+from hessc.ir import frontend
 
 logger = logging.getLogger(__name__)
 
@@ -291,17 +292,6 @@ def _attr_value(attr: ir.Attr) -> Any:
     return value
 
 
-def _iter_graphs(graph: ir.Graph) -> Iterable[ir.Graph]:
-    yield graph
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from _iter_graphs(attr.value)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for g in attr.value:
-                    yield from _iter_graphs(g)
-
-
 def _opset_of(opsets: Mapping[str, int], domain: str) -> int:
     domain = _norm_domain(domain)
     if domain == "":
@@ -364,7 +354,7 @@ class TorchExecutor(torch.nn.Module):
         self._unsupported: list[str] = []
         self._plans: dict[tuple[str, ...], tuple[list[_Step], dict[ir.Value, int]]] = {}
 
-        for graph in _iter_graphs(model.graph):
+        for graph in frontend.graphs(model):
             for v in graph.inputs:
                 self._name(v)
             for name, v in graph.initializers.items():
@@ -676,7 +666,7 @@ class TorchExecutor(torch.nn.Module):
 def _model_ops(model: ir.Model) -> collections.Counter[tuple[str, str, int]]:
     counts: collections.Counter[tuple[str, str, int]] = collections.Counter()
     opsets = dict(model.opset_imports)
-    for graph in _iter_graphs(model.graph):
+    for graph in frontend.graphs(model):
         for node in graph:
             domain = _norm_domain(node.domain)
             counts[(domain, node.op_type, _opset_of(opsets, domain))] += 1

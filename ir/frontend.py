@@ -170,12 +170,13 @@ def original_name(value: ir.Value) -> str:
 def normalize(model: ir.Model) -> None:
     """Lifts constant weights to initializers and folds weight transposes, in every graph."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
-    for graph in _graphs(model):
+    for graph in graphs(model):
         _fold_weight_transposes(graph)
     common_passes.RemoveUnusedNodesPass()(model)
 
 
-def _graphs(model: ir.Model):
+def graphs(model: ir.Model):
+    """The main graph and every subgraph (``If``/``Loop``/``Scan`` bodies), each once."""
     yield model.graph
     seen = {id(model.graph)}
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -135,7 +135,7 @@ def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
     """Every weight-bearing node of the model (subgraphs included), and the skipped ones."""
     found: list[WeightRef] = []
     skipped: list[Skipped] = []
-    for graph in frontend._graphs(model):
+    for graph in frontend.graphs(model):
         for node in graph:
             item = classify(node, graph)
             if isinstance(item, WeightRef):

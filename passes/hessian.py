@@ -55,6 +55,7 @@ from hessc.ir import meta
 from hessc.ir import weights as qweights
 from hessc.ir.executor import TorchExecutor
 from hessc.passes import curvature
+from hessc.runtime import sessions
 
 logger = logging.getLogger(__name__)
 
@@ -516,65 +517,6 @@ def _load(path: Path, key: str) -> dict[str, meta.HessianStats] | None:
 # forward statistics: A through ONNX Runtime
 
 
-class _ActivationSource:
-    """ORT sessions on a serialized copy of the model that expose chosen values as outputs.
-
-    The model is serialized once (external weights stay references to their files); each group
-    of values gets its own session whose graph outputs are those values only, so ORT computes
-    just what they need.
-    """
-
-    def __init__(self, model: ir.Model, threads: int | None) -> None:
-        import onnx
-
-        self._onnx = onnx
-        self.threads = threads
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._dir: str | None = None
-        tensors = [v.const_value for g in _all_graphs(model) for v in g.initializers.values()]
-        base_dirs = {str(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
-        in_memory = sum(t.nbytes for t in tensors if t is not None and not isinstance(t, ir.ExternalTensor))
-        if len(base_dirs) <= 1 and in_memory < (1 << 31) - (64 << 20):
-            self.proto = ir.to_proto(model)
-            self._dir = base_dirs.pop() if base_dirs else None
-        else:  # several weight files, or too big for one protobuf: one copy with external data
-            self._tmp = tempfile.TemporaryDirectory(prefix="hessc-hessian-")
-            path = Path(self._tmp.name) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data")
-            self.proto = onnx.load(str(path), load_external_data=False)
-            self._dir = self._tmp.name
-        self.types = {v.name: v.dtype for g in _all_graphs(model) for n in g for v in n.outputs}
-
-    def session(self, names: Sequence[str]):
-        import onnxruntime as ort
-
-        onnx = self._onnx
-        proto = onnx.ModelProto()
-        proto.CopyFrom(self.proto)
-        del proto.graph.output[:]
-        for name in names:
-            dtype = self.types.get(name)
-            elem = int(dtype) if dtype is not None else onnx.TensorProto.FLOAT
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        if self._dir is not None:
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", self._dir)
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-    def close(self) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()
-
-
-def _all_graphs(model: ir.Model):
-    from hessc.ir import frontend
-
-    return list(frontend._graphs(model))
-
-
 def _dim_env(model: ir.Model, feed: Mapping[str, np.ndarray]) -> dict[str, int]:
     env: dict[str, int] = {}
     for v in model.graph.inputs:
@@ -658,7 +600,7 @@ def _collect_forward(
     from_inputs = [n for n in names if n in inputs]
     if from_inputs:
         groups.append(from_inputs)  # graph inputs need no session
-    source = _ActivationSource(model, config.threads) if any(n not in inputs for g in groups for n in g) else None
+    source = sessions.ValueTaps(model, config.threads) if any(n not in inputs for g in groups for n in g) else None
     total = len(groups) * len(batches)
     done = 0
     logger.debug("covariance: %d layer inputs in %d group(s), %d run(s)", len(names), len(groups), len(batches))

@@ -176,10 +176,14 @@ def activation_ranges(model: ir.Model, names: Sequence[str], feeds: Sequence[Fee
     from hessc.runtime import sessions
 
     names = list(dict.fromkeys(names))
-    sess = sessions.session_with_outputs(model, names)
-    ranges = {n: (np.inf, -np.inf) for n in names}
-    for feed in feeds:
-        for name, array in zip(names, sess.run(feed)):
-            lo, hi = ranges[name]
-            ranges[name] = (min(lo, float(np.min(array))), max(hi, float(np.max(array))))
+    taps = sessions.ValueTaps(model)
+    try:
+        sess = taps.session(names)
+        ranges = {n: (np.inf, -np.inf) for n in names}
+        for feed in feeds:
+            for name, array in zip(names, sess.run(names, feed)):
+                lo, hi = ranges[name]
+                ranges[name] = (min(lo, float(np.min(array))), max(hi, float(np.max(array))))
+    finally:
+        taps.close()
     return ranges

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError, UnsupportedError
+from hessc.ir import frontend
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +37,47 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _model_bytes_or_path(model: Any) -> tuple[str | bytes, Any]:
-    """A path or serialized bytes ORT can open; the second item keeps a temp dir alive."""
+def serialized(model: ir.Model) -> tuple[Any, str | None, Any]:
+    """The model as an ``onnx.ModelProto`` ORT can open without copying its weights.
+
+    Weights in external data stay references to their files, and ORT is pointed at their folder;
+    only weights from several folders, or in-memory weights past protobuf's 2 GB limit, go through
+    one temporary copy with external data.
+
+    Returns:
+        The proto, the folder of its external data (or None), and an object that keeps a temporary
+        copy alive (or None).
+    """
+    import onnx
+
+    tensors = [v.const_value for g in frontend.graphs(model) for v in g.initializers.values() if v.const_value is not None]
+    base_dirs = {str(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
+    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    if len(base_dirs) <= 1 and in_memory < (1 << 31) - (64 << 20):
+        return ir.to_proto(model), (base_dirs.pop() if base_dirs else None), None
+    tmp = tempfile.TemporaryDirectory(prefix="hessc-")
+    path = Path(tmp.name) / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    return onnx.load(str(path), load_external_data=False), tmp.name, tmp
+
+
+def _source(model: Any, opts) -> tuple[str | bytes, Any]:
+    """A path or serialized bytes for ORT (``opts`` learns the external-data folder); the second
+    item keeps a temporary copy alive."""
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if not path.exists():
             raise InputError(f"{path}: no such model file")
         return str(path), None
     if isinstance(model, ir.Model):
-        # Models with large weights go through a temporary file with external data (protobuf's
-        # 2 GB limit, and no second in-memory copy).
-        tensors = [v.const_value for v in model.graph.initializers.values() if v.const_value is not None]
-        total = sum(t.nbytes for t in tensors)
-        external = any(isinstance(t, ir.ExternalTensor) for t in tensors)
-        if total < 1 << 30 and not external:
-            return ir.to_proto(model).SerializeToString(), None
-        tmp = tempfile.TemporaryDirectory(prefix="hessc-")
-        path = Path(tmp.name) / "model.onnx"
-        ir.save(model, path, external_data="model.onnx.data")
-        return str(path), tmp
+        proto, folder, keepalive = serialized(model)
+        if folder is not None:
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, folder)
+        return proto.SerializeToString(), keepalive
     raise InputError(f"cannot open a session on a {type(model).__name__}; pass a path or an onnx_ir.Model")
+
+
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def session_options(threads: int | None = None, optimize: bool = True):
@@ -163,8 +185,8 @@ def session(
     ort = _import_ort()
     if target not in PROVIDERS:
         raise InputError(f"unknown target {target!r}; use cpu, cuda or onnx")
-    source, keepalive = _model_bytes_or_path(model)
     opts = session_options(threads, optimize)
+    source, keepalive = _source(model, opts)
     if target != "cuda":
         inner = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         return Session(inner, target, _keepalive=keepalive)
@@ -256,30 +278,44 @@ def compare(reference: Session, candidate: Session, feeds: Sequence[dict[str, np
     )
 
 
-def session_with_outputs(model: ir.Model, names: Sequence[str], threads: int | None = None) -> Session:
-    """A CPU session whose outputs are the named intermediate values (for statistics).
+class ValueTaps:
+    """CPU sessions whose outputs are chosen intermediate values, for statistics.
 
-    The model is left as it was: the extra graph outputs exist only in the session.
+    The model is serialized once (its external weights stay on disk); each group of values gets
+    its own session whose only outputs are those values, so ORT computes just what they need.
+    The model itself is not changed.
     """
-    values = {}
-    for node in model.graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    for value in model.graph.inputs:
-        values[value.name] = value
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise InputError(f"no values named {missing[:5]} in the model")
-    outputs = model.graph.outputs
-    original = list(outputs)
-    outputs.clear()
-    outputs.extend(values[n] for n in names)
-    try:
-        return session(model, "cpu", threads=threads)
-    finally:
-        outputs.clear()
-        outputs.extend(original)
+
+    def __init__(self, model: ir.Model, threads: int | None = None) -> None:
+        self.proto, self.folder, self._keepalive = serialized(model)
+        self.threads = threads
+        self.types = {v.name: v.dtype for g in frontend.graphs(model) for n in g for v in n.outputs}
+        self.types.update({v.name: v.dtype for v in model.graph.inputs})
+
+    def session(self, names: Sequence[str]):
+        """An ``onnxruntime.InferenceSession`` whose outputs are ``names``, in that order."""
+        import onnx
+
+        ort = _import_ort()
+        unknown = [n for n in names if n not in self.types]
+        if unknown:
+            raise InputError(f"no values named {unknown[:5]} in the model")
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        del proto.graph.output[:]
+        for name in names:
+            dtype = self.types[name]
+            elem = int(dtype) if dtype is not None else onnx.TensorProto.FLOAT
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+        opts = session_options(self.threads)
+        if self.folder is not None:
+            opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, self.folder)
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cleanup()
+            self._keepalive = None
 
 
 def median_latency_ms(run, feed: dict[str, np.ndarray], runs: int = 20) -> float:

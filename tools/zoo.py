@@ -242,17 +242,9 @@ def ort_runner(onnx_path: str | os.PathLike[str], disable_optimizations: bool = 
         onnx_path: The model to run.
         disable_optimizations: Turn ORT's graph optimizations off (for exact numerical checks).
     """
-    import onnxruntime as ort
+    from hessc.runtime import sessions
 
-    options = ort.SessionOptions()
-    if disable_optimizations:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-
-    def run(feeds: Feeds) -> list[np.ndarray]:
-        return session.run(None, feeds)
-
-    return run
+    return sessions.session(onnx_path, "cpu", optimize=not disable_optimizations).run
 
 
 def _reference(
