@@ -29,7 +29,7 @@ def _progress_factory(quiet: bool):
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="weight", file=sys.stderr, leave=False)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step", file=sys.stderr, leave=False)
         bar.n = done
         bar.refresh()
         if done >= total:
