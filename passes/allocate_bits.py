@@ -52,7 +52,7 @@ import onnx_ir as ir
 from hessc.errors import InputError
 from hessc.ir import meta
 from hessc.ir import weights as qweights
-from hessc.passes import allocate, curvature, quantize
+from hessc.passes import allocate, curvature, hessian, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -368,12 +368,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         stats = ref.value.meta[meta.HESSIAN_KEY]
         estimator = resolve_estimator(config.estimator, stats, model_choice)
         matrix = ref.matrix()
-        a = np.asarray(_stat(stats, "a"), dtype=np.float64)
+        h = hessian.gptq_hessian(stats) if "gptq" in config.methods else None
         out: list[Candidate] = []
         for bits in sorted(set(config.candidate_bits)):
             for method in config.methods:
                 plan = self._plan(ref, bits, method)
-                q, in_dim = quantize.quantize_matrix(matrix, plan, a if method == "gptq" else None)
+                q, in_dim = quantize.quantize_matrix(matrix, plan, h if method == "gptq" else None)
                 delta = q.dequantize()[:, :in_dim].astype(np.float64) - matrix
                 loss, first = predict_delta_loss(stats, delta, estimator)
                 out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout), loss, first))

@@ -65,6 +65,7 @@ __all__ = [
     "LOSSES",
     "calibration_digest",
     "default_cache_dir",
+    "gptq_hessian",
     "hessian_for",
     "make_layer_hvp",
     "model_digest",
@@ -100,6 +101,12 @@ class HessianConfig:
             ``kfac_diag_above``).
         gradient: compute the mean gradient ``∇_W L`` (out × in).
         fisher_diag: compute the diagonal Fisher, summarised by its mean.
+        weighted_covariance: compute ``A_u = Σ_t ‖u_t‖² x_t x_tᵀ / Σ_t ‖u_t‖²``, the input second
+            moment with each row (token, pixel) weighted by its squared output gradient
+            ``u_t = ∂L/∂y_t`` (the sampled-label Fisher's for ``kl``/``mse``). It is the curvature
+            ``ΔᵀHΔ`` of the loss under a per-row isotropic ``G``: rows the loss reads heavily, such
+            as an attention-sink token whose values every later token mixes in, count for what
+            they cost rather than for one row each. GPTQ uses it when present.
         lambda_max: top eigenvalue of each layer's Hessian block by power iteration.
         lanczos_k: top-k eigenvalues of each layer's Hessian block by Lanczos (0 = off).
         hutchinson_probes: Rademacher probes for the trace of each block (0 = off).
@@ -139,6 +146,7 @@ class HessianConfig:
     kfac: bool = False
     gradient: bool = False
     fisher_diag: bool = False
+    weighted_covariance: bool = False
     lambda_max: bool = False
     lanczos_k: int = 0
     hutchinson_probes: int = 0
@@ -199,7 +207,7 @@ class HessianConfig:
     @property
     def backward(self) -> bool:
         """Whether any statistic needs output gradients."""
-        return self.kfac or self.gradient or self.fisher_diag
+        return self.kfac or self.gradient or self.fisher_diag or self.weighted_covariance
 
     @property
     def hvp(self) -> bool:
@@ -216,8 +224,33 @@ def default_cache_dir() -> Path:
     return Path(base) / "hessc" / "hessian"
 
 
+WEIGHTED_SHARE = 0.5
+"""Share of the gradient-weighted covariance in GPTQ's Hessian (see :func:`gptq_hessian`)."""
+
+
+def gptq_hessian(stats: meta.HessianStats) -> np.ndarray | None:
+    """The layer Hessian GPTQ minimises ``tr(Δ H Δᵀ)`` under, from a weight's statistics.
+
+    ``A = E[x xᵀ]`` counts every row alike, which is wrong where the loss reads a few rows far
+    more than the rest: on SmolLM2 the attention-sink token (position 0) is 1 row in 512 of a
+    ``v_proj`` input but every later token attends to its value, and GPTQ with ``A`` alone moved
+    error onto it (2-11x RTN's error there, 3-5x less elsewhere; perplexity 37.2 against RTN's
+    30.9 at 4 bits). When the gradient-weighted covariance ``A_u`` was measured, the Hessian is
+    the equal-trace blend ``(1 − s)·A/tr A + s·A_u/tr A_u`` with ``s =`` :data:`WEIGHTED_SHARE`:
+    ``A_u`` puts the weight where the loss is and ``A`` keeps the estimate well conditioned
+    (4-bit, group 128: perplexity 29.5 with ``A_u`` alone, 28.7 blended).
+    """
+    a, aw = stats.a, getattr(stats, "a_weighted", None)
+    if a is None or aw is None:
+        return a
+    ta, tw = float(np.trace(a)), float(np.trace(aw))
+    if not (ta > 0 and tw > 0):
+        return a
+    return (1.0 - WEIGHTED_SHARE) * (a / ta) + WEIGHTED_SHARE * (aw / tw)
+
+
 def hessian_for(ref: qweights.WeightRef) -> np.ndarray | None:
-    """The input covariance ``A`` (in × in, float64) of a weight for GPTQ, or None.
+    """GPTQ's Hessian (in × in, float64) of a weight (:func:`gptq_hessian`), or None.
 
     Reads the :class:`hessc.ir.meta.HessianStats` that :class:`AnnotateHessianPass` left on the
     weight value; use as ``InsertQDQPass(hessian_for=hessian_for)``.
@@ -228,7 +261,7 @@ def hessian_for(ref: qweights.WeightRef) -> np.ndarray | None:
     if stats.a.shape[0] != ref.matrix_shape[1]:
         logger.warning("%s: A is %s but the weight has %d inputs; not used", ref.name, stats.a.shape, ref.matrix_shape[1])
         return None
-    return stats.a
+    return gptq_hessian(stats)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,7 +482,7 @@ def _cache_root(config: HessianConfig) -> Path | None:
     return Path(config.cache).expanduser()
 
 
-_ARRAY_FIELDS = ("a", "a_eig_top", "g", "g_diag", "grad", "lanczos_eigs")
+_ARRAY_FIELDS = ("a", "a_eig_top", "a_weighted", "g", "g_diag", "grad", "lanczos_eigs")
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
@@ -745,6 +778,8 @@ class _Backward:
     grad: torch.Tensor | None = None
     g: torch.Tensor | None = None
     fisher: torch.Tensor | None = None
+    a_weighted: torch.Tensor | None = None
+    row_weight: float = 0.0
 
 
 def _collect_backward(
@@ -766,7 +801,7 @@ def _collect_backward(
     wanted = list(dict.fromkeys(wanted))
     acc = {t.key: _Backward() for t in targets}
     need_grad = config.gradient and loss.empirical
-    need_fisher_side = config.kfac or config.fisher_diag
+    need_fisher_side = config.kfac or config.fisher_diag or config.weighted_covariance
     if config.gradient and not loss.empirical:
         logger.info("the gradient of loss=%s is zero at the fp32 point; grad is recorded as zero", loss.name)
     for i, feed in enumerate(feeds):
@@ -808,6 +843,12 @@ def _collect_backward(
                         uu = (u * u).view(rows, groups, -1)
                         part = torch.einsum("ngo,ngf->gof", uu, x * x).mean()
                         fisher_f = part if fisher_f is None else fisher_f + part
+                    if config.weighted_covariance:
+                        r = (u * u).view(rows, groups, -1).sum(-1)
+                        flat = x.reshape(-1, x.shape[-1])
+                        part = flat.T @ (flat * r.reshape(-1, 1))
+                        st.a_weighted = part if st.a_weighted is None else st.a_weighted + part
+                        st.row_weight += float(r.sum())
                 st.rows += rows
                 k += 1
             w = float(terms)
@@ -826,6 +867,10 @@ def _collect_backward(
             cur = getattr(st, field)
             if cur is not None:
                 setattr(st, field, cur / st.weight)
+        if st.a_weighted is not None and st.row_weight > 0:
+            st.a_weighted = (st.a_weighted + st.a_weighted.T) / (2 * st.row_weight)
+        else:
+            st.a_weighted = None
     return acc
 
 
@@ -1046,6 +1091,8 @@ class AnnotateHessianPass(ir.passes.InPlacePass):
                     f["g_diag" if st.g.ndim == 1 else "g"] = st.g.numpy()
                 if config.fisher_diag and st.fisher is not None:
                     f["fisher_diag_mean"] = float(st.fisher)
+                if config.weighted_covariance and st.a_weighted is not None:
+                    f["a_weighted"] = st.a_weighted.numpy()
             logger.info("hessian: backward statistics (loss %s) over %d feeds in %.1f s",
                         loss.name, min(len(feeds), config.max_grad_samples), time.perf_counter() - start)
         if config.hvp:

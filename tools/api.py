@@ -181,7 +181,7 @@ def optimize(
 
     curvature = None
     if allocation is not None or method == "gptq":
-        curvature = _Curvature.prepare(model, feeds, labels, allocation, progress)
+        curvature = _Curvature.prepare(model, feeds, labels, allocation, method, progress)
     steps = pipeline.build_quantization_pipeline(
         config, progress=step,
         annotate=curvature.annotate if curvature else None,
@@ -275,7 +275,7 @@ class _Curvature:
         self.summaries: dict[str, Any] = {}
 
     @classmethod
-    def prepare(cls, model: ir.Model, feeds, labels, allocation, progress: Progress | None) -> "_Curvature":
+    def prepare(cls, model: ir.Model, feeds, labels, allocation, method: str, progress: Progress | None) -> "_Curvature":
         from hessc.passes import hessian
 
         # Raise the opset before annotating: a conversion later would rebuild the graph's meta.
@@ -294,11 +294,14 @@ class _Curvature:
                 held_labels = labels[len(stat_feeds): len(feeds)]
         stat_labels = tuple(labels[: len(stat_feeds)]) if labels is not None else None
         backward = allocation is not None
+        # GPTQ weighs each input row by its output gradient (hessian.gptq_hessian).
+        weighted = method == "gptq"
         config = hessian.HessianConfig(
-            covariance=True, kfac=backward, gradient=backward, max_samples=len(stat_feeds),
-            max_grad_samples=min(len(stat_feeds), 16), labels=stat_labels if backward else None,
+            covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
+            max_samples=len(stat_feeds), max_grad_samples=min(len(stat_feeds), 16),
+            labels=stat_labels if backward or weighted else None,
         )
-        loss_name = hessian.resolve_loss(config, model) if backward else None
+        loss_name = hessian.resolve_loss(config, model) if backward or weighted else None
         if lossless and loss_name not in ("next-token", "ce"):
             raise InputError(
                 f"lossless needs a loss whose fp32 value is not already its minimum; the model's loss is {loss_name!r} "
@@ -314,15 +317,16 @@ class _Curvature:
         return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
 
     def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
-        """``A`` of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
+        """GPTQ's Hessian of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
         return self.a_by_name.get(ref.name)
 
     def snapshot(self, model: ir.Model) -> None:
+        from hessc.passes import hessian
+
         for ref in qweights.iter_weights(model):
-            stats = ref.value.meta.get(meta.HESSIAN_KEY)
-            a = getattr(stats, "a", None)
-            if a is not None and a.shape[0] == ref.matrix_shape[1]:
-                self.a_by_name[ref.name] = a
+            h = hessian.hessian_for(ref)
+            if h is not None:
+                self.a_by_name[ref.name] = h
         self.summaries = dict(model.meta.get(meta.CURVATURE_KEY, {}))
 
     def _loss(self, model: ir.Model) -> float:

@@ -279,7 +279,7 @@ def test_gradient_matches_finite_differences(exact_blocks) -> None:
 
 def test_kfac_and_fisher_match_per_sample_outer_products() -> None:
     model, feeds, labels = classifier()
-    config = HessianConfig(labels=labels, kfac=True, fisher_diag=True, gradient=True, **F64)
+    config = HessianConfig(labels=labels, kfac=True, fisher_diag=True, gradient=True, weighted_covariance=True, **F64)
     AnnotateHessianPass(config, feeds)(model)
     w1 = torch.from_numpy(f64(builders.weight((D_IN, HIDDEN), 3)))
     w2 = torch.from_numpy(f64(builders.weight((HIDDEN, CLASSES), 4)))
@@ -302,6 +302,8 @@ def test_kfac_and_fisher_match_per_sample_outer_products() -> None:
         np.testing.assert_allclose(s.grad, (g.T @ inp / n).numpy(), rtol=1e-10, atol=1e-12)
         fisher = ((g * g).T @ (inp * inp) / n).mean()
         assert s.fisher_diag_mean == pytest.approx(float(fisher), rel=1e-10)
+        r = (g * g).sum(1, keepdim=True)  # each row weighted by its squared output gradient
+        np.testing.assert_allclose(s.a_weighted, ((inp * r).T @ inp / r.sum()).numpy(), rtol=1e-10, atol=1e-12)
         assert s.grad_samples == n and s.loss_name == "ce"
         assert model.meta[meta.CURVATURE_KEY][name]["g_trace"] == pytest.approx(float(np.trace(s.g)))
 
@@ -494,6 +496,23 @@ def test_hessian_for_and_gptq_feed() -> None:
 
     q = quantizers.gptq(refs["W1"].matrix(), a, 4, 0)
     assert q.codes.shape == refs["W1"].matrix_shape
+
+
+def test_gptq_hessian_blends_the_gradient_weighted_covariance() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 4))
+    a = x.T @ x / 50
+    w = np.r_[100.0, np.ones(49)]  # one row the loss reads a hundred times harder
+    aw = (x * w[:, None]).T @ x / w.sum()
+    assert hessian.gptq_hessian(meta.HessianStats(samples=50, a=a)) is a
+    h = hessian.gptq_hessian(meta.HessianStats(samples=50, a=a, a_weighted=aw))
+    s = hessian.WEIGHTED_SHARE
+    np.testing.assert_allclose(h, (1 - s) * a / np.trace(a) + s * aw / np.trace(aw))
+    # The heavy row's direction gains weight relative to plain A.
+    d = x[0] / np.linalg.norm(x[0])
+    assert d @ h @ d / np.trace(h) > d @ a @ d / np.trace(a)
+    with pytest.raises(ValueError, match="a_weighted"):
+        meta.HessianStats(samples=50, a=a, a_weighted=np.eye(3))
 
 
 def test_gather_and_subgraph_weights_get_no_statistics() -> None:
