@@ -248,9 +248,23 @@ def fix_input_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
     common_passes.ShapeInferencePass()(model)
 
 
+_IDENTITY_KEYS = (meta.WEIGHT_NAME_KEY, meta.TIED_KEY)
+"""Value annotations that say what a weight is (its user-facing name, the table it is tied to):
+a copy must keep them, or a replayed plan would address the weight by another name."""
+
+
 def clone(model: ir.Model) -> ir.Model:
-    """A deep copy of the model; weights in external data stay on disk and stay readable."""
+    """A deep copy of the model; weights in external data stay on disk and stay readable.
+
+    The copy keeps the weights' identity annotations (:data:`_IDENTITY_KEYS`), not the other
+    in-memory ``meta`` (curvature statistics, plans), which serialization drops.
+    """
     copy = ir.from_proto(ir.to_proto(model))
+    for graph, graph_copy in zip(graphs(model), graphs(copy)):
+        for name, value in graph.initializers.items():
+            kept = {k: value.meta[k] for k in _IDENTITY_KEYS if k in value.meta}
+            if kept and name in graph_copy.initializers:
+                graph_copy.initializers[name].meta.update(kept)
     base_dirs = {
         str(v.const_value.base_dir)
         for v in model.graph.initializers.values()

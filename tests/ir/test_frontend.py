@@ -218,3 +218,21 @@ def test_clone_keeps_external_data_readable(tmp_path) -> None:
     for name, value in loaded.graph.initializers.items():
         np.testing.assert_array_equal(copy.graph.initializers[name].const_value.numpy(), value.const_value.numpy())
     ir.save(copy, tmp_path / "copy.onnx", external_data="copy.onnx.data")
+
+
+def test_clone_keeps_the_weight_name_and_the_tie_of_a_folded_output_projection() -> None:
+    from hessc.ir import meta
+
+    # A tied table E (vocab=40, dim=16): Gather(E) embeds, x @ Transpose(E) projects back.
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h"]),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Et"], ["y"]),
+    ]
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B"])
+    proto = b.make_model(nodes, [ids], [b.y_output(40)], {"E": b.weight((40, 16), 5)})
+    model = frontend.load(proto)
+    copy = frontend.clone(model)
+    for m in (model, copy):
+        refs = {r.op: r for r in weights.iter_weights(m)}
+        assert refs["MatMul"].name == "E" and refs["MatMul"].value.meta[meta.TIED_KEY] == "E"
