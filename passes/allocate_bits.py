@@ -17,9 +17,11 @@ scalar that puts it in the loss's units, taken from the first statistic availabl
 error ``½ E‖Δ x‖²``, not a loss change, so the gradient term is dropped and ``lossless`` is refused.
 
 Each item costs its true stored bytes (:func:`hessc.passes.quantize.stored_bytes`: codes at their
-container width plus scales and zero points). A 3-bit code lives in a 4-bit container, so a 3-bit
-item costs exactly what the 4-bit item costs and (almost always) predicts more loss: it is
-dominated, and the allocator rightly never picks it unless its gradient term makes it better.
+container width plus scales and zero points). With ``kernel_layout`` (the cpu and cuda targets) a
+3-bit MatMul/Gemm code costs 3 bits: it is stored at 3 bits and rebuilt into MatMulNBits' 4-bit
+layout when ONNX Runtime opens the model (:mod:`hessc.runtime.lower`). In the portable form a 3-bit
+code lives in a 4-bit container, so there a 3-bit item costs what the 4-bit item costs and is
+(almost always) dominated.
 One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.passes.allocate`::
 
     min Σ_l c_l(b_l)  s.t.  Σ_l bytes_l(b_l) ≤ B            (budget: bits/weight or bytes)

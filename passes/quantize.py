@@ -149,7 +149,9 @@ def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = F
         plan: the weight's plan.
         scale_bytes: bytes per scale.
         kernel_layout: count MatMulNBits' layout for MatMul/Gemm weights (what the cpu and cuda
-            targets store): codes padded to whole blocks, zero points packed per row in whole bytes.
+            targets store): codes padded to whole blocks, zero points packed per row in whole bytes;
+            3-bit codes at 3 bits (rows padded to groups of 8 codes only, zero points in the 4-bit
+            layout), since :mod:`hessc.runtime.lower` rebuilds the 4-bit ``B`` when ORT opens the model.
     """
     out_dim, in_dim = plan.matrix_shape
     blocks = math.ceil(in_dim / plan.group_size) if plan.group_size else 1
@@ -157,7 +159,11 @@ def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = F
     code_bits = container_bits(plan.bits)
     if kernel_layout and plan.op in ("MatMul", "Gemm") and plan.group_size:
         zp_bytes = 0 if plan.symmetric else out_dim * math.ceil(blocks * code_bits / 8)
-        return out_dim * blocks * plan.group_size * code_bits // 8 + groups * scale_bytes + zp_bytes
+        if plan.bits == 3:
+            code_bytes = 3 * out_dim * math.ceil(in_dim / 8)
+        else:
+            code_bytes = out_dim * blocks * plan.group_size * code_bits // 8
+        return code_bytes + groups * scale_bytes + zp_bytes
     zp_bytes = 0 if plan.symmetric else math.ceil(groups * code_bits / 8)
     return math.ceil(out_dim * in_dim * code_bits / 8) + groups * scale_bytes + zp_bytes
 

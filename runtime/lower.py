@@ -10,10 +10,20 @@ matches that ``DequantizeLinear`` together with its consumers and rewrites them:
 * ``target="cuda"`` additionally converts float tensors to fp16 (inputs and outputs keep their types)
   when asked, since the CUDA kernels of MatMulNBits are fastest in fp16.
 
-3-bit codes (no 3-bit kernel exists) run as 4-bit ``MatMulNBits``: they are stored in a 4-bit
-container in the portable form too, so this costs no size. A pattern a target cannot run as a
-kernel (a block size the kernel refuses) is left in the portable form, which every target runs;
-each such case is reported in the lowering summary.
+3-bit codes (no 3-bit kernel exists) run as 4-bit ``MatMulNBits`` but are stored at 3 bits:
+``B`` is the output of a small graph of standard operators (``BitShift``, ``BitwiseAnd/Or``,
+``Cast``, ``Gather``, ``Concat``, ``Expand``, ``Reshape``) reading the codes' low bits and high bits
+(:func:`hessc.runtime.packing.pack_three_bit`, padded to whole groups of 8 codes, not to whole
+blocks) and the zero points. Every input of that graph is constant, so ONNX Runtime's constant
+folding (level 1, on by default, before the providers are assigned) replaces it by the 4-bit ``B``
+initializer when the session opens, and the kernel prepacks it as usual: the file holds 3 bits per
+weight, the session runs the 4-bit kernel on the same bytes. ORT keeps every folded intermediate
+until the folding pass ends, so the graph is kept short: while a session opens, about six tensors
+of ``B``'s size per 3-bit weight exist besides ``B``. With ORT's optimizations off the graph runs on
+every call and MatMulNBits, whose ``B`` is then not a constant, takes its slower float path.
+
+A pattern a target cannot run as a kernel (a block size the kernel refuses) is left in the
+portable form, which every target runs; each such case is reported in the lowering summary.
 """
 
 from __future__ import annotations
@@ -50,12 +60,15 @@ class LowerConfig:
         accuracy_level: MatMulNBits ``accuracy_level`` (4: int8 compute on CPU).
         gather_quantized: lower quantized embeddings to GatherBlockQuantized.
         fp16: convert float activations and scales to fp16 (cuda only).
+        three_bit: store 3-bit MatMul/Gemm codes at 3 bits, rebuilt into the 4-bit kernel layout
+            when ORT opens the session (False: in the 4-bit container, 4 bits per weight).
     """
 
     target: str = "cpu"
     accuracy_level: int = 4
     gather_quantized: bool = True
     fp16: bool = False
+    three_bit: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -94,6 +107,7 @@ class LowerWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.summary = {}
+        self._tables: dict[bool, ir.Value] = {}
         if self.config.target == "onnx":
             return ir.passes.PassResult(model, False)
         modified = False
@@ -127,6 +141,17 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         if ops == {("Gather", 0)} and axis == 1 and block and self.config.gather_quantized:
             return self._to_gather_block_quantized(model, dq, uses, q, scale, zp, bits, block)
         return False
+
+    def _high_bits_table(self, graph: ir.Graph, symmetric: bool) -> ir.Value:
+        """One ``Constant`` node per model holding :func:`packing.high_bits_table` (1 KiB), shared
+        by every 3-bit weight's unpack graph."""
+        if symmetric not in self._tables:
+            name = "hessc_three_bit_high_table" + ("_symmetric" if symmetric else "")
+            node = ir.node("Constant", [], attributes={"value": ir.tensor(packing.high_bits_table(symmetric))}, name=name)
+            node.outputs[0].name = name
+            graph.insert_before(next(iter(graph)), node)
+            self._tables[symmetric] = node.outputs[0]
+        return self._tables[symmetric]
 
     def _activation_input(self, x: ir.Value) -> ir.Value:
         """On the CPU, static per-tensor activation Q/DQ gives way to the kernel's own int8 path."""
@@ -168,12 +193,31 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         packed_b, packed_zp = packing.matmul_nbits_weights(
             codes, None if symmetric else zps, bits, block, symmetric
         )
-        _check_packed(q.name, codes, scales, None if symmetric else zps, packed_b, packed_zp, bits, block, symmetric)
+        plan_bits = _plan_bits(dq, bits)
+        split = None
+        if self.config.three_bit and plan_bits == 3 and bits == 4 and (symmetric or zps is not None):
+            try:
+                split = packing.three_bit_weights(codes, None if symmetric else zps, symmetric)
+            except ValueError as e:
+                raise VerificationError(f"{q.name}: planned at 3 bits, but {e} (a hessc bug)") from e
+        _check_packed(
+            q.name, codes, scales, None if symmetric else zps, packed_b, packed_zp, bits, block, symmetric, split
+        )
         graph = dq.graph
         base = q.name.removesuffix("_q")
-        b_val = _initializer(graph, f"{base}_nbits_B", packed_b)
         s_val = _initializer(graph, f"{base}_nbits_scales", np.ascontiguousarray(scales).reshape(-1))
         zp_val = None if packed_zp is None else _initializer(graph, f"{base}_nbits_zp", packed_zp)
+        if split is None:
+            b_val = _initializer(graph, f"{base}_nbits_B", packed_b)
+        else:
+            lows = _initializer(graph, f"{base}_nbits_lows", split[0])
+            highs = _initializer(graph, f"{base}_nbits_highs", split[1])
+            nodes, b_val = unpack_three_bit_graph(
+                lows, highs, zp_val, self._high_bits_table(graph, symmetric), n_out, k, block, symmetric,
+                f"{base}_nbits_B",
+            )
+            first = min((u.node for u in uses), key=lambda n: list(graph).index(n)) if len(uses) > 1 else uses[0].node
+            graph.insert_before(first, nodes)
         for use in uses:
             node = use.node
             x = self._activation_input(node.inputs[0])
@@ -189,8 +233,10 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or base}_nbits")
             new.meta[meta.QUANT_KEY] = dq.meta.get(meta.QUANT_KEY)
             _replace(graph, node, new)
-        plan_bits = _plan_bits(dq, bits)
-        self._count(f"MatMulNBits {bits}-bit" + (f" ({plan_bits}-bit codes)" if plan_bits != bits else ""))
+        if split is not None:
+            self._count(f"MatMulNBits {bits}-bit (3-bit codes stored at 3 bits)")
+        else:
+            self._count(f"MatMulNBits {bits}-bit" + (f" ({plan_bits}-bit codes)" if plan_bits != bits else ""))
         return True
 
     def _to_gather_block_quantized(self, model, dq, uses, q, scale, zp, bits, block) -> bool:
@@ -225,13 +271,17 @@ class LowerWeightsPass(ir.passes.InPlacePass):
         return True
 
 
-def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, symmetric) -> None:
+def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, symmetric, split=None) -> None:
     """Asserts that the packed MatMulNBits weight dequantizes to the portable form's weight.
 
     Checked layer by layer, in numpy: an end-to-end comparison cannot tell a layout error from
-    the arithmetic noise a badly conditioned (e.g. 2-bit) model amplifies.
+    the arithmetic noise a badly conditioned (e.g. 2-bit) model amplifies. For 3-bit codes stored
+    at 3 bits (``split``: lows and highs), the weight checked is the one they rebuild
+    (:func:`packing.nibbles_from_three_bit`, the numpy twin of :func:`unpack_three_bit_graph`).
     """
     n_out, k = codes.shape
+    if split is not None:
+        packed_b = packing.nibbles_from_three_bit(*split, packed_zp, k, block, symmetric)
     k_blocks = packed_b.shape[1]
     unpacked = packing.unpack_rows(packed_b.reshape(n_out, -1), bits, k_blocks * block)[:, :k].astype(np.int32)
     if packed_zp is None:
@@ -245,6 +295,97 @@ def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, sy
     portable = (codes.astype(np.int32) - reference_zero[:, expand]) * scales[:, expand]
     if not np.array_equal(lowered, portable):
         raise VerificationError(f"{name}: the packed MatMulNBits weight differs from the portable form (a hessc bug)")
+
+
+class _GraphBuilder:
+    """Collects single-output nodes with unique names ``{prefix}_{i}``; small constants are
+    ``Constant`` nodes (attributes of the graph, like MatMulNBits' ``K`` and ``N``), not
+    initializers."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        name = f"{self.prefix}_{len(self.nodes)}"
+        node = ir.node(op_type, list(inputs), attributes=attributes, name=name)
+        node.outputs[0].name = name
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, array: np.ndarray) -> ir.Value:
+        return self.op("Constant", value=ir.tensor(np.ascontiguousarray(array)))
+
+
+def unpack_three_bit_graph(
+    lows: ir.Value,
+    highs: ir.Value,
+    packed_zp: ir.Value | None,
+    table: ir.Value,
+    n_out: int,
+    k: int,
+    block: int,
+    symmetric: bool,
+    name: str,
+) -> tuple[list[ir.Node], ir.Value]:
+    """Nodes that rebuild MatMulNBits' 4-bit ``B`` ``[N, k_blocks, block/2]`` from 3-bit codes.
+
+    In each group of 8 codes (4 bytes of ``B``), ``(lows >> [0, 2]) & 0x33`` puts the low two
+    bits of every code in its nibble, and ``table[highs]`` the high bit (and, for symmetric codes,
+    the ``+4`` that makes ``u = v + 4``); the two have no bit in common, so ``|`` assembles the bytes
+    (:mod:`hessc.runtime.packing` gives the layout). The groups are first extended to whole blocks
+    with :func:`packing.matmul_nbits_weights`' padding code (8, or the row's last zero point).
+    ORT keeps each folded intermediate until its folding pass ends, so every node of size
+    ``B`` counts: there are six (``BitShift``, ``BitwiseAnd``, ``Cast`` to int32 of ``highs``,
+    ``Gather``, ``BitwiseOr``, ``Reshape``).
+
+    Args:
+        lows: uint8 ``[N, G, 2, 1]`` initializer (:func:`packing.three_bit_weights`).
+        highs: uint8 ``[N, G]`` initializer.
+        packed_zp: MatMulNBits' packed 4-bit zero points ``[N·⌈k_blocks/2⌉]`` (None when symmetric).
+        table: uint8 ``[256, 2, 2]`` (:func:`packing.high_bits_table` for ``symmetric``).
+        n_out, k, block: MatMulNBits' ``N``, ``K`` and ``block_size``.
+        symmetric: codes are ``q + 8`` with the implicit zero point.
+        name: the name of the output value (``B``).
+
+    Returns:
+        The nodes, in order, and the value holding ``B``.
+    """
+    u8 = lambda *values: np.array(values, dtype=np.uint8)  # noqa: E731
+    i64 = lambda *values: np.array(values, dtype=np.int64)  # noqa: E731
+    g = _GraphBuilder(f"{name}_unpack")
+    groups = -(-k // packing.THREE_BIT_GROUP)
+    k_blocks = -(-k // block)
+    pad = k_blocks * block // packing.THREE_BIT_GROUP - groups  # whole groups up to whole blocks
+    if pad:
+        if symmetric:  # the padding code u = 8 is v = 4: low bits 0, high bit 1
+            low_fill, high_fill = g.const(u8(0).reshape(1, 1, 1, 1)), g.const(u8(0xFF).reshape(1, 1))
+        else:
+            if packed_zp is None:
+                raise ValueError("unsigned 3-bit codes need their zero points")
+            zp_row = -(-k_blocks // 2)
+            last = g.op(
+                "Slice", g.op("Reshape", packed_zp, g.const(i64(n_out, zp_row))),
+                g.const(i64(zp_row - 1)), g.const(i64(zp_row)), g.const(i64(1)),
+            )  # [N, 1]: the byte holding the last block's zero point z
+            if k_blocks % 2:
+                zero = g.op("BitwiseAnd", last, g.const(u8(0x0F)))
+            else:
+                zero = g.op("BitShift", last, g.const(u8(4)), direction="RIGHT")
+            low_fill = g.op(  # z & 3 in all four 2-bit fields
+                "Reshape", g.op("Mul", g.op("BitwiseAnd", zero, g.const(u8(3))), g.const(u8(0x55))),
+                g.const(i64(n_out, 1, 1, 1)),
+            )
+            high_fill = g.op("Mul", g.op("BitShift", zero, g.const(u8(2)), direction="RIGHT"), g.const(u8(0xFF)))
+        lows = g.op("Concat", lows, g.op("Expand", low_fill, g.const(i64(n_out, pad, 2, 1))), axis=1)
+        highs = g.op("Concat", highs, g.op("Expand", high_fill, g.const(i64(n_out, pad))), axis=1)
+    low_bits = g.op("BitwiseAnd", g.op("BitShift", lows, g.const(u8(0, 2)), direction="RIGHT"), g.const(u8(0x33)))
+    high_bits = g.op("Gather", table, g.op("Cast", highs, to=ir.DataType.INT32), axis=0)
+    out = g.op("Reshape", g.op("BitwiseOr", low_bits, high_bits), g.const(i64(n_out, k_blocks, block // 2)))
+    out.name = name
+    out.shape = ir.Shape([n_out, k_blocks, block // 2])
+    out.type = ir.TensorType(ir.DataType.UINT8)
+    return g.nodes, out
 
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
@@ -372,6 +513,30 @@ def to_fp16(model: ir.Model) -> ir.Model:
     return converted
 
 
+def _stored_sources(value: ir.Value | None) -> list[ir.Value]:
+    """The initializers a value is computed from: itself when it is one, otherwise those read by
+    the nodes producing it (a 3-bit ``B``'s unpack graph reads its lows, highs and zero points).
+    ``Constant`` nodes (shifts, masks, shapes, and the 1 KiB high-bit table that all 3-bit weights
+    share) are part of the graph's code, like MatMulNBits' ``K`` and ``N``, and are not counted."""
+    if value is None:
+        return []
+    found: list[ir.Value] = []
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        producer = v.producer()
+        if producer is None:
+            if v.const_value is not None:
+                found.append(v)
+        elif producer.op_type != "Constant":
+            stack.extend(i for i in producer.inputs if i is not None)
+    return found
+
+
 def quantized_storage(model: ir.Model) -> tuple[int, int]:
     """Bytes stored for quantized weights (codes, scales, zero points) and their element count.
 
@@ -388,7 +553,9 @@ def quantized_storage(model: ir.Model) -> tuple[int, int]:
         ins = list(node.inputs) + [None] * 4
         if node.op_type == "MatMulNBits":
             numel += node.attributes.get_int("K") * node.attributes.get_int("N")
-            total_bytes += nbytes(ins[1]) + nbytes(ins[2]) + nbytes(ins[3])
+            stored = [ins[2], ins[3]]
+            stored += [v for v in _stored_sources(ins[1]) if not any(v is s for s in stored)]
+            total_bytes += sum(nbytes(v) for v in stored)
         elif node.op_type == "GatherBlockQuantized":
             data = ins[0]
             count = int(np.prod(data.const_value.shape))

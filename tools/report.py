@@ -104,8 +104,10 @@ def _allocation_markdown(record: dict, plot: str | None) -> list[str]:
     out = ["## Bit allocation", "",
            f"Budget {budget}; allocated {_fmt_bytes(s.get('allocated_bytes'))} "
            f"({s.get('allocated_effective_bits')} effective bits/weight); predicted Δloss "
-           f"{s.get('predicted_delta_loss', 0.0):.4g} (estimator {alloc.get('estimator')}). A 3-bit item costs its "
-           "4-bit container, so it is chosen only when it predicts less loss than 4 bits.", ""]
+           f"{s.get('predicted_delta_loss', 0.0):.4g} (estimator {alloc.get('estimator')}). "
+           + ("3-bit codes are stored at 3 bits (MatMulNBits runs them as 4-bit)." if s.get("target") in ("cpu", "cuda")
+              else "A 3-bit item costs its 4-bit container, so it is chosen only when it predicts less loss than 4 bits."),
+           ""]
     if alloc.get("note"):
         out += [alloc["note"], ""]
     if "heldout_loss_fp32" in s:

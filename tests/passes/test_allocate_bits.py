@@ -152,6 +152,24 @@ def test_budget_is_respected_in_stored_bytes_and_optimal(run_pass) -> None:
     assert not run_pass(AllocateBitsPass(config), model).modified  # idempotent
 
 
+@pytest.mark.parametrize("kernel_layout", [True, False])
+def test_kernel_layout_prices_3_bit_items_at_3_bits(run_pass, kernel_layout: bool) -> None:
+    """On cpu/cuda a 3-bit item costs 3 bits per code, so a 4.2-bit budget (group 32, fp32 scales:
+    3-bit items are 4.125 effective bits, 4-bit ones 5.125) is met by 3 bits everywhere; in the
+    portable form's 4-bit container it is not."""
+    stats = _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0})
+    model = _planned(_mlp3(), stats)
+    config = AllocationConfig(budget_bits=4.2, methods=("rtn",), kernel_layout=kernel_layout)
+    run_pass(AllocateBitsPass(config), model)
+    weights = model.meta[allocate_bits.ALLOCATION_KEY]["weights"]
+    scales_and_zps = 64 * 2 * 4 + 64 * 1  # 2 blocks a row: fp32 scales, 2 zero points in a byte
+    for w in weights:
+        by = {c["bits"]: c["bytes"] for c in w["candidates"]}
+        assert by[3] == (64 * 64 * 3 // 8 if kernel_layout else 64 * 64 // 2) + scales_and_zps
+        assert by[4] == 64 * 64 // 2 + scales_and_zps
+    assert ({w["bits"] for w in weights} == {3}) == kernel_layout
+
+
 def test_more_sensitive_layers_get_more_bits(run_pass) -> None:
     stats = _identity_stats({"W1": 100.0, "W2": 1.0, "W3": 0.01})
     model = _planned(_mlp3(), stats)

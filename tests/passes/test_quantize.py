@@ -288,3 +288,16 @@ def test_stored_bytes_counts_containers_scales_and_zero_points() -> None:
     partial = meta.QuantPlan("W", "MatMul", (80, 24), 8, 32, False, matrix_shape=(24, 80))
     assert quantize.stored_bytes(partial, 4) == 80 * 24 + 24 * 3 * 4 + 24 * 3
     assert math.isclose(8 * quantize.stored_bytes(plan, 4) / 2048, 5.125)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kernel_layout_stores_3_bit_codes_at_3_bits(symmetric: bool) -> None:
+    """On cpu/cuda, 3-bit MatMul/Gemm codes cost 3 bits (rows padded to groups of 8 codes, not to
+    whole blocks), while 2/4/8-bit codes are padded to whole blocks; zero points stay 4-bit."""
+    def plan(bits: int) -> meta.QuantPlan:  # K = 100: 3.125 blocks of 32, 12.5 groups of 8
+        return meta.QuantPlan("W", "MatMul", (100, 24), bits, 32, symmetric, matrix_shape=(24, 100))
+
+    scales, zps = 24 * 4 * 4, 0 if symmetric else 24 * 2  # 4 blocks a row; 4 zero points in 2 bytes
+    assert quantize.stored_bytes(plan(3), 4, kernel_layout=True) == 3 * 24 * 13 + scales + zps
+    assert quantize.stored_bytes(plan(4), 4, kernel_layout=True) == 24 * 4 * 32 // 2 + scales + zps
+    assert quantize.stored_bytes(plan(3), 4) == quantize.stored_bytes(plan(4), 4), "portable: 4-bit container"

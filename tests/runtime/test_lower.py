@@ -93,16 +93,117 @@ def test_lowered_model_matches_its_portable_form(
     assert not run_pass(again, model).modified
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_three_bit_codes_run_as_four_bit_kernels(run_pass, symmetric: bool) -> None:
-    model = _portable(run_pass, b.mlp_model(), 3, symmetric=symmetric)
-    feed = {"x": np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)}
+def _folded(model: ir.Model, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs: its level-1 (constant-folded) form, dumped at session creation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(b.to_bytes(model), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "folded.onnx"))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_three_bit_codes_are_stored_at_3_bits_and_run_as_four_bit_kernels(
+    run_pass, tmp_path, symmetric: bool, accuracy_level: int
+) -> None:
+    """K = 80 and 100 are not multiples of the block (32; 3 and 4 blocks, so the last zero point is
+    a low and a high nibble) and 100 not of 8: the codes are not padded to whole blocks, and the
+    unpack graph must add the padding codes the 4-bit kernel layout has."""
+
+    def portable_model() -> ir.Model:
+        return _portable(run_pass, b.mlp_model(k=80, hidden=100, n=24), 3, symmetric=symmetric)
+
+    model = portable_model()
+    feed = {"x": np.random.default_rng(5).standard_normal((8, 80)).astype(np.float32)}
     (portable,) = b.run_ort(model, feed)
-    lowered, summary = lower(model, LowerConfig(target="cpu", accuracy_level=0))
-    assert summary == {"MatMulNBits 4-bit (3-bit codes)": 2}
-    assert [n.attributes.get_int("bits") for n in lowered.graph if n.op_type == "MatMulNBits"] == [4, 4]
-    (out,) = b.run_ort(lowered, feed)
-    np.testing.assert_allclose(out, portable, rtol=1e-4, atol=1e-4)
+    container, summary4 = lower(
+        portable_model(), LowerConfig(target="cpu", accuracy_level=accuracy_level, three_bit=False)
+    )
+    float_path, _ = lower(portable_model(), LowerConfig(target="cpu", accuracy_level=0, three_bit=False))
+    lowering = LowerWeightsPass(LowerConfig(target="cpu", accuracy_level=accuracy_level))
+    assert run_pass(lowering, model).modified
+    assert summary4 == {"MatMulNBits 4-bit (3-bit codes)": 2}
+    assert lowering.summary == {"MatMulNBits 4-bit (3-bit codes stored at 3 bits)": 2}
+    kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert [n.attributes.get_int("bits") for n in kernels] == [4, 4]
+    assert all(n.inputs[1].producer() is not None for n in kernels), "B is computed from the 3-bit codes"
+    shapes = {v.name: v.shape.dims for v in model.graph.initializers.values() if v.name.endswith(("_lows", "_highs"))}
+    assert shapes == {  # groups of 8 codes: ⌈80/8⌉ = 10, ⌈100/8⌉ = 13, not whole blocks (12, 16)
+        "W1_nbits_lows": (100, 10, 2, 1), "W1_nbits_highs": (100, 10),
+        "W2_nbits_lows": (24, 13, 2, 1), "W2_nbits_highs": (24, 13),
+    }
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+    # ORT folds the unpack graph into exactly the 4-bit container's B when the session opens.
+    folded = _folded(model, tmp_path)
+    assert [n.op_type for n in folded.graph.node] == ["MatMulNBits", "Relu", "MatMulNBits"]
+    folded_inits = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    container_inits = {v.name: v.const_value.numpy() for v in container.graph.initializers.values()}
+    for node in folded.graph.node:
+        if node.op_type == "MatMulNBits":
+            assert node.input[1] in folded_inits, "MatMulNBits reads an initializer after folding"
+            np.testing.assert_array_equal(folded_inits[node.input[1]], container_inits[node.input[1]])
+
+    (expected,) = b.run_ort(container, feed, optimize=True)
+    (actual,) = b.run_ort(model, feed, optimize=True)
+    np.testing.assert_array_equal(actual, expected)
+    # With ORT's optimizations off the unpack graph runs on every call, and MatMulNBits, whose B is
+    # then not a constant it can prepack, takes its float path (accuracy_level 0's values).
+    (unoptimized,) = b.run_ort(model, feed, optimize=False)
+    np.testing.assert_array_equal(unoptimized, b.run_ort(float_path, feed, optimize=True)[0])
+    if accuracy_level == 0:
+        assert _rel(actual, portable) <= 1e-4
+    assert not run_pass(LowerWeightsPass(LowerConfig(target="cpu")), model).modified
+
+
+def test_three_bit_codes_survive_fp16_lowering(run_pass) -> None:
+    """The cuda target's fp16 conversion leaves the integer unpack graph alone (its kernels are
+    provider-independent: only the folded B reaches the CUDA provider)."""
+    model = _portable(run_pass, b.mlp_model(k=80, hidden=100, n=24), 3, symmetric=False)
+    feed = {"x": np.random.default_rng(5).standard_normal((8, 80)).astype(np.float32)}
+    container, _ = lower(
+        _portable(run_pass, b.mlp_model(k=80, hidden=100, n=24), 3, symmetric=False),
+        LowerConfig(target="cuda", fp16=True, three_bit=False),
+    )
+    lowered, summary = lower(model, LowerConfig(target="cuda", fp16=True))
+    assert summary["MatMulNBits 4-bit (3-bit codes stored at 3 bits)"] == 2
+    for node in (n for n in lowered.graph if n.op_type == "MatMulNBits"):
+        unpack, stack = [], [node.inputs[1].producer()]
+        while stack:
+            producer = stack.pop()
+            unpack.append(producer)
+            stack += [v.producer() for v in producer.inputs if v is not None and v.producer() is not None]
+        casts = [n.attributes.get_int("to") for n in unpack if n.op_type == "Cast"]
+        assert casts == [ir.DataType.INT32], "only the table index is cast; no float casts were added"
+        tensors = [n.attributes["value"].value for n in unpack if n.op_type == "Constant"]
+        tensors += [v.const_value for n in unpack for v in n.inputs if v is not None and v.const_value is not None]
+        assert {t.dtype for t in tensors} == {ir.DataType.UINT8, ir.DataType.INT64}
+    scales = [n.inputs[2] for n in lowered.graph if n.op_type == "MatMulNBits"]
+    assert all(s.dtype == ir.DataType.FLOAT16 for s in scales)
+    np.testing.assert_array_equal(b.run_ort(lowered, feed, optimize=True)[0], b.run_ort(container, feed, optimize=True)[0])
+
+
+@pytest.mark.parametrize("part", [0, 1], ids=["lows", "highs"])
+def test_corrupt_three_bit_codes_are_caught_weight_by_weight(run_pass, monkeypatch, part: int) -> None:
+    from hessc.errors import VerificationError
+    from hessc.runtime import packing
+
+    model = _portable(run_pass, b.mlp_model(), 3, symmetric=False)
+    good = packing.three_bit_weights
+
+    def one_bit_flipped(*args, **kwargs):
+        split = [a.copy() for a in good(*args, **kwargs)]
+        split[part].reshape(-1)[0] ^= 1  # a bit of the first code
+        return tuple(split)
+
+    monkeypatch.setattr(packing, "three_bit_weights", one_bit_flipped)
+    with pytest.raises(VerificationError, match="differs from the portable form"):
+        lower(model, LowerConfig(target="cpu"))
 
 
 def test_target_onnx_leaves_the_model_unchanged(run_pass) -> None:
@@ -155,17 +256,25 @@ def test_a_packing_error_is_caught_weight_by_weight(run_pass, monkeypatch) -> No
         lower(model, LowerConfig(target="cpu"))
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_kernel_layout_bytes_match_what_the_lowered_model_stores(run_pass, bits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("target, scale_bytes", [("cpu", 4), ("cuda", 2)])
+def test_kernel_layout_bytes_match_what_the_lowered_model_stores(
+    run_pass, bits: int, symmetric: bool, target: str, scale_bytes: int
+) -> None:
+    """What the allocator prices an item at is what the saved model stores (``cuda``: fp16 scales)."""
     from hessc.ir import meta
     from hessc.passes.quantize import stored_bytes
     from hessc.runtime.lower import quantized_storage
 
     model = _portable(run_pass, b.matmul_model(k=80, n=24), bits, symmetric=symmetric)  # 80 = 2.5 blocks of 32
     (plan,) = [n.meta[meta.QUANT_KEY] for n in model.graph if meta.QUANT_KEY in n.meta]
-    lowered, _ = lower(model, LowerConfig(target="cpu"))
-    stored, numel = quantized_storage(lowered)
+    lowered, _ = lower(model, LowerConfig(target=target, fp16=target == "cuda"))
+    stored, numel = quantized_storage(ir.from_proto(ir.to_proto(lowered)))  # as saved
     assert numel == 80 * 24
-    assert stored == stored_bytes(plan, 4, kernel_layout=True)
-    assert stored > stored_bytes(plan, 4), "blocks padded to whole groups cost more than the portable form"
+    assert stored == stored_bytes(plan, scale_bytes, kernel_layout=True)
+    if bits == 3:  # 3 bits per code, rows padded to groups of 8 codes only; 4-bit zero points, 3 blocks a row
+        assert stored == 3 * 24 * 10 + 24 * 3 * scale_bytes + (0 if symmetric else 24 * 2)
+        assert stored < stored_bytes(plan, scale_bytes), "3 bits cost less than the 4-bit container"
+    else:
+        assert stored > stored_bytes(plan, scale_bytes), "blocks padded to whole groups cost more than the portable form"
