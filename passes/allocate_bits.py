@@ -17,7 +17,11 @@ scalar that puts it in the loss's units, taken from the first statistic availabl
 error ``½ E‖Δ x‖²``, not a loss change, so the gradient term is dropped and ``lossless`` is refused.
 
 Each item costs its true stored bytes (:func:`hessc.passes.quantize.stored_bytes`: codes at their
-container width plus scales and zero points). With ``kernel_layout`` (the cpu and cuda targets) a
+container width plus scales and zero points). Conv weights are items too wherever the target
+quantizes them (the portable ``onnx`` target): per output channel, or in input-channel groups for
+1×1 convs (:func:`hessc.passes.quantize.group_size_for`). A depthwise 3×3 conv has 9 weights per
+scale, so its scale and zero point cost about as much as its codes at 4 bits (8 effective bits per
+weight; 12.4 at 8 bits): the knapsack weighs that overhead against its predicted loss change. With ``kernel_layout`` (the cpu and cuda targets) a
 3-bit MatMul/Gemm code costs 3 bits: it is stored at 3 bits and rebuilt into MatMulNBits' 4-bit
 layout when ONNX Runtime opens the model (:mod:`hessc.runtime.lower`). In the portable form a 3-bit
 code lives in a 4-bit container, so there a 3-bit item costs what the 4-bit item costs and is
@@ -27,15 +31,16 @@ One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.pa
     min Σ_l c_l(b_l)  s.t.  Σ_l bytes_l(b_l) ≤ B            (budget: bits/weight or bytes)
     min Σ_l bytes_l(b_l)  s.t.  Σ_l c_l(b_l) ≤ 0            ("lossless")
 
-``budget_bits`` means ``B = budget_bits / 8 · Σ_l numel_l`` over the allocated weights (so the
-effective bits per weight, scales and zero points counted, stays within it); ``budget_bytes``
+``budget_bits`` means ``B = budget_bits / 8 · Σ_l numel_l`` over the allocated weights (every
+planned MatMul/Gemm/Conv weight with statistics; so the effective bits per weight, scales and zero
+points counted, stays within it); ``budget_bytes``
 bounds the same allocated weights' stored bytes. In lossless mode each weight may also stay in
 float (cost 4 bytes per weight, ``c = 0``), which keeps the problem always feasible. A budget at
 or above the float size of the allocated weights is an honest no-op: every weight stays in float
 and the record says why.
 
-The pass re-plans the MatMul/Gemm weights that plan-quantization planned and that carry Hessian
-statistics, replacing their :class:`~hessc.ir.meta.QuantPlan` (bits and method), and records the
+The pass re-plans the MatMul/Gemm/Conv weights that plan-quantization planned and that carry
+Hessian statistics, replacing their :class:`~hessc.ir.meta.QuantPlan` (bits and method), and records the
 decision, every candidate's prediction and the budget accounting in
 ``model.meta["hessc.allocation"]`` (with a ``bits_override``/``method_override`` pair that
 :class:`~hessc.passes.quantize.QuantConfig` honours, to replay the plan on a fresh copy).
@@ -82,6 +87,8 @@ FLOAT_BITS = 32
 
 ESTIMATORS = ("kfac", "layerwise", "auto")
 
+ALLOCATED_OPS = ("MatMul", "Gemm", "Conv")
+
 
 @dataclasses.dataclass(frozen=True)
 class AllocationConfig:
@@ -93,7 +100,8 @@ class AllocationConfig:
         lossless: the cheapest allocation whose summed predicted loss change is at most 0.
         candidate_bits: bit widths offered per weight.
         methods: quantizers offered per weight (``gptq`` only where ``A`` was measured).
-        group_size: weights per scale along the input dimension.
+        group_size: weights per scale along the input dimension (for Conv weights, as
+            :func:`hessc.passes.quantize.group_size_for` resolves it).
         symmetric: no zero points.
         estimator: ``kfac``, ``layerwise`` or ``auto`` (see the module docstring).
         scale_bytes: bytes per stored scale (4 for fp32, 2 for fp16 kernels).
@@ -258,7 +266,7 @@ def _curvature_summary(stats: Any) -> dict[str, Any]:
 
 
 class AllocateBitsPass(ir.passes.InPlacePass):
-    """Chooses bits and quantizer per MatMul/Gemm weight by a grouped knapsack on predicted Δloss.
+    """Chooses bits and quantizer per MatMul/Gemm/Conv weight by a grouped knapsack on predicted Δloss.
 
     Runs after plan-quantization (which decides *which* weights are quantized, with what group
     size) and before insert-qdq; see the module docstring for the maths.
@@ -272,7 +280,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         seen: set[int] = set()
         refs = []
         for ref in qweights.iter_weights(model):
-            if ref.op in ("MatMul", "Gemm") and meta.QUANT_KEY in ref.value.meta and id(ref.value) not in seen:
+            if ref.op in ALLOCATED_OPS and meta.QUANT_KEY in ref.value.meta and id(ref.value) not in seen:
                 seen.add(id(ref.value))
                 refs.append(ref)
         return refs
@@ -281,7 +289,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         refs = self._targets(model)
         if not refs:
             raise ir.passes.PreconditionError(
-                "allocate-bits found no planned MatMul/Gemm weights; run plan-quantization first"
+                "allocate-bits found no planned MatMul/Gemm/Conv weights; run plan-quantization first"
             )
         if not any(_stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None for r in refs):
             raise ir.passes.PreconditionError(
@@ -386,8 +394,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
 
     def _plan(self, ref: qweights.WeightRef, bits: int, method: str) -> meta.QuantPlan:
         return meta.QuantPlan(
-            ref.name, ref.op, ref.stored_shape, bits, self.config.group_size, self.config.symmetric,
-            method, ref.matrix_shape,
+            ref.name, ref.op, ref.stored_shape, bits, quantize.group_size_for(ref, self.config.group_size),
+            self.config.symmetric, method, ref.matrix_shape,
         )
 
     def _apply(self, model: ir.Model, refs: Sequence[qweights.WeightRef], results: Sequence[WeightAllocation]) -> bool:

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import onnx_ir as ir
 
+from hessc.errors import HesscError
 from hessc.ir import verify
 from hessc.passes import quantize
 
@@ -80,5 +81,15 @@ def run(
     """Runs the steps in order on the model (in place); returns per-pass timings."""
     timings: list[PassTiming] = []
     manager = ir.passes.PassManager([InstrumentedPass(n, p, timings, check) for n, p in steps])
-    manager(model)
+    try:
+        manager(model)
+    except ir.passes.PassError as e:
+        # onnx_ir wraps what a pass raises (once per layer of pass managers); a user error keeps its
+        # own type, so callers and the CLI can act on it (exit code 2 and the fix, not "internal error").
+        cause: BaseException | None = e
+        while isinstance(cause, ir.passes.PassError):
+            cause = cause.__cause__
+        if isinstance(cause, HesscError):
+            raise cause from None
+        raise
     return timings

@@ -7,10 +7,13 @@ point ``z`` per (row, group), the rewrite relies on
 
 which is exactly ONNX's blocked ``DequantizeLinear(q, s, z; axis, block_size=g)`` applied to the
 *stored* layout of the weight (``axis`` is the stored input dimension: 0 for a MatMul's ``B`` of
-shape (in, out), 1 for ``Gemm(transB=1)`` and embedding tables). Conv weights are quantized per
-output channel (``axis=0``, no blocks). The consumer then reads the ``DequantizeLinear`` output in
-place of the float initializer, so the graph stays runnable on any ONNX runtime (opset 21 for
-int4/int8, 25 for int2); :mod:`hessc.runtime.lower` turns this form into the target's kernels.
+shape (in, out), 1 for ``Gemm(transB=1)`` and embedding tables). Conv weights (out, in/groups, *k)
+are quantized per output channel (``axis=0``, no blocks), except 1×1 convs whose input channels
+``g`` divides: their stored layout is the (out, in) matrix with unit axes, so they take blocks of
+``g`` input channels along ``axis=1`` like a Gemm weight. The consumer then reads the
+``DequantizeLinear`` output in place of the float initializer, so the graph stays runnable on any
+ONNX runtime (opset 21 for int4/int8, 25 for int2); :mod:`hessc.runtime.lower` turns this form
+into the target's kernels.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from hessc.passes import quantizers
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-CONV_BITS = 8
 MIN_GROUP, MAX_GROUP = 16, 256
 PORTABLE_OPSET = {2: 25, 3: 21, 4: 21, 8: 21}
 
@@ -41,17 +43,20 @@ class QuantConfig:
     """Configuration of the weight-quantization passes.
 
     Attributes:
-        bits: bits per weight for MatMul/Gemm/Gather weights.
-        group_size: weights per scale along the input dimension (16–256, a power of two).
+        bits: bits per weight for MatMul/Gemm/Conv/Gather weights.
+        group_size: weights per scale along the input dimension (16–256, a power of two); Conv
+            weights use it only where :func:`group_size_for` says so (1×1 convs), else one scale
+            per output channel.
         symmetric: no zero points when true.
-        quantize_conv: quantize Conv weights per output channel at 8 bits.
+        quantize_conv: quantize Conv weights (the portable form runs them through
+            ``DequantizeLinear``; ONNX Runtime's CPU/CUDA kernels have no low-bit Conv).
         quantize_embeddings: quantize Gather embedding tables (and output projections tied to them).
         method: ``rtn`` or ``gptq`` (GPTQ needs Hessian annotation).
         min_numel: weights smaller than this stay in float (biases, tiny projections).
         bits_override: per-weight bits by user-facing name (used by the bit allocator); 16 or
             more keeps the weight in float.
-        method_override: per-weight method (``rtn``/``gptq``) by user-facing name, for MatMul and
-            Gemm weights (used by the bit allocator).
+        method_override: per-weight method (``rtn``/``gptq``) by user-facing name, for MatMul,
+            Gemm and Conv weights (used by the bit allocator).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run).
     """
@@ -97,15 +102,30 @@ def container_bits(bits: int) -> int:
     return 4 if bits == 3 else bits
 
 
+def group_size_for(ref: qweights.WeightRef, group_size: int) -> int:
+    """The group size a weight is quantized with: ``group_size``, except for Conv weights.
+
+    A Conv weight gets one scale per output channel (0), unless it is a 1×1 conv whose input
+    channels (per conv group) ``group_size`` divides into more than one block: then blocks of
+    ``group_size`` input channels, which are contiguous both in the (out, in) matrix view and in
+    the stored (out, in, 1, 1) layout. A k×k kernel's matrix columns interleave channels and
+    kernel offsets, so a stored-layout block along the channel axis is not a group of columns.
+    """
+    if ref.op != "Conv":
+        return group_size
+    shape = ref.stored_shape
+    if group_size and math.prod(shape[2:]) == 1 and shape[1] > group_size and shape[1] % group_size == 0:
+        return group_size
+    return 0
+
+
 def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | str:
     """The plan for one weight, or the reason it stays in float."""
     if ref.numel < config.min_numel:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
-    if ref.op == "Conv":
-        if not config.quantize_conv:
-            return "Conv quantization is off for this target"
-        return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, CONV_BITS, 0, True, "rtn", ref.matrix_shape)
+    if ref.op == "Conv" and not config.quantize_conv:
+        return "Conv quantization is off for this target"
     if not config.quantize_embeddings and (ref.op == "Gather" or meta.TIED_KEY in ref.value.meta):
         return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")
     bits = overrides.get(ref.name, config.bits)
@@ -113,9 +133,10 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
         return "kept in float by the plan"
     if ref.op == "Gather":
         bits = max(bits, config.embedding_min_bits)
-    method = dict(config.method_override).get(ref.name, config.method) if ref.op in ("MatMul", "Gemm") else "rtn"
+    method = dict(config.method_override).get(ref.name, config.method) if ref.op != "Gather" else "rtn"
     return meta.QuantPlan(
-        ref.name, ref.op, ref.stored_shape, bits, config.group_size, config.symmetric, method, ref.matrix_shape
+        ref.name, ref.op, ref.stored_shape, bits, group_size_for(ref, config.group_size), config.symmetric, method,
+        ref.matrix_shape,
     )
 
 
@@ -254,7 +275,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
         codes = q.codes[:, :in_dim]
-        if ref.op == "Conv":
+        if ref.op == "Conv" and plan.group_size:  # 1×1: blocks of input channels on axis 1
+            codes = codes.reshape(ref.stored_shape)
+            unit = (1,) * (len(ref.stored_shape) - 2)
+            scale_np = scale_np.reshape(scale_np.shape + unit)
+            zps = None if q.zero_points is None else q.zero_points.reshape(q.zero_points.shape + unit)
+            axis, block = 1, plan.group_size
+        elif ref.op == "Conv":
             codes = codes.reshape(ref.stored_shape)
             axis, block = 0, None
             scale_np = scale_np.reshape(-1)

@@ -77,12 +77,17 @@ def gather_model(vocab: int = 100, dim: int = 64, seed: int = 0, opset: int = OP
     return make_model([node], [ids], [out], {"E": weight((vocab, dim), seed)}, opset)
 
 
-def conv_model(c_in: int = 8, c_out: int = 16, kernel: int = 3, seed: int = 0) -> onnx.ModelProto:
-    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])
-    x = helper.make_tensor_value_info("x", FLOAT, ["B", c_in, 6, 6])
+def conv_model(
+    c_in: int = 8, c_out: int = 16, kernel: int = 3, seed: int = 0, group: int = 1, size: int = 6
+) -> onnx.ModelProto:
+    """``y = Conv(x, W)`` on ``x`` [B, c_in, size, size], "same" padding; ``W`` is
+    (c_out, c_in / group, kernel, kernel) (``group = c_in = c_out``: depthwise)."""
+    p = kernel // 2
+    node = helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[p, p, p, p], group=group)
+    x = helper.make_tensor_value_info("x", FLOAT, ["B", c_in, size, size])
     return make_model(
-        [node], [x], [helper.make_tensor_value_info("y", FLOAT, ["B", c_out, 6, 6])],
-        {"W": weight((c_out, c_in, kernel, kernel), seed)},
+        [node], [x], [helper.make_tensor_value_info("y", FLOAT, ["B", c_out, size, size])],
+        {"W": weight((c_out, c_in // group, kernel, kernel), seed)},
     )
 
 
@@ -95,6 +100,19 @@ def mlp_model(k: int = 64, hidden: int = 64, n: int = 32, seed: int = 0, opset: 
     ]
     inits = {"W1": weight((k, hidden), seed), "W2": weight((hidden, n), seed + 1)}
     return make_model(nodes, [x_input(k)], [y_output(n)], inits, opset)
+
+
+def images(batch: int, channels: int, size: int, seed: int, latent: int = 3) -> np.ndarray:
+    """Image-like conv inputs [batch, channels, size, size]: every channel mixes the same few
+    spatially smooth latent maps (3×3 box-filtered noise) with fixed weights, plus a little noise,
+    so input channels and neighbouring pixels are strongly correlated, as in a CNN. The mixing
+    weights are the same for every seed: different seeds are samples of one distribution."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((batch, latent, size + 2, size + 2))
+    smooth = sum(noise[:, :, i : i + size, j : j + size] for i in range(3) for j in range(3)) / 3
+    mix = np.random.default_rng(1234).standard_normal((channels, latent))
+    x = np.einsum("cl,blhw->bchw", mix, smooth) + 0.1 * rng.standard_normal((batch, channels, size, size))
+    return x.astype(np.float32)
 
 
 def load(proto: onnx.ModelProto) -> ir.Model:

@@ -91,7 +91,8 @@ def optimize(
         target: ``cpu`` (MatMulNBits with int8 compute), ``cuda`` (MatMulNBits, fp16 activations by
             default) or ``onnx`` (portable blocked QuantizeLinear/DequantizeLinear).
         bits: bits per weight: an ``int`` (2, 3, 4 or 8) for every weight; a ``float`` (``3.5``,
-            ``3.0``) is a budget of average stored bits per MatMul/Gemm weight (scales and zero points counted)
+            ``3.0``) is a budget of average stored bits per MatMul/Gemm weight, and per Conv weight on
+            ``target="onnx"`` (scales and zero points counted)
             that the bit allocator spends where the predicted loss change is largest;
             ``"lossless"`` asks for the smallest allocation whose predicted loss change is at most
             zero, confirmed on held-out calibration feeds. Both need calibration.
@@ -104,7 +105,7 @@ def optimize(
         method: ``rtn`` (round to nearest) or ``gptq`` (error feedback through the input
             covariance; needs calibration). With a bit budget: the quantizers the allocator may
             choose from (``gptq`` offers both).
-        budget_bytes: a budget of stored bytes for the MatMul/Gemm weights instead of ``bits``.
+        budget_bytes: a budget of stored bytes for the same weights instead of ``bits``.
         labels: integer class labels, one array per calibration sample, for a cross-entropy
             loss in the curvature statistics (needed for ``lossless`` unless the model is a
             language model with ``input_ids``).

@@ -5,8 +5,13 @@ measured on the same machine in the same process: the model's own quality metric
 (MODELS.md), file size on disk, effective bits per weight (one accounting for every method: code,
 scale and zero-point bytes of each quantized weight over its element count), median latency on a
 fixed input, and the time the method took. ``ort-*`` methods run
-``onnxruntime.quantization.MatMulNBitsQuantizer`` (which quantizes MatMul weights only);
-``hessc-matmul`` restricts hessc to the same scope so sizes compare like for like.
+``onnxruntime.quantization.MatMulNBitsQuantizer`` (which quantizes MatMul weights only: not Gemm,
+not Conv, so on EfficientNet it quantizes nothing); ``hessc-matmul`` restricts hessc to the same
+scope so sizes compare like for like.
+
+``--bits lossless`` needs a loss whose fp32 value is not its minimum. Where the model has no labels
+(EfficientNet on unlabelled photos), the fp32 model's own top-1 classes on the calibration feeds are
+the labels (cross-entropy to them; ``labels: fp32 top-1 pseudo-labels`` in the results).
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
 }
 """hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
 METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
+
+CALIBRATION_SAMPLES = {"efficientnet": 64}
+"""Calibration feeds per zoo model (others: 8). An EfficientNet feed is one image, i.e. one row of
+the classifier's input covariance (1,280 features), where a text feed is 512 token rows: with 8
+images GPTQ fits the late layers to a rank-8 covariance and the allocator's predictions with it
+(3.5-bit GPTQ budget: KL to fp32 on the evaluation photos 2.19 with 8 images, 1.24 with 64)."""
+
+PSEUDO_LABELS = ("efficientnet",)
+"""Zoo models whose ``lossless`` runs use the fp32 model's top-1 classes as labels."""
 
 
 def _dir_size(path: Path) -> int:
@@ -109,6 +123,7 @@ def run_bench(
     latency_runs: int = 20,
     quiet: bool = False,
     threads: int | None = None,
+    calibration_samples: int | None = None,
 ) -> dict[str, Any]:
     """Runs every method at every setting; writes ``results.json`` and ``results.md`` in out_dir."""
     import hessc
@@ -128,7 +143,7 @@ def run_bench(
         zm = zoo.load_zoo(model, eval_tokens=eval_tokens)
         src = Path(zm.onnx_path)
         evaluate = zm.evaluate
-        calibration = zm.calibration(8, 0)
+        calibration = zm.calibration(calibration_samples or CALIBRATION_SAMPLES.get(model, 8), 0)
         name = model
     else:
         src = Path(model)
@@ -139,7 +154,7 @@ def run_bench(
         evaluate = None
         from hessc.runtime import calibration as calib
 
-        calibration = calib.generated_feeds(hessc.load(src), count=4)
+        calibration = calib.generated_feeds(hessc.load(src), count=calibration_samples or 4)
     external = src.with_name(src.name + ".data").exists() or src.stat().st_size > (1 << 30)
     feed = _latency_feed(zm, name, calibration)
     rows: list[dict[str, Any]] = []
@@ -169,13 +184,19 @@ def run_bench(
                     continue  # ONNX Runtime's quantizers take whole bits only
                 dst = work / f"{name}-{method}-b{b}-g{g}.onnx"
                 start = time.perf_counter()
+                extra: dict[str, Any] = {}
                 try:
                     if method.startswith("hessc"):
+                        labels = None
+                        if b == "lossless" and name in PSEUDO_LABELS:
+                            labels = pseudo_labels(src, calibration)
+                            extra["labels"] = "fp32 top-1 pseudo-labels"
                         m = hessc.optimize(
                             str(src), target=target, bits=b, group_size=g, calibration=calibration,
-                            **HESSC_VARIANTS[method],
+                            labels=labels, **HESSC_VARIANTS[method],
                         )
                         hessc.save(m, dst, external_data=external)
+                        extra.update(_optimize_facts(m))
                     else:
                         _ort_quantize(src, dst, method, b, g, external, calibration)
                 except Exception as e:  # a method that cannot do this setting is reported, not hidden
@@ -183,12 +204,38 @@ def run_bench(
                     rows.append({"model": name, "method": method, "bits": b, "group_size": g, "target": target,
                                  "error": f"{type(e).__name__}: {str(e)[:160]}"})
                     continue
-                measure(method, dst, b, g, time.perf_counter() - start)
-    results = {"model": name, "target": target, "machine": _machine(), "rows": rows}
+                measure(method, dst, b, g, time.perf_counter() - start, extra)
+    results = {"model": name, "target": target, "machine": _machine(), "calibration_samples": len(calibration),
+               "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "results.md").write_text(results_markdown(results))
     shutil.rmtree(work, ignore_errors=True)
     return results
+
+
+def pseudo_labels(src: Path, calibration: Sequence[dict]) -> list[np.ndarray]:
+    """The fp32 model's top-1 class for every calibration feed (labels for a classifier's
+    cross-entropy where no labelled data exists), one integer array per feed."""
+    from hessc.runtime import sessions
+
+    sess = sessions.session(src, "cpu")
+    return [np.asarray(sess.run(feed)[0]).argmax(-1) for feed in calibration]
+
+
+def _optimize_facts(model: ir.Model) -> dict[str, Any]:
+    """What ``optimize`` recorded that a results row should carry: pass timings and, for budgets,
+    the allocation and the lossless held-out check."""
+    from hessc.ir import meta
+
+    summary = (meta.read_plan(model) or {}).get("summary", {})
+    facts: dict[str, Any] = {"pass_seconds": dict(model.meta.get(meta.TIMINGS_KEY, {}))}
+    for key in ("allocated_effective_bits", "predicted_delta_loss", "heldout_loss_fp32", "heldout_loss_quantized",
+                "lossless_confirmed"):
+        if summary.get(key) is not None:
+            facts[key] = summary[key]
+    if isinstance(summary.get("steps"), list):
+        facts["lossless_steps"] = len(summary["steps"])
+    return facts
 
 
 def _machine() -> dict:
@@ -199,7 +246,9 @@ def _machine() -> dict:
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "onnxruntime": onnxruntime.__version__}
 
 
-METRIC_COLUMNS = ("cosine_to_fp32", "lee_pearson", "lee_spearman", "perplexity", "top1_agreement", "kl_to_fp32")
+METRIC_COLUMNS = (
+    "cosine_to_fp32", "lee_pearson", "lee_spearman", "perplexity", "top1_agreement", "kl_to_fp32", "ce_to_fp32_top1",
+)
 
 
 def results_markdown(results: dict) -> str:
@@ -207,17 +256,25 @@ def results_markdown(results: dict) -> str:
 
     rows = results["rows"]
     metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
-    headers = ["method", "bits", "group", *metrics, "eff. bits/weight", "file MiB", "latency ms", "optimize s"]
+    heldout = any("heldout_loss_quantized" in r for r in rows)
+    headers = ["method", "bits", "group", *metrics, *(["held-out loss fp32 / quantized"] if heldout else []),
+               "eff. bits/weight", "quantized M params", "file MiB", "latency ms", "optimize s"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * len(metrics)), "-", "-", "-", r["error"]])
+            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout)), "-", "-", "-", "-",
+                         r["error"]])
             continue
+        loss = []
+        if heldout:
+            loss = [f"{r['heldout_loss_fp32']:.4g} / {r['heldout_loss_quantized']:.4g}"
+                    if "heldout_loss_quantized" in r else "-"]
+        numel = r.get("quantized_params")
         body.append([
             r["method"], r["bits"] or "-", r["group_size"] or "-",
-            *[_fmt(r.get(m)) for m in metrics],
-            _fmt(r.get("effective_bits_per_weight")), f"{r['file_bytes'] / 2**20:.1f}",
-            _fmt(r.get("latency_ms")), _fmt(r.get("optimize_seconds")),
+            *[_fmt(r.get(m)) for m in metrics], *loss,
+            _fmt(r.get("effective_bits_per_weight")), "-" if numel is None else f"{numel / 1e6:.2f}",
+            f"{r['file_bytes'] / 2**20:.1f}", _fmt(r.get("latency_ms")), _fmt(r.get("optimize_seconds")),
         ])
     head = (f"{results['model']} on {results['target']} ({results['machine']['cpu_count']} cores, "
             f"onnxruntime {results['machine']['onnxruntime']})")

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="bits per weight: 2, 3, 4 or 8 (uniform); a number with a decimal point (3.5, 3.0) is an "
                         "average-bits budget for the bit allocator; 'lossless' the smallest allocation not worse "
                         "on held-out data (default 4)")
-    o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the MatMul/Gemm weights")
+    o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the weights --bits would budget")
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="quantizer (gptq needs --calibration); with a budget, the quantizers offered")
     o.add_argument("--group-size", type=int, default=32, help="weights per scale, 16-256 (default 32)")
@@ -114,6 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="directory for results.json and results.md")
     b.add_argument("--eval-tokens", type=int, default=4096, help="smollm2 perplexity tokens")
     b.add_argument("--latency-runs", type=int, default=20)
+    b.add_argument("--calibration-samples", type=int,
+                   help="calibration feeds (default: 64 images for efficientnet, 8 sequences otherwise)")
     b.add_argument("--sensitivity", type=int, metavar="BITS",
                    help="instead: correlate predicted per-layer loss changes of a BITS-bit RTN "
                         "perturbation with measured held-out loss changes (Spearman)")
@@ -228,6 +230,7 @@ def _cmd_bench(args) -> int:
         args.model, bits=args.bits, group_sizes=args.group_size, target=args.target,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()], out_dir=Path(args.out),
         eval_tokens=args.eval_tokens, latency_runs=args.latency_runs, quiet=args.quiet,
+        calibration_samples=args.calibration_samples,
     )
     if args.json:
         print(json.dumps(results, indent=2))

@@ -190,6 +190,65 @@ def test_gptq_is_predicted_better_than_rtn_on_correlated_inputs(run_pass) -> Non
         assert w["method"] == "gptq"
 
 
+def _mbconv(c: int = 64, hidden: int = 128) -> onnx.ModelProto:
+    """An inverted-residual block: 1×1 expand conv, depthwise 3×3, 1×1 project conv (MobileNetV2)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["h1"], name="expand"),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2"], ["h2"], name="depthwise", group=hidden, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["y"], name="project"),
+    ]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", c, 6, 6])
+    inits = {"W1": b.weight((hidden, c, 1, 1), 1), "W2": b.weight((hidden, 1, 3, 3), 2),
+             "W3": b.weight((c, hidden, 1, 1), 3)}
+    return b.make_model(nodes, [x], [b.y_output(None)], inits)
+
+
+def test_conv_weights_are_allocated_at_their_stored_bytes(run_pass) -> None:
+    """Conv items cost what the portable graph stores: 1×1 convs in blocks of 32 input channels,
+    the depthwise conv with one scale and zero point per 9 weights (its 4-bit item costs 8 bits per
+    weight); the allocation meets the budget in those bytes and is the knapsack's optimum."""
+    stats = {"W1": Stats(a=_correlated_cov(64, 1), g=np.eye(128)), "W2": Stats(a=_correlated_cov(9, 2), g=np.eye(128)),
+             "W3": Stats(a=_correlated_cov(128, 3), g=np.eye(64))}
+    model = _planned(_mbconv(), stats)
+    numel = 2 * 64 * 128 + 128 * 9
+    config = AllocationConfig(budget_bits=3.5)
+    assert run_pass(AllocateBitsPass(config), model).modified
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert [w["name"] for w in record["weights"]] == ["W1", "W2", "W3"] and record["allocated_params"] == numel
+    plans = _plans(model)
+    assert {n: p.group_size for n, p in plans.items()} == {"W1": 32, "W2": 0, "W3": 32}
+    for w in record["weights"]:
+        assert (plans[w["name"]].bits, plans[w["name"]].method) == (w["bits"], w["method"])
+    depthwise = {(c["bits"], c["method"]): c["bytes"] for c in record["weights"][1]["candidates"]}
+    assert 8 * depthwise[(4, "rtn")] / (128 * 9) == 8.0  # 576 code + 512 scale + 64 zero-point bytes
+    budget = 3.5 / 8 * numel
+    assert record["used_bytes"] <= budget and record["effective_bits"] <= 3.5
+    best = _brute_force(record["weights"], lambda combo: sum(c["bytes"] for c in combo) <= budget)
+    assert record["predicted_delta_loss"] == pytest.approx(best, rel=1e-12)
+    # The bytes the allocator counted are the bytes the Q/DQ graph stores.
+    run_pass(quantize.InsertQDQPass(hessian_for=lambda ref: stats[ref.name].a), model)
+    dqs = b.nodes_of(model, "DequantizeLinear")
+    assert len(dqs) == 3
+    assert sum(int(v.const_value.nbytes) for dq in dqs for v in dq.inputs) == record["used_bytes"]
+
+
+def test_conv_weights_are_not_allocated_where_the_target_keeps_them_float(run_pass) -> None:
+    model = b.load(b.make_model(
+        [helper.make_node("Conv", ["x", "C"], ["c"], name="conv"), helper.make_node("Flatten", ["c"], ["f"]),
+         helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")],
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 64, 1, 1])], [b.y_output(64)],
+        {"C": b.weight((64, 64, 1, 1), 0), "W": b.weight((64, 64), 1)},
+    ))
+    PlanQuantizationPass(QuantConfig(bits=4, quantize_conv=False))(model)
+    for ref in qweights.iter_weights(model):
+        ref.value.meta[meta.HESSIAN_KEY] = Stats(a=_correlated_cov(64, 0), g=np.eye(64))
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=3.5)), model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert [w["name"] for w in record["weights"]] == ["W"] and set(_plans(model)) == {"W"}
+
+
 def test_budget_below_the_smallest_items_names_the_minimum() -> None:
     model = _planned(_mlp3(), _identity_stats({"W1": 1.0, "W2": 1.0, "W3": 1.0}))
     smallest = meta.QuantPlan("W", "MatMul", (64, 64), 2, 32, False, "rtn", (64, 64))
@@ -320,6 +379,25 @@ def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
     assert {w["bits"] for w in record["weights"]} <= {2, 3, 4, 8}
     assert all("predicted_delta_loss" in w and w["method"] in ("rtn", "gptq") for w in record["weights"])
     assert s["predicted_delta_loss"] == pytest.approx(sum(w["predicted_delta_loss"] for w in record["weights"]))
+
+
+@pytest.mark.torch
+def test_optimize_allocates_conv_weights_on_the_portable_target() -> None:
+    """End to end on an inverted-residual block: curvature through the torch executor for convs,
+    GPTQ and RTN items for the 1×1 and depthwise weights, and the budget met in the bytes the saved
+    Q/DQ graph stores; on the cpu target convs stay float, so a conv-only model has nothing to do."""
+    import hessc
+
+    feeds = [{"x": b.images(2, 64, 6, seed)} for seed in range(6)]
+    out = hessc.optimize(b.load(_mbconv()), target="onnx", bits=3.5, group_size=32, calibration=feeds, method="gptq")
+    record = meta.read_plan(out)
+    s = record["summary"]
+    assert {w["name"]: w["op"] for w in record["weights"]} == {"W1": "Conv", "W2": "Conv", "W3": "Conv"}
+    assert {w["name"] for w in record["allocation"]["weights"]} == {"W1", "W2", "W3"}
+    assert s["effective_bits_per_weight"] == s["allocated_effective_bits"] <= 3.5
+    assert record["verification"]["status"] == "passed"
+    with pytest.raises(InputError, match="Conv quantization is off for this target"):
+        hessc.optimize(b.load(_mbconv()), target="cpu", bits=3.5, group_size=32, calibration=feeds)
 
 
 @pytest.mark.torch

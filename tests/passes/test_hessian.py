@@ -143,6 +143,31 @@ def test_covariance_conv_is_im2col() -> None:
     assert v.samples == len(q)
 
 
+def test_conv_covariance_predicts_the_real_output_error_of_a_weight_change() -> None:
+    """For ``y = Conv(x, W)`` and any change ``Δ`` of ``W``, the mean over output positions of
+    ``‖Conv(x, Δ)‖²`` is ``tr(Δ A Δᵀ)`` with ``Δ`` read as ``Δ.reshape(out, −1)``: the feature order
+    of the annotated ``A`` is the column order of the weight's matrix view (what GPTQ and the bit
+    allocator use). Features in kernel-offset-major order would not give it."""
+    node = helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 0, 2, 1], strides=[2, 1], dilations=[1, 2])
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 7, 6])
+    w = builders.weight((5, 3, 3, 2), 0)
+    model = builders.load(builders.make_model([node], [x_info], [builders.y_output(None)], {"W": w}))
+    feeds = [{"x": builders.images(2, 3, 7, seed)[:, :, :, :6].copy()} for seed in range(3)]
+    AnnotateHessianPass(HessianConfig(cache=False), feeds)(model)
+    (ref,) = qweights.iter_weights(model)
+    a = stats_of(model, "W").a
+    assert a.shape == (18, 18) and ref.matrix_shape == (5, 18)
+    x = torch.from_numpy(np.concatenate([f64(f["x"]) for f in feeds]))
+    delta = np.random.default_rng(3).standard_normal(w.shape)
+    dy = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 1, 2)), torch.from_numpy(delta),
+                                     stride=(2, 1), dilation=(1, 2)).numpy()
+    real = float(np.mean(np.sum(dy**2, axis=1)))  # mean over (image, position) of ‖Δ x_p‖²
+    d = delta.reshape(5, -1)
+    assert float(np.trace(d @ a @ d.T)) == pytest.approx(real, rel=1e-9)
+    offset_major = np.arange(18).reshape(3, 6).T.reshape(-1)
+    assert float(np.trace(d @ a[offset_major][:, offset_major] @ d.T)) != pytest.approx(real, rel=1e-2)
+
+
 def test_batch_streaming_equals_one_shot() -> None:
     feeds = x_feeds(6, 6)
     one_shot = [{"x": np.concatenate([f["x"] for f in feeds])}]

@@ -147,6 +147,7 @@ def test_efficientnet_fp32_agrees_with_itself(efficientnet, efficientnet_run):
     metrics = efficientnet.evaluate(efficientnet_run)
     assert metrics["top1_agreement"] == 1.0
     assert metrics["kl_to_fp32"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["ce_to_fp32_top1"] > 0.0  # the fp32 model is not at its pseudo-label loss's minimum
 
 
 @pytest.mark.models
@@ -158,6 +159,7 @@ def test_efficientnet_metrics_see_a_perturbed_candidate(efficientnet, efficientn
     metrics = efficientnet.evaluate(shuffled)
     assert metrics["top1_agreement"] < 0.5
     assert metrics["kl_to_fp32"] > 1.0
+    assert metrics["ce_to_fp32_top1"] > efficientnet.evaluate(efficientnet_run)["ce_to_fp32_top1"] + 1.0
 
 
 @pytest.mark.models
