@@ -174,7 +174,8 @@ def default_quantum(
     grid = _grid(np.concatenate([c - c.min() for c in costs]))
     if grid is not None and free / grid <= states:
         return grid
-    return free / states
+    quantum = free / states
+    return quantum if quantum > 0.0 else free  # a subnormal free range: one quantum spans it
 
 
 def _dp(

@@ -339,6 +339,19 @@ def test_step_up_moves_the_worst_layers_one_level() -> None:
     assert allocate_bits.step_up({"weights": list(after.values())}, config.candidate_bits) is None
 
 
+def test_step_up_ranks_by_damage_not_by_a_gradient_gain() -> None:
+    def entry(name: str, bits: int, quadratic: float, first: float) -> dict:
+        cands = [{"bits": b, "method": "rtn", "bytes": b * 100, "predicted_delta_loss": quadratic / 4 ** (b - bits) + first,
+                  "first_order": first} for b in (2, 4, 8)]
+        return {"name": name, "shape": [10, 80], "bits": bits, "method": "rtn", "bytes": bits * 100,
+                "predicted_delta_loss": quadratic + first, "candidates": cands}
+
+    # "noisy" predicts a gain (gradient term -5 beats curvature 1); "small" a loss of 0.01.
+    record = {"weights": [entry("noisy", 2, 1.0, -5.0), entry("small", 8, 0.01, 0.0)]}
+    after = {w["name"]: w for w in allocate_bits.step_up(record, (2, 4, 8), fraction=0.5)}
+    assert after["noisy"]["bits"] == 4 and after["small"]["bits"] == 8
+
+
 # ------------------------------------------------------------------------------ the facade
 
 torch = pytest.importorskip("torch")
