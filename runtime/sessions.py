@@ -159,7 +159,20 @@ class Session:
                 self._binding.bind_ortvalue_output(out.name, buf)
         else:
             for name, array in feeds.items():
-                self._inputs[name].update_inplace(np.ascontiguousarray(array))
+                array = np.ascontiguousarray(array)
+                if list(self._inputs[name].shape()) == list(array.shape):
+                    self._inputs[name].update_inplace(array)
+                elif self.cuda_graph:
+                    raise InputError(
+                        f"input {name!r} has shape {list(array.shape)}, but the captured CUDA graph was "
+                        f"recorded for {self._inputs[name].shape()}; feed the shapes the model was fixed to"
+                    )
+                else:  # dynamic shapes: a new device buffer for the new shape
+                    self._inputs[name] = ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+                    self._binding.bind_ortvalue_input(name, self._inputs[name])
+        if self._dynamic_outputs:  # unallocated again: ORT sizes them for this run's shapes
+            for out in self.inner.get_outputs():
+                self._binding.bind_output(out.name, "cuda", 0)
         self.inner.run_with_iobinding(self._binding)
         if self._dynamic_outputs:  # ORT allocates outputs of dynamic shape on each run
             self._outputs = list(self._binding.get_outputs())
@@ -204,16 +217,24 @@ def session(
     use_graph = static if cuda_graph is None else cuda_graph
     if use_graph and not static:
         raise InputError("cuda_graph=True needs static input shapes; export the model with fixed shapes")
-    opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     provider_opts = {"enable_cuda_graph": "1" if use_graph else "0"}
+    providers: list = [("CUDAExecutionProvider", provider_opts)]
+    if static:
+        # Static shapes fold every shape computation: only the CUDA provider, with CPU fallback
+        # disabled, so a node CUDA cannot run is an error.
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    else:
+        # With dynamic shapes ORT places the int64 shape arithmetic (Shape, Concat, Slice of
+        # sizes) on the CPU provider by design; compute nodes are checked on a static copy
+        # (check_cuda_placement).
+        providers.append("CPUExecutionProvider")
     try:
-        # Only the CUDA provider, with CPU fallback disabled: a node CUDA cannot run is an error.
-        inner = ort.InferenceSession(source, opts, providers=[("CUDAExecutionProvider", provider_opts)])
+        inner = ort.InferenceSession(source, opts, providers=providers)
     except Exception as e:
         if use_graph and cuda_graph is None:
             logger.info("CUDA graph capture refused (%s); running without it", str(e)[:120])
             provider_opts["enable_cuda_graph"] = "0"
-            inner = ort.InferenceSession(source, opts, providers=[("CUDAExecutionProvider", provider_opts)])
+            inner = ort.InferenceSession(source, opts, providers=providers)
             use_graph = False
         else:
             raise UnsupportedError(
@@ -221,6 +242,20 @@ def session(
                 "lower it with target='cuda'"
             ) from e
     return Session(inner, "cuda", cuda_graph=use_graph, _keepalive=keepalive)
+
+
+def check_cuda_placement(model: ir.Model, feed: dict[str, np.ndarray]) -> None:
+    """Raises UnsupportedError unless the CUDA provider runs every node of ``model`` at ``feed``'s shapes.
+
+    A copy with the graph inputs fixed to the feed's shapes is opened with CPU fallback disabled:
+    shape arithmetic folds away, so any node left for the CPU provider is a compute node that
+    CUDA cannot run.
+    """
+    static = frontend.clone(model)
+    for value in static.graph.inputs:  # static inputs are enough for ORT to fold the shape arithmetic
+        if value.name in feed:
+            value.shape = ir.Shape(list(feed[value.name].shape))
+    session(static, "cuda", cuda_graph=False)
 
 
 def _static_inputs(source: str | bytes) -> bool:

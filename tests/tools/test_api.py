@@ -212,6 +212,26 @@ def test_save_with_external_data_writes_the_data_file_and_reloads(tmp_path) -> N
     np.testing.assert_array_equal(b.run_ort(model, feed)[0], expected)
 
 
+def test_saving_a_model_loaded_with_external_data_elsewhere_gives_a_file_that_opens(tmp_path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    ir.save(b.load(b.mlp_model()), src / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    loaded = frontend.load(src / "m.onnx")
+    feed = b.x_feed(64)
+    (expected,) = b.run_ort(str(src / "m.onnx"), feed)
+    out = tmp_path / "out"
+    # Default: the weights go beside the new file, not a reference to src/m.onnx.data.
+    default = api.save(loaded, out / "a.onnx")
+    assert sorted(p.name for p in out.iterdir()) == ["a.onnx", "a.onnx.data"]
+    np.testing.assert_array_equal(b.run_ort(str(default), feed)[0], expected)
+    # external_data=False: one self-contained file.
+    single = api.save(loaded, out / "b.onnx", external_data=False)
+    assert not (out / "b.onnx.data").exists()
+    proto = onnx.load(str(single), load_external_data=False)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    np.testing.assert_array_equal(b.run_ort(str(single), feed)[0], expected)
+
+
 def test_failed_save_leaves_no_partial_file_and_no_temp_dir(tmp_path, monkeypatch) -> None:
     model = _quantized()
     target = tmp_path / "q.onnx"
