@@ -75,6 +75,7 @@ def optimize(
     method: str = "rtn",
     budget_bytes: int | None = None,
     labels: Sequence[np.ndarray] | None = None,
+    loss: Callable[[dict, dict], Any] | None = None,
     activations: int | None = None,
     quantize_embeddings: bool = True,
     input_shapes: dict[str, Sequence[int]] | None = None,
@@ -109,6 +110,10 @@ def optimize(
         labels: integer class labels, one array per calibration sample, for a cross-entropy
             loss in the curvature statistics (needed for ``lossless`` unless the model is a
             language model with ``input_ids``).
+        loss: the task loss for the curvature statistics and the ``lossless`` check, as
+            ``loss(outputs, feed) -> scalar torch tensor`` with ``outputs`` the model's outputs by
+            name (torch tensors) and ``feed`` the calibration feed (e.g. a contrastive loss
+            for a sentence encoder, whose outputs have no labels). Overrides ``labels``.
         activations: 8 quantizes the inputs of quantized MatMul/Gemm layers to uint8 with
             calibrated per-tensor ranges (needs calibration); on the CPU it is MatMulNBits' own
             dynamic per-block int8 path (``accuracy_level=4``, the CPU default), with no Q/DQ. 16 keeps float activations (on the CPU: ``accuracy_level=1``,
@@ -188,7 +193,7 @@ def optimize(
 
     curvature = None
     if allocation is not None or method == "gptq":
-        curvature = _Curvature.prepare(model, feeds, labels, allocation, method, progress)
+        curvature = _Curvature.prepare(model, feeds, labels, allocation, method, progress, loss)
     steps = pipeline.build_quantization_pipeline(
         config, progress=step,
         annotate=curvature.annotate if curvature else None,
@@ -280,9 +285,11 @@ class _Curvature:
         self.ids_name = ids_name
         self.a_by_name: dict[str, np.ndarray] = {}
         self.summaries: dict[str, Any] = {}
+        self.loss_fn: Callable | None = None
 
     @classmethod
-    def prepare(cls, model: ir.Model, feeds, labels, allocation, method: str, progress: Progress | None) -> "_Curvature":
+    def prepare(cls, model: ir.Model, feeds, labels, allocation, method: str, progress: Progress | None,
+                loss: Callable | None = None) -> "_Curvature":
         from hessc.passes import hessian
 
         # Raise the opset before annotating: a conversion later would rebuild the graph's meta.
@@ -306,13 +313,15 @@ class _Curvature:
         config = hessian.HessianConfig(
             covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
             max_samples=len(stat_feeds), max_grad_samples=min(len(stat_feeds), 16),
-            labels=stat_labels if backward or weighted else None,
+            labels=stat_labels if (backward or weighted) and loss is None else None,
+            loss=loss if loss is not None else "auto",
         )
         loss_name = hessian.resolve_loss(config, model) if backward or weighted else None
-        if lossless and loss_name not in ("next-token", "ce"):
+        if lossless and loss_name not in ("next-token", "ce", "custom"):
             raise InputError(
                 f"lossless needs a loss whose fp32 value is not already its minimum; the model's loss is {loss_name!r} "
-                "(zero at the float weights): give labels (cross-entropy) or use a language model with input_ids"
+                "(zero at the float weights): give labels (cross-entropy), a task loss (loss=), or use a language "
+                "model with input_ids"
             )
 
         def annotate_progress(stage: str, done: int, total: int) -> None:
@@ -321,7 +330,9 @@ class _Curvature:
 
         annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
         float_copy = frontend.clone(model) if lossless else None
-        return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
+        curvature = cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
+        curvature.loss_fn = loss
+        return curvature
 
     def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
         """GPTQ's Hessian of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
@@ -339,6 +350,8 @@ class _Curvature:
     def _loss(self, model: ir.Model) -> float:
         sess = sessions.session(model, "cpu", optimize=False)
         outputs = [sess.run(feed) for feed in self.held]
+        if self.loss_fn is not None:
+            return _custom_loss(self.loss_fn, sess.output_names, outputs, self.held)
         return allocate_bits.heldout_loss(outputs, self.held, self.loss_name, self.ids_name, self.held_labels)
 
     def confirm_lossless(self, model: ir.Model, config: quantize.QuantConfig, allocation, progress) -> tuple[ir.Model, dict, dict]:
@@ -375,6 +388,18 @@ class _Curvature:
         info = {"heldout_loss_fp32": fp32, "heldout_loss_quantized": quantized, "heldout_samples": len(self.held),
                 "loss": self.loss_name, "steps": steps, "confirmed": confirmed}
         return model, info, record
+
+
+def _custom_loss(loss_fn: Callable, names: Sequence[str], outputs, feeds) -> float:
+    """The mean of a user's task loss over held-out feeds, from ORT outputs."""
+    import torch
+
+    values = []
+    with torch.no_grad():
+        for outs, feed in zip(outputs, feeds):
+            named = {n: torch.from_numpy(np.asarray(o)).to(torch.float64) for n, o in zip(names, outs)}
+            values.append(float(loss_fn(named, feed)))
+    return float(np.mean(values))
 
 
 def _record_allocation(record: dict, allocation: dict | None, curvature: dict, lossless: dict | None) -> None:

@@ -187,13 +187,16 @@ def run_bench(
                 extra: dict[str, Any] = {}
                 try:
                     if method.startswith("hessc"):
-                        labels = None
+                        labels, loss, feeds = None, None, calibration
                         if b == "lossless" and name in PSEUDO_LABELS:
                             labels = pseudo_labels(src, calibration)
                             extra["labels"] = "fp32 top-1 pseudo-labels"
+                        elif b == "lossless" and zm is not None and zm.task_loss is not None:
+                            loss, feeds = zm.task_loss, zm.task_calibration(len(calibration), 0)
+                            extra["labels"] = "task loss: " + zm.task_loss.__doc__.split(".")[0].strip()
                         m = hessc.optimize(
-                            str(src), target=target, bits=b, group_size=g, calibration=calibration,
-                            labels=labels, **HESSC_VARIANTS[method],
+                            str(src), target=target, bits=b, group_size=g, calibration=feeds,
+                            labels=labels, loss=loss, **HESSC_VARIANTS[method],
                         )
                         hessc.save(m, dst, external_data=external)
                         extra.update(_optimize_facts(m))

@@ -112,6 +112,10 @@ class ZooModel:
         evaluate: ``evaluate(run_fn)`` runs a candidate through ``run_fn(feeds) -> outputs`` on the
             evaluation data and returns its metrics.
         split: Returns the calibration and evaluation units, for checking they are disjoint.
+        task_loss: For a model whose outputs carry no labels, a task loss ``loss(outputs, feed)``
+            (torch) that is not at its minimum at the fp32 weights, for ``lossless``; None when the
+            model has its own (next-token) or labels stand in.
+        task_calibration: ``task_calibration(n, seed)``: calibration feeds shaped for ``task_loss``.
     """
 
     name: str
@@ -122,6 +126,8 @@ class ZooModel:
     calibration: Callable[[int, int], list[Feeds]]
     evaluate: Callable[[RunFn], dict[str, float]]
     split: Callable[[], DataSplit]
+    task_loss: Callable[[dict, dict], torch.Tensor] | None = None
+    task_calibration: Callable[[int, int], list[Feeds]] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -436,8 +442,37 @@ def minilm(max_length: int = 128, batch_size: int = 10) -> ZooModel:
             evaluation=tuple(s for doc in _lee_documents() for s in _sentences(doc)),
         )
 
+    def pair_calibration(n: int, seed: int = 0, pairs: int = 16) -> list[Feeds]:
+        """``n`` feeds of ``2·pairs`` sentences: anchors, then the sentence that follows each
+        anchor in its ``lee_background.cor`` article (its positive)."""
+        tok = _minilm_tokenizer()
+        articles = [a for a in _lee_background_sentences() if len(a) >= 2]
+        rng = np.random.default_rng(seed)
+        feeds = []
+        for _ in range(n):
+            anchors, positives = [], []
+            for _ in range(pairs):
+                sentences = articles[rng.integers(len(articles))]
+                i = int(rng.integers(len(sentences) - 1))
+                anchors.append(sentences[i])
+                positives.append(sentences[i + 1])
+            enc = tok(anchors + positives, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+            feeds.append({name: enc[name].astype(np.int64) for name in input_names})
+        return feeds
+
+    def contrastive_loss(outputs: dict, feed: dict) -> torch.Tensor:
+        """In-batch contrastive loss (sentence-transformers' MultipleNegativesRankingLoss, scale
+        20, the objective MiniLM was tuned with): each anchor must pick its next sentence among the
+        batch's positives. Not at its minimum at the fp32 weights, so ``lossless`` can use it."""
+        emb = outputs[output_names[0]]
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k = emb.shape[0] // 2
+        logits = 20.0 * emb[:k] @ emb[k:].T
+        return torch.nn.functional.cross_entropy(logits, torch.arange(k))
+
     return ZooModel(
-        "minilm", onnx_path, input_names, output_names, _build_sentence_encoder, calibration, evaluate, split
+        "minilm", onnx_path, input_names, output_names, _build_sentence_encoder, calibration, evaluate, split,
+        task_loss=contrastive_loss, task_calibration=pair_calibration,
     )
 
 

@@ -449,6 +449,33 @@ def test_lossless_is_confirmed_on_held_out_data() -> None:
 
 
 @pytest.mark.torch
+def test_lossless_with_a_task_loss_checks_that_loss_on_held_out_feeds() -> None:
+    import hessc
+    from hessc.ir import frontend
+
+    torch.manual_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
+    model = frontend.load(module, (torch.randn(16, 64),))
+    rng = np.random.default_rng(2)
+    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    calls = []
+
+    def pair_loss(outputs: dict, feed: dict) -> torch.Tensor:
+        """Contrastive: row i of the first half must match row i of the second half."""
+        (y,) = outputs.values()
+        calls.append(feed["input"].shape)
+        return torch.nn.functional.cross_entropy(y[:8] @ y[8:].T, torch.arange(8))
+
+    out = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, loss=pair_loss)
+    s = meta.read_plan(out)["summary"]
+    fp32 = float(np.mean([float(pair_loss({"y": torch.from_numpy(module(torch.from_numpy(f["input"])).detach().numpy())
+                                           .double()}, f)) for f in feeds[6:]]))
+    assert s["heldout_loss_fp32"] == pytest.approx(fp32, rel=1e-4)  # the held-out quarter, through the task loss
+    assert s["heldout_loss_quantized"] <= s["heldout_loss_fp32"] and s["lossless_confirmed"]
+    assert calls, "the task loss drives the curvature statistics and the check"
+
+
+@pytest.mark.torch
 def test_budgets_need_calibration(mlp_and_calibration) -> None:
     import hessc
 

@@ -128,6 +128,23 @@ def test_minilm_calibration_is_deterministic_and_disjoint(minilm):
         assert not any(_contains(ids, run) for ids in eval_ids)
 
 
+@pytest.mark.models
+def test_minilm_task_loss_is_a_real_contrastive_loss(minilm, minilm_run):
+    import torch
+
+    feeds = minilm.task_calibration(3, 0)
+    assert all(f["input_ids"].shape[0] == 32 for f in feeds)  # 16 anchors, then their next sentences
+    losses = []
+    for feed in feeds:
+        (y,) = minilm_run(feed)
+        emb = torch.from_numpy(y).double()
+        losses.append(float(minilm.task_loss({"sentence_embedding": emb}, feed)))
+        shuffled = torch.cat([emb[:16], emb[16:].roll(1, 0)])  # positives moved to the wrong anchors
+        assert float(minilm.task_loss({"sentence_embedding": shuffled}, feed)) > losses[-1]
+    # Above its minimum (0) at fp32, and far below chance (log 16): lossless has something to keep.
+    assert all(0.05 < v < 0.8 * np.log(16) for v in losses)
+
+
 # --------------------------------------------------------------------------------------------------
 # EfficientNet-Lite0
 
