@@ -136,6 +136,8 @@ class HessianStats:
         a_weighted: ``Σ ‖u‖² x xᵀ / Σ ‖u‖²`` (in × in, float64), the input second moment with each
             row weighted by its squared output gradient ``u`` (see
             ``HessianConfig.weighted_covariance``).
+        a_fit: ``A`` of the even calibration feeds, and ``a_check`` of the odd ones
+            (``HessianConfig.split_covariance``): fit a quantizer on one, score it on the other.
         g: output factor ``G`` (out × out, float64) with ``H ≈ A ⊗ G`` (K-FAC).
         g_diag: ``diag(G)`` only (layers wider than ``HessianConfig.kfac_diag_above``).
         grad: mean gradient ``∇_W L = E[g xᵀ]`` (out × in, float64).
@@ -153,6 +155,8 @@ class HessianStats:
     a_eig_top: np.ndarray | None = None
     a_trace: float | None = None
     a_weighted: np.ndarray | None = None
+    a_fit: np.ndarray | None = None
+    a_check: np.ndarray | None = None
     g: np.ndarray | None = None
     g_diag: np.ndarray | None = None
     grad: np.ndarray | None = None
@@ -167,9 +171,10 @@ class HessianStats:
         if self.samples < 0 or self.grad_samples < 0:
             raise ValueError("HessianStats sample counts must be >= 0")
         a = _matrix(self.a, "a", square=True)
-        a_weighted = _matrix(self.a_weighted, "a_weighted", square=True)
-        if a is not None and a_weighted is not None and a.shape != a_weighted.shape:
-            raise ValueError(f"HessianStats: a_weighted {a_weighted.shape} does not match A {a.shape}")
+        for name in ("a_weighted", "a_fit", "a_check"):
+            other = _matrix(getattr(self, name), name, square=True)
+            if a is not None and other is not None and a.shape != other.shape:
+                raise ValueError(f"HessianStats: {name} {other.shape} does not match A {a.shape}")
         g = _matrix(self.g, "g", square=True)
         grad = _matrix(self.grad, "grad")
         g_diag = _vector(self.g_diag, "g_diag")
@@ -185,7 +190,7 @@ class HessianStats:
                 raise ValueError(f"HessianStats: grad {grad.shape} does not match G of size {out}")
             if a is not None and grad.shape[1] != a.shape[0]:
                 raise ValueError(f"HessianStats: grad {grad.shape} does not match A {a.shape}")
-        for name in ("a", "a_weighted", "g", "g_diag", "grad"):
+        for name in ("a", "a_weighted", "a_fit", "a_check", "g", "g_diag", "grad"):
             value = getattr(self, name)
             if value is not None and not np.isfinite(value).all():
                 raise ValueError(f"HessianStats.{name} has NaN or infinite entries")

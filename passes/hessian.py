@@ -107,6 +107,10 @@ class HessianConfig:
             ``ΔᵀHΔ`` of the loss under a per-row isotropic ``G``: rows the loss reads heavily, such
             as an attention-sink token whose values every later token mixes in, count for what
             they cost rather than for one row each. GPTQ uses it when present.
+        split_covariance: also keep ``A`` of the even feeds (``a_fit``) and of the odd feeds
+            (``a_check``), so that a quantizer fitted to one half (GPTQ) is scored on the other:
+            scored on the ``A`` it minimised, a GPTQ item's predicted damage is optimistic, the
+            more so the fewer calibration rows there are per input dimension.
         lambda_max: top eigenvalue of each layer's Hessian block by power iteration.
         lanczos_k: top-k eigenvalues of each layer's Hessian block by Lanczos (0 = off).
         hutchinson_probes: Rademacher probes for the trace of each block (0 = off).
@@ -147,6 +151,7 @@ class HessianConfig:
     gradient: bool = False
     fisher_diag: bool = False
     weighted_covariance: bool = False
+    split_covariance: bool = False
     lambda_max: bool = False
     lanczos_k: int = 0
     hutchinson_probes: int = 0
@@ -482,7 +487,7 @@ def _cache_root(config: HessianConfig) -> Path | None:
     return Path(config.cache).expanduser()
 
 
-_ARRAY_FIELDS = ("a", "a_eig_top", "a_weighted", "g", "g_diag", "grad", "lanczos_eigs")
+_ARRAY_FIELDS = ("a", "a_eig_top", "a_weighted", "a_fit", "a_check", "g", "g_diag", "grad", "lanczos_eigs")
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
@@ -1058,22 +1063,26 @@ class AnnotateHessianPass(ir.passes.InPlacePass):
         if config.covariance:
             start = time.perf_counter()
             acts = list(dict.fromkeys(a for t in targets for a in t.acts))
-            sums = _collect_forward(model, acts, feeds[: config.max_samples], config, self.progress)
-            eig_cache: dict[tuple, tuple[np.ndarray, np.ndarray, float]] = {}
+            used = feeds[: config.max_samples]
+            halves = None
+            if config.split_covariance and len(used) >= 2:
+                halves = [_collect_forward(model, acts, part, config, self.progress) for part in (used[0::2], used[1::2])]
+                sums = {a: (halves[0][a][0] + halves[1][a][0], halves[0][a][1] + halves[1][a][1]) for a in acts}
+            else:
+                sums = _collect_forward(model, acts, used, config, self.progress)
+            eig_cache: dict[tuple, tuple] = {}
             for t in targets:
                 key = tuple(t.acts)
                 if key not in eig_cache:
-                    total = sums[t.acts[0]][0].clone() if len(t.acts) > 1 else sums[t.acts[0]][0]
-                    for extra in t.acts[1:]:
-                        total += sums[extra][0]
-                    count = sum(sums[a][1] for a in t.acts)
-                    if count == 0:
+                    a, count = _mean_covariance(sums, t.acts)
+                    if a is None:
                         continue
-                    mean = total / count
-                    a = ((mean + mean.T) / 2).numpy()
-                    eig_cache[key] = (a, _top_eigs(a, config.top_eigs), float(np.trace(a)), count)
-                a, eigs, trace, count = eig_cache[key]
+                    split = tuple(_mean_covariance(h, t.acts)[0] for h in halves) if halves else (None, None)
+                    eig_cache[key] = (a, _top_eigs(a, config.top_eigs), float(np.trace(a)), count, split)
+                a, eigs, trace, count, (a_fit, a_check) = eig_cache[key]
                 fields[t.key].update(a=a, a_eig_top=eigs, a_trace=trace, samples=count)
+                if a_fit is not None and a_check is not None:
+                    fields[t.key].update(a_fit=a_fit, a_check=a_check)
             logger.info("hessian: covariance of %d layer inputs over %d feeds in %.1f s",
                         len(eig_cache), min(len(feeds), config.max_samples), time.perf_counter() - start)
         if config.backward:
@@ -1103,6 +1112,18 @@ class AnnotateHessianPass(ir.passes.InPlacePass):
                 fields[key].setdefault("loss_name", resolve_loss(config, model))
             logger.info("hessian: HVP statistics of %d layers in %.1f s", len(res), time.perf_counter() - start)
         return {k: meta.HessianStats(**v) for k, v in fields.items()}
+
+
+def _mean_covariance(sums: Mapping, acts: Sequence[_Act]) -> tuple[np.ndarray | None, int]:
+    """``E[x xᵀ]`` over the rows of the inputs ``acts`` (summed as one layer's), symmetrised."""
+    count = sum(sums[a][1] for a in acts)
+    if count == 0:
+        return None, 0
+    total = sums[acts[0]][0].clone()
+    for extra in acts[1:]:
+        total += sums[extra][0]
+    mean = total / count
+    return ((mean + mean.T) / 2).numpy(), count
 
 
 def _top_eigs(a: np.ndarray, k: int) -> np.ndarray:

@@ -312,6 +312,7 @@ class _Curvature:
         weighted = method == "gptq"
         config = hessian.HessianConfig(
             covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
+            split_covariance=backward and weighted,
             max_samples=len(stat_feeds), max_grad_samples=min(len(stat_feeds), 16),
             labels=stat_labels if (backward or weighted) and loss is None else None,
             loss=loss if loss is not None else "auto",

@@ -20,7 +20,7 @@ import builders as b
 from hessc.errors import InputError
 from hessc.ir import meta
 from hessc.ir import weights as qweights
-from hessc.passes import allocate_bits, quantize
+from hessc.passes import allocate_bits, hessian, quantize, quantizers
 from hessc.passes.allocate_bits import AllocateBitsPass, AllocationConfig
 from hessc.passes.quantize import PlanQuantizationPass, QuantConfig
 
@@ -350,6 +350,24 @@ def test_step_up_ranks_by_damage_not_by_a_gradient_gain() -> None:
     record = {"weights": [entry("noisy", 2, 1.0, -5.0), entry("small", 8, 0.01, 0.0)]}
     after = {w["name"]: w for w in allocate_bits.step_up(record, (2, 4, 8), fraction=0.5)}
     assert after["noisy"]["bits"] == 4 and after["small"]["bits"] == 8
+
+
+def test_gptq_items_are_fitted_on_one_half_and_scored_on_the_other(monkeypatch) -> None:
+    fit, check = _correlated_cov(64, 1), _correlated_cov(64, 2)
+    stats = {"W1": meta.HessianStats(samples=10, a=(fit + check) / 2, a_fit=fit, a_check=check, g=np.eye(64))}
+    model = _planned(_mlp3(), stats)
+    seen = []
+    original = allocate_bits.predict_delta_loss
+    monkeypatch.setattr(allocate_bits, "predict_delta_loss",
+                        lambda st, d, e: seen.append(st.a) or original(st, d, e))
+    fitted = []
+    real_gptq = quantizers.gptq
+    monkeypatch.setattr(quantizers, "gptq", lambda W, H, *a, **k: fitted.append(H) or real_gptq(W, H, *a, **k))
+    AllocateBitsPass(AllocationConfig(budget_bits=3.5, methods=("rtn", "gptq"), candidate_bits=(2, 4)))(model)
+    assert len(seen) == 4 and sum(a is check for a in seen) == 2  # the two GPTQ items
+    assert sum(a is stats["W1"].a for a in seen) == 2  # RTN items: no fit, the whole A
+    h = hessian.gptq_hessian(dataclasses.replace(stats["W1"], a=fit))
+    assert len(fitted) == 2 and all(np.array_equal(f, h) for f in fitted)
 
 
 # ------------------------------------------------------------------------------ the facade

@@ -101,6 +101,19 @@ def test_covariance_matmul_gemm_and_shared_inputs(run_pass) -> None:
     json.dumps(summary)
 
 
+def test_split_covariance_keeps_the_even_and_odd_feeds_halves() -> None:
+    model = builders.load(shared_model())
+    feeds = x_feeds(6, 3)
+    AnnotateHessianPass(HessianConfig(cache=False, split_covariance=True), feeds)(model)
+    s = stats_of(model, "W1")
+    even = np.concatenate([f64(f["x"]) for f in feeds[0::2]])
+    odd = np.concatenate([f64(f["x"]) for f in feeds[1::2]])
+    np.testing.assert_allclose(s.a_fit, even.T @ even / len(even), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(s.a_check, odd.T @ odd / len(odd), rtol=1e-6, atol=1e-8)
+    everything = np.concatenate([even, odd])
+    np.testing.assert_allclose(s.a, everything.T @ everything / len(everything), rtol=1e-6, atol=1e-8)
+
+
 def _patches(x: np.ndarray, kernel, strides, dilations, begin, end, groups) -> np.ndarray:
     """im2col by explicit loops: one row per (image, group, output pixel)."""
     xp = np.pad(x, ((0, 0), (0, 0), (begin[0], end[0]), (begin[1], end[1])))
