@@ -370,6 +370,26 @@ def test_gptq_items_are_fitted_on_one_half_and_scored_on_the_other(monkeypatch) 
     assert len(fitted) == 2 and all(np.array_equal(f, h) for f in fitted)
 
 
+def test_items_beyond_the_trust_radius_only_when_the_budget_needs_them() -> None:
+    stats = _identity_stats({"W1": 1e4, "W2": 1.0, "W3": 1e-6})
+
+    def allocate(budget: float, radius) -> dict:
+        model = _planned(_mlp3(), stats)
+        AllocateBitsPass(AllocationConfig(budget_bits=budget, methods=("rtn",), trust_radius=radius))(model)
+        return model.meta[allocate_bits.ALLOCATION_KEY]
+
+    # Unrestricted, the flat W3 pays for 8-bit elsewhere with 2-bit codes (ρ ≈ 0.4: beyond 0.3).
+    free = allocate(6.0, None)
+    assert any(c["perturbation"] > 0.3 for w in free["weights"] for c in w["candidates"] if c["bits"] == w["bits"])
+    kept = allocate(6.0, 0.3)
+    chosen = [next(c for c in w["candidates"] if c["bits"] == w["bits"]) for w in kept["weights"]]
+    assert all(c["perturbation"] <= 0.3 or c["bits"] >= 8 for c in chosen) and "note" not in kept
+    assert kept["trust_radius"] == 0.3
+    # A budget only 2-bit items meet: admitted, and said so.
+    tight = allocate(3.1, 0.3)
+    assert {w["bits"] for w in tight["weights"]} == {2} and "beyond it" in tight["note"]
+
+
 # ------------------------------------------------------------------------------ the facade
 
 torch = pytest.importorskip("torch")
