@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-tokens", type=int, default=4096, help="smollm2 perplexity tokens")
     b.add_argument("--latency-runs", type=int, default=20)
     b.add_argument("--calibration-samples", type=int,
-                   help="calibration feeds (default: 64 images for efficientnet, 8 sequences otherwise)")
+                   help="calibration feeds (default: 64 for efficientnet and minilm, 8 sequences for smollm2)")
     b.add_argument("--sensitivity", type=int, metavar="BITS",
                    help="instead: correlate predicted per-layer loss changes of a BITS-bit RTN "
                         "perturbation with measured held-out loss changes (Spearman)")
