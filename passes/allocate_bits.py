@@ -276,8 +276,8 @@ def _perturbation(a: np.ndarray, w: np.ndarray, delta: np.ndarray) -> float:
     """``√(tr(Δ A Δᵀ) / tr(W A Wᵀ))``: the layer-output error relative to the output."""
     a = np.asarray(a, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
-    base = float(np.einsum("ij,jk,ik->", w, a, w))
-    err = float(np.einsum("ij,jk,ik->", delta, a, delta))
+    base = float(np.sum((w @ a) * w))
+    err = float(np.sum((delta @ a) * delta))
     return math.sqrt(max(err, 0.0) / base) if base > 0 else 0.0
 
 
