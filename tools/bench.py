@@ -196,7 +196,7 @@ def run_bench(
                             extra["labels"] = "fp32 top-1 pseudo-labels"
                         elif b == "lossless" and zm is not None and zm.task_loss is not None:
                             loss, feeds = zm.task_loss, zm.task_calibration(len(calibration), 0)
-                            extra["labels"] = "task loss: " + zm.task_loss.__doc__.split(".")[0].strip()
+                            extra["labels"] = "task loss: " + " ".join(zm.task_loss.__doc__.split(".")[0].split())
                         m = hessc.optimize(
                             str(src), target=target, bits=b, group_size=g, calibration=feeds,
                             labels=labels, loss=loss, **HESSC_VARIANTS[method],
