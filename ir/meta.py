@@ -141,6 +141,8 @@ class HessianStats:
         g: output factor ``G`` (out × out, float64) with ``H ≈ A ⊗ G`` (K-FAC).
         g_diag: ``diag(G)`` only (layers wider than ``HessianConfig.kfac_diag_above``).
         grad: mean gradient ``∇_W L = E[g xᵀ]`` (out × in, float64).
+        grad_fit: the mean gradient of the even calibration feeds, and ``grad_check`` of the odd
+            ones (``HessianConfig.split_gradient``): direct rounding by one, score it on the other.
         fisher_diag_mean: the mean of the diagonal Fisher ``E[(g xᵀ)²]`` over the weight.
         lambda_max: the top eigenvalue (largest magnitude) of the layer's Hessian block.
         lanczos_eigs: the top eigenvalues of the layer's Hessian block, descending (Lanczos).
@@ -160,6 +162,8 @@ class HessianStats:
     g: np.ndarray | None = None
     g_diag: np.ndarray | None = None
     grad: np.ndarray | None = None
+    grad_fit: np.ndarray | None = None
+    grad_check: np.ndarray | None = None
     fisher_diag_mean: float | None = None
     lambda_max: float | None = None
     lanczos_eigs: np.ndarray | None = None
@@ -177,6 +181,10 @@ class HessianStats:
                 raise ValueError(f"HessianStats: {name} {other.shape} does not match A {a.shape}")
         g = _matrix(self.g, "g", square=True)
         grad = _matrix(self.grad, "grad")
+        for name in ("grad_fit", "grad_check"):
+            half = _matrix(getattr(self, name), name)
+            if grad is not None and half is not None and half.shape != grad.shape:
+                raise ValueError(f"HessianStats: {name} {half.shape} does not match grad {grad.shape}")
         g_diag = _vector(self.g_diag, "g_diag")
         _vector(self.a_eig_top, "a_eig_top")
         _vector(self.lanczos_eigs, "lanczos_eigs")
@@ -190,7 +198,7 @@ class HessianStats:
                 raise ValueError(f"HessianStats: grad {grad.shape} does not match G of size {out}")
             if a is not None and grad.shape[1] != a.shape[0]:
                 raise ValueError(f"HessianStats: grad {grad.shape} does not match A {a.shape}")
-        for name in ("a", "a_weighted", "a_fit", "a_check", "g", "g_diag", "grad"):
+        for name in ("a", "a_weighted", "a_fit", "a_check", "g", "g_diag", "grad", "grad_fit", "grad_check"):
             value = getattr(self, name)
             if value is not None and not np.isfinite(value).all():
                 raise ValueError(f"HessianStats.{name} has NaN or infinite entries")

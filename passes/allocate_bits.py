@@ -26,6 +26,11 @@ weight; 12.4 at 8 bits): the knapsack weighs that overhead against its predicted
 layout when ONNX Runtime opens the model (:mod:`hessc.runtime.lower`). In the portable form a 3-bit
 code lives in a 4-bit container, so there a 3-bit item costs what the 4-bit item costs and is
 (almost always) dominated.
+Lossless runs also offer ``rtn-grad`` items at 4 and 8 bits: RTN whose weights near a rounding
+boundary round against the loss gradient (:func:`hessc.passes.quantizers.rtn`; ALGORITHMS.md §3(c),
+rounding-direction extension). Its first-order term is the one that can make ``c`` negative for
+real. The directions come from the even calibration feeds' gradient and the item is scored with the
+odd feeds' (``grad_fit``/``grad_check``); the chosen item is quantized with the whole gradient.
 One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.passes.allocate`::
 
     min Σ_l c_l(b_l)  s.t.  Σ_l bytes_l(b_l) ≤ B            (budget: bits/weight or bytes)
@@ -145,8 +150,8 @@ class AllocationConfig:
         for bits in self.candidate_bits:
             quantize.validate_bits_and_group(bits, self.group_size)
         for method in self.methods:
-            if method not in ("rtn", "gptq"):
-                raise InputError(f"unknown quantization method {method!r}; use 'rtn' or 'gptq'")
+            if method not in quantize.METHODS:
+                raise InputError(f"unknown quantization method {method!r}; use one of {', '.join(quantize.METHODS)}")
         if "rtn" not in self.methods:
             raise InputError("the methods must include 'rtn' (weights without A can only use it)")
         if self.estimator not in ESTIMATORS:
@@ -430,13 +435,22 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         h = None
         if "gptq" in config.methods:
             h = hessian.gptq_hessian(dataclasses.replace(stats, a=fit) if cross else stats)
+        # Likewise rounding directed by the even feeds' gradient is scored on the odd feeds'.
+        grad_fit, grad_check = _stat(stats, "grad_fit"), _stat(stats, "grad_check")
         out: list[Candidate] = []
         for bits in sorted(set(config.candidate_bits)):
             for method in config.methods:
+                if method == "rtn-grad" and (grad_fit is None or grad_check is None or bits not in quantize.DIRECTED_MARGIN):
+                    continue
                 plan = self._plan(ref, bits, method)
-                q, in_dim = quantize.quantize_matrix(matrix, plan, h if method == "gptq" else None)
+                q, in_dim = quantize.quantize_matrix(matrix, plan, h if method == "gptq" else None,
+                                                     grad_fit if method == "rtn-grad" else None)
                 delta = q.dequantize()[:, :in_dim].astype(np.float64) - matrix
-                scored = dataclasses.replace(stats, a=check) if method == "gptq" and cross else stats
+                scored = stats
+                if method == "gptq" and cross:
+                    scored = dataclasses.replace(stats, a=check)
+                elif method == "rtn-grad":
+                    scored = dataclasses.replace(stats, grad=grad_check)
                 loss, first = predict_delta_loss(scored, delta, estimator)
                 rho = _perturbation(_stat(scored, "a"), matrix, delta)
                 out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout),

@@ -57,6 +57,7 @@ def build_quantization_pipeline(
     annotate: ir.passes.PassBase | None = None,
     allocate: ir.passes.PassBase | None = None,
     hessian_for: Callable | None = None,
+    gradient_for: Callable | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     disabled: Sequence[str] = (),
 ) -> list[tuple[str, ir.passes.PassBase]]:
@@ -71,7 +72,7 @@ def build_quantization_pipeline(
     steps.append(("plan-quantization", quantize.PlanQuantizationPass(config)))
     if allocate is not None:
         steps.append(("allocate-bits", allocate))
-    steps.append(("insert-qdq", quantize.InsertQDQPass(hessian_for=hessian_for, progress=progress)))
+    steps.append(("insert-qdq", quantize.InsertQDQPass(hessian_for=hessian_for, progress=progress, gradient_for=gradient_for)))
     return [(name, p) for name, p in steps if name not in disabled]
 
 

@@ -36,6 +36,16 @@ logger = logging.getLogger(__name__)
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_GROUP, MAX_GROUP = 16, 256
 PORTABLE_OPSET = {2: 25, 3: 21, 4: 21, 8: 21}
+# Quantizers: round to nearest, GPTQ, and round to nearest with gradient-directed rounding near
+# the boundary (quantizers.rtn's ``gradient``).
+METHODS = ("rtn", "gptq", "rtn-grad")
+# Half-width of the band around the rounding boundary inside which ``rtn-grad`` rounds against the
+# gradient, per bit width. Measured on SmolLM2 (group 64, every decoder linear, gradient of 6
+# calibration feeds, loss on 2 others): at 8 bits a band of 0.05 / 0.1 / 0.2 / 0.5 moved the held-out
+# loss by −0.044 / −0.052 / −0.004 / +0.41 nats; at 4 bits 0.002 gave −0.047 against nearest and
+# 0.02 gave +0.06. Wider bands move many weights together, and their correlated error outgrows
+# the first-order gain.
+DIRECTED_MARGIN = {8: 0.1, 4: 0.002}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +65,8 @@ class QuantConfig:
         min_numel: weights smaller than this stay in float (biases, tiny projections).
         bits_override: per-weight bits by user-facing name (used by the bit allocator); 16 or
             more keeps the weight in float.
-        method_override: per-weight method (``rtn``/``gptq``) by user-facing name, for MatMul,
-            Gemm and Conv weights (used by the bit allocator).
+        method_override: per-weight method (``rtn``, ``gptq`` or ``rtn-grad``) by user-facing
+            name, for MatMul, Gemm and Conv weights (used by the bit allocator).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run).
     """
@@ -77,8 +87,8 @@ class QuantConfig:
         if self.method not in ("rtn", "gptq"):
             raise InputError(f"unknown quantization method {self.method!r}; use 'rtn' or 'gptq'")
         for name, method in self.method_override:
-            if method not in ("rtn", "gptq"):
-                raise InputError(f"{name}: unknown quantization method {method!r}; use 'rtn' or 'gptq'")
+            if method not in METHODS:
+                raise InputError(f"{name}: unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
 
 
 def validate_bits_and_group(bits: int, group_size: int) -> None:
@@ -140,8 +150,16 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
     )
 
 
-def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarray | None = None):
+def quantize_matrix(
+    matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarray | None = None, gradient: np.ndarray | None = None
+):
     """Quantizes an (out, in) matrix by the plan; a partial last group is zero-padded.
+
+    Args:
+        matrix: the (out, in) weight.
+        plan: its plan.
+        hessian: GPTQ's (in, in) Hessian (``gptq``).
+        gradient: ``∂L/∂W`` (out, in) that directs rounding near the boundary (``rtn-grad``).
 
     Returns:
         The quantized weight of the padded matrix and the true input size (codes past it are
@@ -154,13 +172,28 @@ def quantize_matrix(matrix: np.ndarray, plan: meta.QuantPlan, hessian: np.ndarra
         matrix = np.pad(matrix, ((0, 0), (0, padded - in_dim)))
         if hessian is not None:
             hessian = np.pad(hessian, ((0, padded - in_dim), (0, padded - in_dim)))
+        if gradient is not None:
+            gradient = np.pad(gradient, ((0, 0), (0, padded - in_dim)))
     if plan.method == "gptq":
         if hessian is None:
             raise InputError(f"{plan.name}: GPTQ needs Hessian statistics; pass calibration data")
         q = quantizers.gptq(matrix, hessian, plan.bits, plan.group_size, plan.symmetric)
+    elif plan.method == "rtn-grad":
+        if gradient is None:
+            raise InputError(f"{plan.name}: gradient-directed rounding needs the loss gradient; pass calibration data")
+        if plan.bits not in DIRECTED_MARGIN:
+            raise InputError(f"{plan.name}: gradient-directed rounding is offered at {sorted(DIRECTED_MARGIN)} bits, "
+                             f"not {plan.bits}")
+        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric, gradient, DIRECTED_MARGIN[plan.bits])
     else:
         q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric)
     return q, in_dim
+
+
+def annotated_gradient(ref: qweights.WeightRef) -> np.ndarray | None:
+    """The loss gradient Hessian annotation measured for a weight, (out, in), or None."""
+    stats = ref.value.meta.get(meta.HESSIAN_KEY)
+    return None if stats is None else stats.grad
 
 
 def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = False) -> int:
@@ -234,15 +267,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
     Args:
         hessian_for: returns the input covariance (in × in) of a weight for GPTQ, or None.
         progress: called once per weight with (index, total, name).
+        gradient_for: returns ``∂L/∂W`` (out × in) of a weight for ``rtn-grad``, or None
+            (default: the annotated gradient).
     """
 
     def __init__(
         self,
         hessian_for: Callable[[qweights.WeightRef], np.ndarray | None] | None = None,
         progress: Callable[[int, int, str], None] | None = None,
+        gradient_for: Callable[[qweights.WeightRef], np.ndarray | None] | None = None,
     ) -> None:
         super().__init__()
         self.hessian_for = hessian_for or (lambda ref: None)
+        self.gradient_for = gradient_for or annotated_gradient
         self.progress = progress
 
     def requires(self, model: ir.Model) -> None:
@@ -271,7 +308,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if any(r.op != ref.op or r.transposed != ref.transposed for r in group[1:]):
             logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
         hessian = self.hessian_for(ref) if plan.method == "gptq" else None
-        q, in_dim = quantize_matrix(ref.matrix(), plan, hessian)
+        gradient = self.gradient_for(ref) if plan.method == "rtn-grad" else None
+        q, in_dim = quantize_matrix(ref.matrix(), plan, hessian, gradient)
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
         codes = q.codes[:, :in_dim]

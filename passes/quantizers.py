@@ -212,21 +212,34 @@ def _pack(
 
 
 def rtn(
-    W: np.ndarray | torch.Tensor, bits: int, group_size: int, symmetric: bool = False
+    W: np.ndarray | torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool = False,
+    gradient: np.ndarray | None = None,
+    margin: float = 0.0,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization, bit-identical to ORT's MatMulNBits blockwise quantizer.
+
+    With a ``gradient``, weights whose scaled position ``w·(1/s) + z`` lies within ``margin`` of
+    a rounding boundary (fractional part in ``(0.5 − margin, 0.5 + margin)``) are rounded the way
+    that lowers the loss to first order, ``∂L/∂w · δw < 0``: down where the gradient is positive,
+    up where it is negative (ALGORITHMS.md §3(c), rounding-direction extension). Scales and zero
+    points are RTN's, so the stored form and its cost are unchanged.
 
     Args:
         W: (out, in) weight; cast to float32 first (as ORT quantizes fp32 initializers).
         bits: bits per code, 2..8.
         group_size: consecutive input columns per scale; 0 = per output channel.
         symmetric: signed codes, no zero point.
+        gradient: ``∂L/∂W`` (out, in) that directs rounding near the boundary; None: nearest.
+        margin: half-width of the band around the boundary, in ``[0, 0.5]``.
 
     Returns:
         The quantized weight.
 
     Raises:
-        ValueError: ``in`` is not divisible by ``group_size``, or bad bits / shape.
+        ValueError: ``in`` is not divisible by ``group_size``, or bad bits / shape / margin.
     """
     g = _check(tuple(W.shape), bits, group_size)
     w = _as_f32(W)
@@ -234,9 +247,34 @@ def rtn(
     wg = w.reshape(out * (n_in // g), g)
     scale, zp = _params(wg, bits, symmetric)
     codes_u = _codes(wg, scale[:, None], zp[:, None], bits).reshape(out, n_in)
+    if gradient is not None and margin > 0:
+        codes_u = _directed(wg, scale, zp, bits, gradient, margin).where(
+            _near_boundary(wg, scale, zp, margin), codes_u.reshape(wg.shape)
+        ).reshape(out, n_in)
     return _pack(
         codes_u, scale.reshape(out, -1), zp.reshape(out, -1), bits, group_size, symmetric
     )
+
+
+def _position(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    return wg * (torch.tensor(1.0, dtype=wg.dtype) / scale[:, None]) + zp[:, None]
+
+
+def _near_boundary(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, margin: float) -> torch.Tensor:
+    x = _position(wg, scale, zp)
+    return ((x - x.floor()) - 0.5).abs() < margin
+
+
+def _directed(
+    wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, gradient: np.ndarray, margin: float
+) -> torch.Tensor:
+    """Codes rounded against the gradient: a code step moves ``w`` by ``s``, so ``floor`` where
+    ``s · ∂L/∂w > 0``, else ``ceil`` (the symmetric scale can be negative)."""
+    if not 0.0 <= margin <= 0.5:
+        raise ValueError(f"margin must be in [0, 0.5], got {margin}")
+    grad = torch.from_numpy(np.asarray(gradient, dtype=np.float32)).reshape(wg.shape)
+    x = _position(wg, scale, zp)
+    return torch.where(grad * scale[:, None] > 0, x.floor(), x.ceil()).clamp_(0.0, float(2**bits - 1))
 
 
 @contextlib.contextmanager

@@ -199,6 +199,7 @@ def optimize(
         annotate=curvature.annotate if curvature else None,
         allocate=allocate_bits.AllocateBitsPass(allocation) if allocation is not None else None,
         hessian_for=curvature.hessian_for if curvature else None,
+        gradient_for=curvature.gradient_for if curvature else None,
     )
     split = [n for n, _ in steps].index("insert-qdq")
     timings = pipeline.run(model, steps[:split])
@@ -261,6 +262,9 @@ def _allocation_config(
     common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes,
                   kernel_layout=kernel_layout)
     if lossless:
+        # lossless also offers gradient-directed rounding: its first-order gain is what can put a
+        # quantized model's loss below the float model's (allocate_bits, "rtn-grad").
+        common["methods"] = (*methods, "rtn-grad")
         return allocate_bits.AllocationConfig(lossless=True, **common), 4
     if budget_bytes is not None:
         return allocate_bits.AllocationConfig(budget_bytes=int(budget_bytes), **common), 4
@@ -284,6 +288,7 @@ class _Curvature:
         self.loss_name = loss_name
         self.ids_name = ids_name
         self.a_by_name: dict[str, np.ndarray] = {}
+        self.grad_by_name: dict[str, np.ndarray] = {}
         self.summaries: dict[str, Any] = {}
         self.loss_fn: Callable | None = None
 
@@ -312,7 +317,7 @@ class _Curvature:
         weighted = method == "gptq"
         config = hessian.HessianConfig(
             covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
-            split_covariance=backward and weighted,
+            split_covariance=backward and weighted, split_gradient=lossless,
             max_samples=len(stat_feeds), max_grad_samples=min(len(stat_feeds), 16),
             labels=stat_labels if (backward or weighted) and loss is None else None,
             loss=loss if loss is not None else "auto",
@@ -339,6 +344,10 @@ class _Curvature:
         """GPTQ's Hessian of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
         return self.a_by_name.get(ref.name)
 
+    def gradient_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
+        """The loss gradient of a weight, by name (for ``rtn-grad`` on a fresh copy)."""
+        return self.grad_by_name.get(ref.name)
+
     def snapshot(self, model: ir.Model) -> None:
         from hessc.passes import hessian
 
@@ -346,6 +355,9 @@ class _Curvature:
             h = hessian.hessian_for(ref)
             if h is not None:
                 self.a_by_name[ref.name] = h
+            g = quantize.annotated_gradient(ref)
+            if g is not None:
+                self.grad_by_name[ref.name] = g
         self.summaries = dict(model.meta.get(meta.CURVATURE_KEY, {}))
 
     def _loss(self, model: ir.Model) -> float:
@@ -373,7 +385,9 @@ class _Curvature:
             )
             candidate = frontend.clone(self.float_copy)
             try:
-                pipeline.run(candidate, pipeline.build_quantization_pipeline(replay, hessian_for=self.hessian_for, progress=progress))
+                pipeline.run(candidate, pipeline.build_quantization_pipeline(
+                    replay, hessian_for=self.hessian_for, gradient_for=self.gradient_for, progress=progress
+                ))
             except InputError:  # everything is back in float: the float model itself
                 candidate = frontend.clone(self.float_copy)
             model = candidate

@@ -370,6 +370,51 @@ def test_gptq_items_are_fitted_on_one_half_and_scored_on_the_other(monkeypatch) 
     assert len(fitted) == 2 and all(np.array_equal(f, h) for f in fitted)
 
 
+def test_directed_rounding_items_are_directed_by_one_half_and_scored_on_the_other(monkeypatch) -> None:
+    rng = np.random.default_rng(4)
+    fit, check = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    a = _correlated_cov(64, 1)
+    stats = {"W1": meta.HessianStats(samples=10, a=a, g=np.eye(64), grad=(fit + check) / 2, grad_fit=fit, grad_check=check),
+             "W2": meta.HessianStats(samples=10, a=a, g=np.eye(64), grad=fit.copy())}  # no halves: no rtn-grad items
+    model = _planned(_mlp3(), stats)
+    scored = []
+    original = allocate_bits.predict_delta_loss
+    monkeypatch.setattr(allocate_bits, "predict_delta_loss", lambda st, d, e: scored.append(st.grad) or original(st, d, e))
+    config = AllocationConfig(lossless=True, methods=("rtn", "rtn-grad"), candidate_bits=(2, 4, 8))
+    AllocateBitsPass(config)(model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    items = {w["name"]: {(c["bits"], c["method"]) for c in w["candidates"]} for w in record["weights"]}
+    assert items["W1"] == {(2, "rtn"), (4, "rtn"), (8, "rtn"), (4, "rtn-grad"), (8, "rtn-grad"), (32, "float")}
+    assert items["W2"] == {(2, "rtn"), (4, "rtn"), (8, "rtn"), (32, "float")}
+    assert sum(g is check for g in scored) == 2 and not any(g is fit for g in scored)
+    # The item's first-order term is the odd feeds' gradient against rounding the even feeds' chose.
+    w1 = next(r for r in qweights.iter_weights(model) if r.name == "W1").matrix()
+    directed = quantizers.rtn(w1, 8, 32, False, fit, quantize.DIRECTED_MARGIN[8]).dequantize() - w1
+    entry = next(c for w in record["weights"] if w["name"] == "W1" for c in w["candidates"]
+                 if (c["bits"], c["method"]) == (8, "rtn-grad"))
+    assert entry["first_order"] == pytest.approx(float(np.sum(check * directed)), rel=1e-9)
+    nearest = quantizers.rtn(w1, 8, 32).dequantize() - w1
+    assert np.sum(fit * directed) < np.sum(fit * nearest)
+
+
+def test_rtn_grad_plans_are_quantized_with_the_whole_gradient() -> None:
+    rng = np.random.default_rng(5)
+    grad = rng.standard_normal((64, 64))
+    replay = QuantConfig(bits=4, group_size=32, method_override=(("W1", "rtn-grad"),), bits_override=(("W1", 8),))
+    model = b.load(_mlp3())
+    PlanQuantizationPass(replay)(model)
+    w1 = next(r for r in qweights.iter_weights(model) if r.name == "W1").matrix()
+    with pytest.raises(InputError, match="needs the loss gradient"):  # no annotation, no gradient_for
+        quantize.InsertQDQPass()(model)
+    model = b.load(_mlp3())
+    PlanQuantizationPass(replay)(model)
+    quantize.InsertQDQPass(gradient_for=lambda r: grad if r.name == "W1" else None)(model)
+    codes = next(v for v in model.graph.initializers.values() if v.name == "W1_q").const_value.numpy()
+    expected = quantizers.rtn(w1, 8, 32, False, grad, quantize.DIRECTED_MARGIN[8]).codes
+    np.testing.assert_array_equal(codes.T, expected)  # MatMul stores (in, out)
+    assert not np.array_equal(expected, quantizers.rtn(w1, 8, 32).codes)
+
+
 def test_items_beyond_the_trust_radius_only_when_the_budget_needs_them() -> None:
     stats = _identity_stats({"W1": 1e4, "W2": 1.0, "W3": 1e-6})
 

@@ -315,6 +315,21 @@ def test_gradient_matches_finite_differences(exact_blocks) -> None:
             assert np.sum(grad * d.numpy().T) == pytest.approx(fd, rel=1e-6, abs=1e-9)
 
 
+def test_split_gradient_keeps_the_even_and_odd_feeds_gradients() -> None:
+    model, feeds, labels = classifier()
+    config = HessianConfig(labels=labels, gradient=True, split_gradient=True, covariance=False, **F64)
+    AnnotateHessianPass(config, feeds)(model)
+    w1 = torch.from_numpy(f64(builders.weight((D_IN, HIDDEN), 3))).requires_grad_()
+    w2 = torch.from_numpy(f64(builders.weight((HIDDEN, CLASSES), 4))).requires_grad_()
+    for field, part in (("grad_fit", slice(0, None, 2)), ("grad_check", slice(1, None, 2))):
+        expected = torch.autograd.grad(torch_loss(w1, w2, feeds[part], labels[part]), (w1, w2))
+        for name, e in zip(("W1", "W2"), expected):  # stats are (out, in): the stored MatMul weight's transpose
+            np.testing.assert_allclose(getattr(stats_of(model, name), field), e.numpy().T, rtol=1e-9, atol=1e-12)
+    s = stats_of(model, "W1")
+    assert not np.allclose(s.grad_fit, s.grad_check)
+    np.testing.assert_allclose((s.grad_fit + s.grad_check) / 2, s.grad, rtol=1e-9, atol=1e-12)  # equal-sized feeds
+
+
 def test_kfac_and_fisher_match_per_sample_outer_products() -> None:
     model, feeds, labels = classifier()
     config = HessianConfig(labels=labels, kfac=True, fisher_diag=True, gradient=True, weighted_covariance=True, **F64)

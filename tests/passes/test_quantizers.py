@@ -84,6 +84,33 @@ def test_rtn_symmetric_conventions(bits: int, group_size: int) -> None:
     assert np.all(err <= _step(q) * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_gradient_directed_rounding(bits: int, symmetric: bool) -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    grad = rng.standard_normal((16, 128))
+    nearest = rtn(w, bits, 32, symmetric)
+    assert np.array_equal(rtn(w, bits, 32, symmetric, grad, 0.0).codes, nearest.codes)
+    directed = rtn(w, bits, 32, symmetric, grad, 0.1)
+    np.testing.assert_array_equal(directed.scales, nearest.scales)  # the stored form is RTN's
+    moved = directed.codes != nearest.codes
+    assert 0 < moved.mean() < 0.3  # only weights in the band, and about a fifth of them land in it
+    d_nearest = nearest.dequantize() - w
+    d_directed = directed.dequantize() - w
+    # Every moved weight now rounds against the gradient, and is one step from the nearest code.
+    assert np.all(grad[moved] * d_directed[moved] < 0)
+    assert np.all(np.abs(directed.codes.astype(int) - nearest.codes.astype(int)) <= 1)
+    assert np.all(np.abs(d_directed[moved]) <= np.repeat(np.abs(nearest.scales), 32, axis=1)[moved] * 0.6 + 1e-6)
+    assert np.sum(grad * d_directed) < np.sum(grad * d_nearest)
+    everywhere = rtn(w, bits, 32, symmetric, grad, 0.5)
+    d_everywhere = everywhere.dequantize() - w
+    inside = (everywhere.codes > everywhere.codes.min()) & (everywhere.codes < everywhere.codes.max())
+    assert np.all(grad[inside] * d_everywhere[inside] <= 1e-12)  # the band covers every weight
+    with pytest.raises(ValueError, match="margin"):
+        rtn(w, bits, 32, symmetric, grad, 0.7)
+
+
 def test_rtn_per_channel_is_one_group_per_row() -> None:
     W = _weight(7, 40, seed=3)
     per_channel = rtn(W, 4, 0)
