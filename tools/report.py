@@ -142,11 +142,12 @@ def allocation_plot(record: dict, path) -> bool:
     x = [max(abs(_sensitivity(w)), 1e-30) for w in weights]
     y = [w["bits"] for w in weights]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(x, y, c=["tab:orange" if w["method"] == "gptq" else "tab:blue" for w in weights])
+    colours = {"gptq": "tab:orange", "rtn-grad": "tab:green"}
+    ax.scatter(x, y, c=[colours.get(w["method"], "tab:blue") for w in weights])
     ax.set_xscale("log")
     ax.set_xlabel("|predicted Δloss| at the fewest bits (chosen quantizer)")
     ax.set_ylabel("chosen bits (32 = float)")
-    ax.set_title("bits against sensitivity (orange: GPTQ, blue: RTN)")
+    ax.set_title("bits against sensitivity (orange: GPTQ, green: RTN gradient-directed, blue: RTN)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
