@@ -39,6 +39,9 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # The scope of ORT's quantizer (MatMul/Gemm weights; embeddings stay float), for like-for-like sizes.
     "hessc-matmul": {"quantize_embeddings": False},
     "hessc-gptq": {"quantize_embeddings": False, "method": "gptq"},
+    # Gradient-directed rounding items (rtn-grad) beside the others; budgets and lossless only.
+    "hessc-grad": {"quantize_embeddings": False, "rounding": "gradient"},
+    "hessc-gptq-grad": {"quantize_embeddings": False, "method": "gptq", "rounding": "gradient"},
     # Activations: 8 = calibrated uint8 Q/DQ (the CPU kernel's int8 path), 16 = float compute.
     "hessc-a8": {"quantize_embeddings": False, "activations": 8},
     "hessc-a16": {"quantize_embeddings": False, "activations": 16},
@@ -206,7 +209,7 @@ def run_bench(
                     else:
                         _ort_quantize(src, dst, method, b, g, external, calibration)
                 except Exception as e:  # a method that cannot do this setting is reported, not hidden
-                    logger.warning("%s at %d bits, group %d failed: %s", method, b, g, str(e)[:200])
+                    logger.warning("%s at %s bits, group %d failed: %s", method, b, g, str(e)[:200])
                     rows.append({"model": name, "method": method, "bits": b, "group_size": g, "target": target,
                                  "error": f"{type(e).__name__}: {str(e)[:160]}"})
                     continue

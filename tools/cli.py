@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the weights --bits would budget")
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="quantizer (gptq needs --calibration); with a budget, the quantizers offered")
+    o.add_argument("--rounding", choices=["nearest", "gradient"], default="nearest",
+                   help="with a budget or lossless: also offer 4- and 8-bit items that round weights near a "
+                        "rounding boundary against the calibration loss gradient")
     o.add_argument("--group-size", type=int, default=32, help="weights per scale, 16-256 (default 32)")
     o.add_argument("--symmetric", action="store_true", help="no zero points")
     o.add_argument("--calibration", help=".npz with one array per model input (first axis = samples)")
@@ -154,7 +157,7 @@ def _cmd_optimize(args) -> int:
         raise InputError(f"{args.calibration}: no such calibration file; check the path")
     model = hessc.optimize(
         str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
-        budget_bytes=args.budget_bytes, method=args.method,
+        budget_bytes=args.budget_bytes, method=args.method, rounding=args.rounding,
         calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,

@@ -532,6 +532,31 @@ def test_lossless_is_confirmed_on_held_out_data() -> None:
 
 
 @pytest.mark.torch
+def test_lossless_with_gradient_directed_rounding() -> None:
+    import hessc
+    from hessc.ir import frontend
+
+    torch.manual_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    model = frontend.load(module, (torch.randn(16, 64),))
+    rng = np.random.default_rng(2)
+    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    labels = [rng.integers(0, 64, 16) for _ in range(8)]
+    out = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels, rounding="gradient")
+    plan = meta.read_plan(out)
+    s = plan["summary"]
+    assert s["heldout_loss_quantized"] <= s["heldout_loss_fp32"]
+    offered = {(c["bits"], c["method"]) for w in plan["allocation"]["weights"] for c in w["candidates"]}
+    assert {(4, "rtn-grad"), (8, "rtn-grad")} <= offered and not any(m == "rtn-grad" and b in (2, 3) for b, m in offered)
+    plain = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels)
+    assert all(c["method"] != "rtn-grad" for w in meta.read_plan(plain)["allocation"]["weights"] for c in w["candidates"])
+    with pytest.raises(InputError, match="chosen by the bit allocator"):
+        hessc.optimize(model, target="onnx", bits=4, calibration=feeds, rounding="gradient")
+    with pytest.raises(InputError, match="unknown rounding"):
+        hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels, rounding="up")
+
+
+@pytest.mark.torch
 def test_lossless_with_a_task_loss_checks_that_loss_on_held_out_feeds() -> None:
     import hessc
     from hessc.ir import frontend
