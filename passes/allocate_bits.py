@@ -26,8 +26,8 @@ weight; 12.4 at 8 bits): the knapsack weighs that overhead against its predicted
 layout when ONNX Runtime opens the model (:mod:`hessc.runtime.lower`). In the portable form a 3-bit
 code lives in a 4-bit container, so there a 3-bit item costs what the 4-bit item costs and is
 (almost always) dominated.
-Lossless runs also offer ``rtn-grad`` items at 4 and 8 bits: RTN whose weights near a rounding
-boundary round against the loss gradient (:func:`hessc.passes.quantizers.rtn`; ALGORITHMS.md §3(c),
+With ``rtn-grad`` among the methods (``optimize(rounding="gradient")``) the allocator also offers
+items at 4 and 8 bits whose weights near a rounding boundary round against the loss gradient (:func:`hessc.passes.quantizers.rtn`; ALGORITHMS.md §3(c),
 rounding-direction extension). Its first-order term is the one that can make ``c`` negative for
 real. The directions come from the even calibration feeds' gradient and the item is scored with the
 odd feeds' (``grad_fit``/``grad_check``); the chosen item is quantized with the whole gradient.

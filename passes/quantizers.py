@@ -222,9 +222,10 @@ def rtn(
     """Round-to-nearest quantization, bit-identical to ORT's MatMulNBits blockwise quantizer.
 
     With a ``gradient``, weights whose scaled position ``w·(1/s) + z`` lies within ``margin`` of
-    a rounding boundary (fractional part in ``(0.5 − margin, 0.5 + margin)``) are rounded the way
-    that lowers the loss to first order, ``∂L/∂w · δw < 0``: down where the gradient is positive,
-    up where it is negative (ALGORITHMS.md §3(c), rounding-direction extension). Scales and zero
+    a rounding boundary (fractional part in ``(0.5 − margin, 0.5 + margin)``) take the neighbouring
+    code that lowers the loss to first order, ``∂L/∂w · δw < 0`` (ALGORITHMS.md §3(c),
+    rounding-direction extension, restricted to a band: directing every weight moves them together
+    in the gradient's sign pattern, and that correlated error outgrows the gain). Scales and zero
     points are RTN's, so the stored form and its cost are unchanged.
 
     Args:
@@ -242,13 +243,15 @@ def rtn(
         ValueError: ``in`` is not divisible by ``group_size``, or bad bits / shape / margin.
     """
     g = _check(tuple(W.shape), bits, group_size)
+    if not 0.0 <= margin <= 0.5:
+        raise ValueError(f"margin must be in [0, 0.5], got {margin}")
     w = _as_f32(W)
     out, n_in = w.shape
     wg = w.reshape(out * (n_in // g), g)
     scale, zp = _params(wg, bits, symmetric)
     codes_u = _codes(wg, scale[:, None], zp[:, None], bits).reshape(out, n_in)
     if gradient is not None and margin > 0:
-        codes_u = _directed(wg, scale, zp, bits, gradient, margin).where(
+        codes_u = _directed(wg, scale, zp, bits, gradient).where(
             _near_boundary(wg, scale, zp, margin), codes_u.reshape(wg.shape)
         ).reshape(out, n_in)
     return _pack(
@@ -265,13 +268,9 @@ def _near_boundary(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, marg
     return ((x - x.floor()) - 0.5).abs() < margin
 
 
-def _directed(
-    wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, gradient: np.ndarray, margin: float
-) -> torch.Tensor:
+def _directed(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, gradient: np.ndarray) -> torch.Tensor:
     """Codes rounded against the gradient: a code step moves ``w`` by ``s``, so ``floor`` where
     ``s · ∂L/∂w > 0``, else ``ceil`` (the symmetric scale can be negative)."""
-    if not 0.0 <= margin <= 0.5:
-        raise ValueError(f"margin must be in [0, 0.5], got {margin}")
     grad = torch.from_numpy(np.asarray(gradient, dtype=np.float32)).reshape(wg.shape)
     x = _position(wg, scale, zp)
     return torch.where(grad * scale[:, None] > 0, x.floor(), x.ceil()).clamp_(0.0, float(2**bits - 1))
