@@ -510,17 +510,27 @@ def test_gptq_beats_rtn_at_four_bits_on_correlated_data(mlp_and_calibration) -> 
     assert errors["gptq"] < errors["rtn"]
 
 
-@pytest.mark.torch
-def test_lossless_is_confirmed_on_held_out_data() -> None:
-    import hessc
+def _torch_mlp(*dims: int):
+    """``Linear → ReLU → … → Linear`` over ``dims``: the module, its ONNX model, 8 feeds of 16 rows."""
     from hessc.ir import frontend
 
     torch.manual_seed(1)
-    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
-                                 torch.nn.ReLU(), torch.nn.Linear(64, 16))
-    model = frontend.load(module, (torch.randn(16, 64),))
+    layers: list = []
+    for i, (a, b_) in enumerate(zip(dims[:-1], dims[1:])):
+        layers += [torch.nn.ReLU()] if i else []
+        layers.append(torch.nn.Linear(a, b_))
+    module = torch.nn.Sequential(*layers)
+    model = frontend.load(module, (torch.randn(16, dims[0]),))
     rng = np.random.default_rng(2)
-    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    feeds = [{"input": rng.standard_normal((16, dims[0])).astype(np.float32)} for _ in range(8)]
+    return module, model, feeds, rng
+
+
+@pytest.mark.torch
+def test_lossless_is_confirmed_on_held_out_data() -> None:
+    import hessc
+
+    _, model, feeds, rng = _torch_mlp(64, 128, 64, 16)
     labels = [rng.integers(0, 16, 16) for _ in range(8)]
     out = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels, method="gptq")
     s = meta.read_plan(out)["summary"]
@@ -534,13 +544,8 @@ def test_lossless_is_confirmed_on_held_out_data() -> None:
 @pytest.mark.torch
 def test_lossless_with_gradient_directed_rounding() -> None:
     import hessc
-    from hessc.ir import frontend
 
-    torch.manual_seed(1)
-    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
-    model = frontend.load(module, (torch.randn(16, 64),))
-    rng = np.random.default_rng(2)
-    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    _, model, feeds, rng = _torch_mlp(64, 128, 64)
     labels = [rng.integers(0, 64, 16) for _ in range(8)]
     out = hessc.optimize(model, target="onnx", bits="lossless", calibration=feeds, labels=labels, rounding="gradient")
     plan = meta.read_plan(out)
@@ -559,13 +564,8 @@ def test_lossless_with_gradient_directed_rounding() -> None:
 @pytest.mark.torch
 def test_lossless_with_a_task_loss_checks_that_loss_on_held_out_feeds() -> None:
     import hessc
-    from hessc.ir import frontend
 
-    torch.manual_seed(1)
-    module = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32))
-    model = frontend.load(module, (torch.randn(16, 64),))
-    rng = np.random.default_rng(2)
-    feeds = [{"input": rng.standard_normal((16, 64)).astype(np.float32)} for _ in range(8)]
+    module, model, feeds, _ = _torch_mlp(64, 128, 32)
     calls = []
 
     def pair_loss(outputs: dict, feed: dict) -> torch.Tensor:
