@@ -277,13 +277,16 @@ def predict_delta_loss(stats: Any, delta: np.ndarray, estimator: str) -> tuple[f
     return first + quadratic, first
 
 
-def _perturbation(a: np.ndarray, w: np.ndarray, delta: np.ndarray) -> float:
-    """``√(tr(Δ A Δᵀ) / tr(W A Wᵀ))``: the layer-output error relative to the output."""
+def _output_energy(a: np.ndarray, m: np.ndarray) -> float:
+    """``tr(M A Mᵀ)``: the layer-output energy of a weight (or of a weight change) under ``A``."""
     a = np.asarray(a, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    base = float(np.sum((w @ a) * w))
-    err = float(np.sum((delta @ a) * delta))
-    return math.sqrt(max(err, 0.0) / base) if base > 0 else 0.0
+    return float(np.sum((np.asarray(m, dtype=np.float64) @ a) * m))
+
+
+def _perturbation(a: np.ndarray, delta: np.ndarray, base: float) -> float:
+    """``√(tr(Δ A Δᵀ) / tr(W A Wᵀ))``, the layer-output error relative to the output, given
+    ``base = tr(W A Wᵀ)`` (:func:`_output_energy` of the weight, the same for all its items)."""
+    return math.sqrt(max(_output_energy(a, delta), 0.0) / base) if base > 0 else 0.0
 
 
 def _curvature_summary(stats: Any) -> dict[str, Any]:
@@ -437,6 +440,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             h = hessian.gptq_hessian(dataclasses.replace(stats, a=fit) if cross else stats)
         # Likewise rounding directed by the even feeds' gradient is scored on the odd feeds'.
         grad_fit, grad_check = _stat(stats, "grad_fit"), _stat(stats, "grad_check")
+        bases: dict[int, float] = {}  # tr(W A Wᵀ) per A the items are scored on
         out: list[Candidate] = []
         for bits in sorted(set(config.candidate_bits)):
             for method in config.methods:
@@ -452,7 +456,10 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 elif method == "rtn-grad":
                     scored = dataclasses.replace(stats, grad=grad_check)
                 loss, first = predict_delta_loss(scored, delta, estimator)
-                rho = _perturbation(_stat(scored, "a"), matrix, delta)
+                a = _stat(scored, "a")
+                if id(a) not in bases:
+                    bases[id(a)] = _output_energy(a, matrix)
+                rho = _perturbation(a, delta, bases[id(a)])
                 out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout),
                                      loss, first, rho))
                 logger.debug("%s: %d-bit %s predicts %.4g", ref.name, bits, method, loss)

@@ -274,6 +274,13 @@ def hessian_for(ref: qweights.WeightRef) -> np.ndarray | None:
     return gptq_hessian(stats)
 
 
+def gradient_for(ref: qweights.WeightRef) -> np.ndarray | None:
+    """The loss gradient ``∂L/∂W`` (out × in) that :class:`AnnotateHessianPass` left on a weight,
+    or None; use as ``InsertQDQPass(gradient_for=gradient_for)`` (``rtn-grad``)."""
+    stats = ref.value.meta.get(meta.HESSIAN_KEY)
+    return stats.grad if isinstance(stats, meta.HessianStats) else None
+
+
 # --------------------------------------------------------------------------------------------------
 # layers: weights grouped by value, activations grouped by (value, im2col settings)
 

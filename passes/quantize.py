@@ -190,12 +190,6 @@ def quantize_matrix(
     return q, in_dim
 
 
-def annotated_gradient(ref: qweights.WeightRef) -> np.ndarray | None:
-    """The loss gradient Hessian annotation measured for a weight, (out, in), or None."""
-    stats = ref.value.meta.get(meta.HESSIAN_KEY)
-    return None if stats is None else stats.grad
-
-
 def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = False) -> int:
     """Bytes of codes (at their container width), scales and zero points of one weight.
 
@@ -267,8 +261,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     Args:
         hessian_for: returns the input covariance (in × in) of a weight for GPTQ, or None.
         progress: called once per weight with (index, total, name).
-        gradient_for: returns ``∂L/∂W`` (out × in) of a weight for ``rtn-grad``, or None
-            (default: the annotated gradient).
+        gradient_for: returns ``∂L/∂W`` (out × in) of a weight for ``rtn-grad``, or None.
     """
 
     def __init__(
@@ -279,7 +272,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     ) -> None:
         super().__init__()
         self.hessian_for = hessian_for or (lambda ref: None)
-        self.gradient_for = gradient_for or annotated_gradient
+        self.gradient_for = gradient_for or (lambda ref: None)
         self.progress = progress
 
     def requires(self, model: ir.Model) -> None:

@@ -181,10 +181,14 @@ def _params(wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor,
     return scale, zp
 
 
+def _position(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """``w·(1/s) + z``, broadcasting scale/zp: where a weight falls on the code grid."""
+    return w * (torch.tensor(1.0, dtype=w.dtype) / scale) + zp
+
+
 def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes ``clip(roundf(w·(1/s) + z), 0, qmax)``, broadcasting scale/zp."""
-    rs = torch.tensor(1.0, dtype=w.dtype) / scale
-    return _roundf(w * rs + zp).clamp_(0.0, float(2**bits - 1))
+    return _roundf(_position(w, scale, zp)).clamp_(0.0, float(2**bits - 1))
 
 
 def _pack(
@@ -249,30 +253,20 @@ def rtn(
     out, n_in = w.shape
     wg = w.reshape(out * (n_in // g), g)
     scale, zp = _params(wg, bits, symmetric)
-    codes_u = _codes(wg, scale[:, None], zp[:, None], bits).reshape(out, n_in)
+    x = _position(wg, scale[:, None], zp[:, None])
+    codes_u = _roundf(x).clamp_(0.0, float(2**bits - 1))
     if gradient is not None and margin > 0:
-        codes_u = _directed(wg, scale, zp, bits, gradient).where(
-            _near_boundary(wg, scale, zp, margin), codes_u.reshape(wg.shape)
-        ).reshape(out, n_in)
+        near = ((x - x.floor()) - 0.5).abs() < margin
+        codes_u = torch.where(near, _directed(x, scale, bits, gradient), codes_u)
     return _pack(
-        codes_u, scale.reshape(out, -1), zp.reshape(out, -1), bits, group_size, symmetric
+        codes_u.reshape(out, n_in), scale.reshape(out, -1), zp.reshape(out, -1), bits, group_size, symmetric
     )
 
 
-def _position(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    return wg * (torch.tensor(1.0, dtype=wg.dtype) / scale[:, None]) + zp[:, None]
-
-
-def _near_boundary(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, margin: float) -> torch.Tensor:
-    x = _position(wg, scale, zp)
-    return ((x - x.floor()) - 0.5).abs() < margin
-
-
-def _directed(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, gradient: np.ndarray) -> torch.Tensor:
-    """Codes rounded against the gradient: a code step moves ``w`` by ``s``, so ``floor`` where
-    ``s · ∂L/∂w > 0``, else ``ceil`` (the symmetric scale can be negative)."""
-    grad = torch.from_numpy(np.asarray(gradient, dtype=np.float32)).reshape(wg.shape)
-    x = _position(wg, scale, zp)
+def _directed(x: torch.Tensor, scale: torch.Tensor, bits: int, gradient: np.ndarray) -> torch.Tensor:
+    """Codes of grid positions ``x`` rounded against the gradient: a code step moves ``w`` by
+    ``s``, so ``floor`` where ``s · ∂L/∂w > 0``, else ``ceil`` (the symmetric scale can be negative)."""
+    grad = torch.from_numpy(np.asarray(gradient, dtype=np.float32)).reshape(x.shape)
     return torch.where(grad * scale[:, None] > 0, x.floor(), x.ceil()).clamp_(0.0, float(2**bits - 1))
 
 

@@ -290,7 +290,8 @@ class _Curvature:
     layers by predicted Δloss move up one bit level) and is re-checked.
     """
 
-    def __init__(self, annotate, float_copy, held, held_labels, loss_name: str | None, ids_name: str | None) -> None:
+    def __init__(self, annotate, float_copy, held, held_labels, loss_name: str | None, ids_name: str | None,
+                 loss_fn: Callable | None = None) -> None:
         self.annotate = annotate
         self.float_copy = float_copy
         self.held = held
@@ -300,7 +301,7 @@ class _Curvature:
         self.a_by_name: dict[str, np.ndarray] = {}
         self.grad_by_name: dict[str, np.ndarray] = {}
         self.summaries: dict[str, Any] = {}
-        self.loss_fn: Callable | None = None
+        self.loss_fn = loss_fn
 
     @classmethod
     def prepare(cls, model: ir.Model, feeds, labels, allocation, method: str, progress: Progress | None,
@@ -346,9 +347,7 @@ class _Curvature:
 
         annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
         float_copy = frontend.clone(model) if lossless else None
-        curvature = cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model))
-        curvature.loss_fn = loss
-        return curvature
+        return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model), loss)
 
     def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
         """GPTQ's Hessian of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
@@ -365,7 +364,7 @@ class _Curvature:
             h = hessian.hessian_for(ref)
             if h is not None:
                 self.a_by_name[ref.name] = h
-            g = quantize.annotated_gradient(ref)
+            g = hessian.gradient_for(ref)
             if g is not None:
                 self.grad_by_name[ref.name] = g
         self.summaries = dict(model.meta.get(meta.CURVATURE_KEY, {}))
