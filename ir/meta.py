@@ -37,6 +37,66 @@ CURVATURE_KEY = "hessc.curvature"
 """``model.meta`` key: ``{weight name: HessianStats.summary()}``, the JSON-able curvature record
 that goes into the plan under each weight's ``curvature``."""
 
+CALIBRATION_KEY = "hessc.calibration"
+"""``model.meta`` key: the :class:`Calibration` data the analysis passes read."""
+
+STALE_KEY = "hessc.stale"
+"""``value.meta`` key: ``{annotation key: reason}`` of annotations a rewrite invalidated
+(:func:`invalidate`); a pass that reads one of them refuses until it is recomputed."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Calibration:
+    """Calibration data, attached to the model under :data:`CALIBRATION_KEY` for the passes.
+
+    Attributes:
+        feeds: the feeds statistics are computed from (``{input name: array}``, checked against
+            the graph's inputs).
+        heldout: feeds the statistics never see, for checks on held-out data (``lossless``).
+        labels: one integer label array per feed (a cross-entropy loss), or None.
+        heldout_labels: the labels of ``heldout``, or None.
+        loss: a task loss ``loss(outputs, feed) -> torch scalar`` overriding the labels, or None.
+    """
+
+    feeds: tuple[dict[str, np.ndarray], ...]
+    heldout: tuple[dict[str, np.ndarray], ...] = ()
+    labels: tuple[np.ndarray, ...] | None = None
+    heldout_labels: tuple[np.ndarray, ...] | None = None
+    loss: Any = None
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and len(self.labels) != len(self.feeds):
+            raise ValueError(f"Calibration: {len(self.labels)} label arrays for {len(self.feeds)} feeds")
+        if self.heldout_labels is not None and len(self.heldout_labels) != len(self.heldout):
+            raise ValueError(f"Calibration: {len(self.heldout_labels)} held-out labels for {len(self.heldout)} feeds")
+
+
+def invalidate(value: Any, key: str, reason: str) -> bool:
+    """Drops the annotation ``key`` of an IR value and records why (a rewrite changed what it
+    describes and cannot transform it); True if there was one to drop."""
+    had = value.meta.get(key) is not None
+    value.meta.pop(key, None)
+    stale = dict(value.meta.get(STALE_KEY) or {})
+    stale[key] = reason
+    value.meta[STALE_KEY] = stale
+    return had
+
+
+def stale_reason(value: Any, key: str) -> str | None:
+    """Why the annotation ``key`` of a value was invalidated, or None when it was not."""
+    return (value.meta.get(STALE_KEY) or {}).get(key)
+
+
+def set_annotation(value: Any, key: str, annotation: Any) -> None:
+    """Stores a fresh annotation (clearing any record that an older one went stale)."""
+    value.meta[key] = annotation
+    stale = dict(value.meta.get(STALE_KEY) or {})
+    if stale.pop(key, None) is not None:
+        if stale:
+            value.meta[STALE_KEY] = stale
+        else:
+            value.meta.pop(STALE_KEY, None)
+
 
 @dataclasses.dataclass(frozen=True)
 class QuantPlan:
@@ -202,6 +262,35 @@ class HessianStats:
             value = getattr(self, name)
             if value is not None and not np.isfinite(value).all():
                 raise ValueError(f"HessianStats.{name} has NaN or infinite entries")
+
+    def rotated(self, q: np.ndarray) -> "HessianStats":
+        """The statistics of ``W Q`` for an orthogonal (in × in) ``Q`` fed ``Qᵀ x``: exactly the
+        same layer, its input space rotated.
+
+        ``A = E[x xᵀ]`` becomes ``Qᵀ A Q`` (the weighted and half covariances alike), the gradient
+        ``E[g xᵀ]`` becomes ``∇W · Q``; ``G``, the eigenvalues, traces and the Hessian block's
+        spectrum are invariant under the similarity transform.
+        """
+        q = np.asarray(q, dtype=np.float64)
+        n = next((getattr(self, f).shape[-1] for f in ("a", "grad", "a_weighted") if getattr(self, f) is not None), None)
+        if q.ndim != 2 or q.shape[0] != q.shape[1] or (n is not None and q.shape[0] != n):
+            raise ValueError(f"HessianStats.rotated: Q must be ({n}, {n}), got {q.shape}")
+        if not np.allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-8):
+            raise ValueError("HessianStats.rotated: Q is not orthogonal")
+
+        def cov(m: np.ndarray | None) -> np.ndarray | None:
+            if m is None:
+                return None
+            r = q.T @ m @ q
+            return (r + r.T) / 2
+
+        def grad(m: np.ndarray | None) -> np.ndarray | None:
+            return None if m is None else m @ q
+
+        return dataclasses.replace(
+            self, a=cov(self.a), a_weighted=cov(self.a_weighted), a_fit=cov(self.a_fit), a_check=cov(self.a_check),
+            grad=grad(self.grad), grad_fit=grad(self.grad_fit), grad_check=grad(self.grad_check),
+        )
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able scalars of what was computed (for the plan record)."""

@@ -216,10 +216,10 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from hessc import bench
+    from hessc.bench import compare as bench
 
     if args.sensitivity:
-        from hessc import sensitivity
+        from hessc.bench import sensitivity
 
         result = sensitivity.run_sensitivity(
             args.model, Path(args.out), bits=args.sensitivity, group_size=args.group_size[0],
@@ -243,7 +243,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from hessc import demo
+    from hessc.bench import demo
 
     demo.run(bits=args.bits, group_size=args.group_size, quiet=args.quiet)
     return 0

@@ -619,7 +619,7 @@ def test_stats_validation_and_summary() -> None:
 
 @pytest.mark.models
 def test_smollm2_covariance_smoke(tmp_path) -> None:
-    from hessc import zoo
+    from hessc.bench import zoo
 
     z = zoo.load_zoo("smollm2")
     model = builders.frontend.load(str(z.onnx_path))

@@ -67,7 +67,7 @@ def run_sensitivity(
     import torch
     from scipy import stats as scipy_stats
 
-    from hessc import zoo
+    from hessc.bench import zoo
     from hessc.ir import frontend, meta
     from hessc.ir import weights as qweights
     from hessc.ir.executor import TorchExecutor

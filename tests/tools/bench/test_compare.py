@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 
 import builders as b
-from hessc import bench
+from hessc.bench import compare as bench
 
 
 def test_pseudo_labels_are_the_float_models_top1(tmp_path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hessc.errors import InputError
-from hessc import zoo
+from hessc.bench import zoo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -133,7 +133,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Runs every method at every setting; writes ``results.json`` and ``results.md`` in out_dir."""
     import hessc
-    from hessc import zoo
+    from hessc.bench import zoo
     from hessc.runtime import sessions
 
     unknown = [m for m in methods if m not in METHODS]

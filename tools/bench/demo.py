@@ -16,7 +16,7 @@ from hessc.report import table
 def run(bits: int = 4, group_size: int = 32, quiet: bool = False) -> dict:
     """Optimizes MiniLM for the CPU and prints quality, size and latency before and after."""
     import hessc
-    from hessc import zoo
+    from hessc.bench import zoo
     from hessc.ir import meta
     from hessc.runtime import sessions
 
