@@ -5,9 +5,11 @@
 * a ``torch.nn.Module`` or ``torch.fx.GraphModule`` is exported once with
   ``torch.onnx.export(..., dynamo=True)``.
 
-Then the model is normalised for the passes: weights held in ``Constant`` nodes are lifted to
-initializers, and ``Transpose`` of a weight initializer is folded into a transposed initializer
-that keeps the original parameter name, so graph queries see ``MatMul(x, Wᵀ)`` as a weight.
+Then the model is checked (its opset, and ops from domains ONNX Runtime does not implement, which
+need a custom-op library) and normalised for the passes: weights held in ``Constant`` nodes are
+lifted to initializers, and ``Transpose`` of a weight initializer is folded into a transposed
+initializer that keeps the original parameter name, so graph queries see ``MatMul(x, Wᵀ)`` as a
+weight.
 """
 
 from __future__ import annotations
@@ -31,7 +33,12 @@ logger = logging.getLogger(__name__)
 FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
 
 
-def load(source: Any, example_inputs: tuple | dict | None = None) -> ir.Model:
+def load(
+    source: Any,
+    example_inputs: tuple | dict | None = None,
+    *,
+    custom_op_libraries: Sequence[str | os.PathLike] = (),
+) -> ir.Model:
     """Loads a model from any accepted source into a normalised ``onnx_ir.Model``.
 
     Args:
@@ -39,13 +46,18 @@ def load(source: Any, example_inputs: tuple | dict | None = None) -> ir.Model:
             or ``torch.fx.GraphModule``.
         example_inputs: for torch sources, the positional inputs (tuple) or keyword inputs
             (dict) used for export.
+        custom_op_libraries: shared libraries that register the model's custom ops with ONNX
+            Runtime. They are recorded in ``model.meta[CUSTOM_OPS_KEY]`` (added to any already
+            there), so every session hessc opens on the model loads them.
 
     Returns:
         The model. A given ``onnx_ir.Model`` is normalised in place and returned.
 
     Raises:
-        InputError: the source is missing, unreadable, or not a model.
+        InputError: the source is missing, unreadable, or not a model; a library is missing; the
+            model has ops of a domain ONNX Runtime does not implement and no library is given.
     """
+    libraries = check_libraries(custom_op_libraries)
     if isinstance(source, (str, os.PathLike)):
         model = _load_path(Path(source))
     elif isinstance(source, onnx.ModelProto):
@@ -60,8 +72,96 @@ def load(source: Any, example_inputs: tuple | dict | None = None) -> ir.Model:
             "an onnx_ir.Model, or a torch.nn.Module with example_inputs"
         )
     check_opset(model)
+    libraries = tuple(dict.fromkeys((*model.meta.get(meta.CUSTOM_OPS_KEY, ()), *libraries)))
+    check_domains(model, libraries)
+    if libraries:
+        model.meta[meta.CUSTOM_OPS_KEY] = libraries
     normalize(model)
     return model
+
+
+def check_libraries(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, ...]:
+    """The custom-op library paths as absolute str paths, each checked to be an existing file.
+
+    Raises:
+        InputError: a path that is not a file, named.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]  # one path, not a sequence of its characters
+    checked = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(
+                f"{path}: no such custom-op library; pass the path of the shared library (.so, .dll, "
+                ".dylib) that registers the model's custom ops with ONNX Runtime"
+            )
+        checked.append(str(path.resolve()))
+    return tuple(dict.fromkeys(checked))
+
+
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training"})
+"""Operator domains of the ONNX standard."""
+
+ORT_DOMAINS = frozenset({
+    "com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc", "com.microsoft.experimental",
+    "com.microsoft.dml", "org.pytorch.aten", "com.intel.ai", "com.xilinx",
+})
+"""Operator domains ONNX Runtime implements itself (contrib ops and its execution providers';
+``onnxruntime/core/graph/constants.h``). An op missing from one of them is caught when a session
+is opened (:func:`unknown_op_error`)."""
+
+
+def check_domains(model: ir.Model, custom_op_libraries: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Finds the ops that only a custom-op library can run.
+
+    Those are the nodes (in every graph, subgraph and model-local function) whose domain is
+    neither an ONNX standard domain nor one ONNX Runtime implements, and that do not call a
+    model-local function.
+
+    Args:
+        model: the model.
+        custom_op_libraries: the libraries that will be registered with ONNX Runtime; with none,
+            any such op is an error.
+
+    Returns:
+        ``(domain, op_type)`` of each such op, once each, in graph order.
+
+    Raises:
+        InputError: such ops exist and no custom-op library is given.
+    """
+    found: dict[tuple[str, str], None] = {}
+    for node in _all_nodes(model):
+        domain = node.domain or ""
+        if domain in STANDARD_DOMAINS or domain in ORT_DOMAINS:
+            continue
+        if (domain, node.op_type, node.overload or "") in model.functions:
+            continue
+        found[(domain, node.op_type)] = None
+    ops = list(found)
+    if ops and not custom_op_libraries:
+        raise unknown_op_error(ops)
+    if ops:
+        logger.debug("custom ops %s are left to the libraries %s", ops, list(custom_op_libraries))
+    return ops
+
+
+def _all_nodes(model: ir.Model):
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def unknown_op_error(ops: Sequence[tuple[str, str | None]]) -> InputError:
+    """The InputError for ops ONNX Runtime does not know: ``(domain, op_type or None)`` each."""
+    named = [f"op {op!r} of domain {domain!r}" if op else f"ops of domain {domain!r}" for domain, op in ops]
+    listed = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    them = "it" if len(named) == 1 and ops[0][1] else "them"
+    upgrade = "upgrade onnxruntime, or " if any(domain in ORT_DOMAINS | STANDARD_DOMAINS for domain, _ in ops) else ""
+    return InputError(
+        f"the model uses {listed}, which ONNX Runtime does not implement; {upgrade}pass the shared "
+        f"library that registers {them} with ONNX Runtime: --custom-op-library PATH (custom_op_libraries=[...])"
+    )
 
 
 def _load_path(path: Path) -> ir.Model:
@@ -256,10 +356,13 @@ a copy must keep them, or a replayed plan would address the weight by another na
 def clone(model: ir.Model) -> ir.Model:
     """A deep copy of the model; weights in external data stay on disk and stay readable.
 
-    The copy keeps the weights' identity annotations (:data:`_IDENTITY_KEYS`), not the other
-    in-memory ``meta`` (curvature statistics, plans), which serialization drops.
+    The copy keeps the weights' identity annotations (:data:`_IDENTITY_KEYS`) and the model's
+    custom-op libraries (:data:`~hessc.ir.meta.CUSTOM_OPS_KEY`), not the other in-memory ``meta``
+    (curvature statistics, plans), which serialization drops.
     """
     copy = ir.from_proto(ir.to_proto(model))
+    if meta.CUSTOM_OPS_KEY in model.meta:  # sessions on the copy need the same libraries
+        copy.meta[meta.CUSTOM_OPS_KEY] = model.meta[meta.CUSTOM_OPS_KEY]
     for graph, graph_copy in zip(graphs(model), graphs(copy)):
         for name, value in graph.initializers.items():
             kept = {k: value.meta[k] for k in _IDENTITY_KEYS if k in value.meta}

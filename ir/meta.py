@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+SUPPORTED_BITS = (2, 3, 4, 8)
+"""Weight code widths hessc plans (3-bit codes live in a 4-bit container in the portable form)."""
+
 QUANT_KEY = "hessc.quant"
 """``node.meta`` key of a weight ``DequantizeLinear``: the :class:`QuantPlan` it materializes."""
 
@@ -37,8 +40,22 @@ CURVATURE_KEY = "hessc.curvature"
 """``model.meta`` key: ``{weight name: HessianStats.summary()}``, the JSON-able curvature record
 that goes into the plan under each weight's ``curvature``."""
 
+PREPLAN_KEY = "hessc.preplan"
+"""``model.meta`` key: ``Model.clone()`` of the model as it stood before ``plan-quantization``,
+kept for ``confirm-lossless`` (which re-runs plan → materialize on clones of it)."""
+
+MATERIALIZED_KEY = "hessc.materialized"
+"""``model.meta`` key: ``{weight name: QuantPlan}`` of the weights ``insert-qdq`` quantized."""
+
+SKIPPED_KEY = "hessc.skipped"
+"""``model.meta`` key: ``{weight name: reason}`` of the weights that stay in float."""
+
 CALIBRATION_KEY = "hessc.calibration"
 """``model.meta`` key: the :class:`Calibration` data the analysis passes read."""
+
+CUSTOM_OPS_KEY = "hessc.custom_op_libraries"
+"""``model.meta`` key: the paths (a tuple of str) of the shared libraries that register the model's
+custom ops with ONNX Runtime; every session hessc opens on the model loads them (not saved)."""
 
 STALE_KEY = "hessc.stale"
 """``value.meta`` key: ``{annotation key: reason}`` of annotations a rewrite invalidated
@@ -123,7 +140,7 @@ class QuantPlan:
     matrix_shape: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
+        if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.group_size < 0:
             raise ValueError(f"group_size must be >= 0, got {self.group_size}")

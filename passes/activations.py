@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 ACT_QUANT_KEY = "hessc.act_quant"
 """``node.meta`` key on an activation ``DequantizeLinear``: the (lo, hi) range it quantizes."""
 
+ACT_RANGE_KEY = "hessc.act_range"
+"""``value.meta`` key on an activation: its calibrated (lo, hi) range."""
+
 
 def quantized_layer_inputs(model: ir.Model) -> dict[str, list[ir.Node]]:
     """Activation value name → the MatMul/Gemm nodes that read it with a quantized weight."""
@@ -52,33 +55,56 @@ def uint8_grid(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zero)
 
 
-class InsertActivationQDQPass(ir.passes.InPlacePass):
-    """Inserts ``QuantizeLinear → DequantizeLinear`` (uint8, per tensor) on quantized layers' inputs.
+class AnnotateActivationRangesPass(ir.passes.InPlacePass):
+    """Annotates the inputs of quantized MatMul/Gemm layers with their calibrated (min, max).
 
-    Args:
-        ranges: activation value name → calibrated (min, max).
+    An analysis: streams the calibration feeds (``model.meta[meta.CALIBRATION_KEY]``) through
+    ORT and stores each range under :data:`ACT_RANGE_KEY` on the activation value.
     """
 
-    def __init__(self, ranges: dict[str, tuple[float, float]]) -> None:
-        super().__init__()
-        self.ranges = ranges
+    def requires(self, model: ir.Model) -> None:
+        if model.meta.get(meta.CALIBRATION_KEY) is None:
+            raise ir.passes.PreconditionError("annotate-activation-ranges needs calibration data; pass --calibration")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from hessc.runtime import calibration
+
+        layers = quantized_layer_inputs(model)
+        ranges = calibration.activation_ranges(model, list(layers), model.meta[meta.CALIBRATION_KEY].feeds)
+        for name, readers in layers.items():
+            meta.set_annotation(readers[0].inputs[0], ACT_RANGE_KEY, tuple(float(v) for v in ranges[name]))
+        return ir.passes.PassResult(model, False)
+
+
+class InsertActivationQDQPass(ir.passes.InPlacePass):
+    """Inserts ``QuantizeLinear → DequantizeLinear`` (uint8, per tensor) on quantized layers' inputs,
+    on the ranges :class:`AnnotateActivationRangesPass` annotated."""
+
+    def requires(self, model: ir.Model) -> None:
+        missing = [n for n, readers in quantized_layer_inputs(model).items()
+                   if readers[0].inputs[0].meta.get(ACT_RANGE_KEY) is None and not _quantized(readers[0].inputs[0])]
+        if missing:
+            raise ir.passes.PreconditionError(
+                f"insert-activation-qdq: no calibrated range on {len(missing)} layer inputs ({missing[0]}); "
+                "run annotate-activation-ranges first"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         count = 0
         for name, readers in quantized_layer_inputs(model).items():
             x = readers[0].inputs[0]
-            producer = x.producer()
-            if name not in self.ranges or (producer is not None and ACT_QUANT_KEY in producer.meta):
+            rng = x.meta.get(ACT_RANGE_KEY)
+            if rng is None or _quantized(x):
                 continue
-            scale, zero = uint8_grid(*self.ranges[name])
+            scale, zero = uint8_grid(*rng)
             s_val = _scalar(graph, f"{name}_act_scale", np.array(scale, dtype=np.float32))
             z_val = _scalar(graph, f"{name}_act_zp", np.array(zero, dtype=np.uint8))
             q = ir.node("QuantizeLinear", [x, s_val, z_val], name=f"{name}_act_q")
             dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}_act_dq")
             q.outputs[0].name, dq.outputs[0].name = f"{name}_act_q", f"{name}_act_dq"
             dq.outputs[0].shape, dq.outputs[0].type = x.shape, x.type
-            dq.meta[ACT_QUANT_KEY] = tuple(float(v) for v in self.ranges[name])
+            dq.meta[ACT_QUANT_KEY] = rng
             first = min(readers, key=lambda n: list(graph).index(n))
             graph.insert_before(first, [q, dq])
             for node in readers:
@@ -86,6 +112,11 @@ class InsertActivationQDQPass(ir.passes.InPlacePass):
             count += 1
         logger.info("8-bit activations on %d layer inputs", count)
         return ir.passes.PassResult(model, count > 0)
+
+
+def _quantized(x: ir.Value) -> bool:
+    producer = x.producer()
+    return producer is not None and ACT_QUANT_KEY in producer.meta
 
 
 def _scalar(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

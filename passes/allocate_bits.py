@@ -128,7 +128,7 @@ class AllocationConfig:
     budget_bits: float | None = None
     budget_bytes: int | None = None
     lossless: bool = False
-    candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
+    candidate_bits: tuple[int, ...] = meta.SUPPORTED_BITS
     methods: tuple[str, ...] = ("rtn", "gptq")
     group_size: int = 32
     symmetric: bool = False
@@ -327,6 +327,14 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             raise ir.passes.PreconditionError(
                 "allocate-bits found no planned MatMul/Gemm/Conv weights; run plan-quantization first"
             )
+        stale = [(r.name, meta.stale_reason(r.value, meta.HESSIAN_KEY)) for r in refs
+                 if r.value.meta.get(meta.HESSIAN_KEY) is None and meta.stale_reason(r.value, meta.HESSIAN_KEY)]
+        if stale:
+            name, why = stale[0]
+            raise ir.passes.PreconditionError(
+                f"allocate-bits: the Hessian statistics of {len(stale)} weights are invalid ({name}: {why}); "
+                "run annotate-hessian again after the pass that changed them"
+            )
         if not any(_stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None for r in refs):
             raise ir.passes.PreconditionError(
                 "allocate-bits needs Hessian statistics (at least A) on the weights; run annotate-hessian "
@@ -475,13 +483,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
 
     def _apply(self, model: ir.Model, refs: Sequence[qweights.WeightRef], results: Sequence[WeightAllocation]) -> bool:
         modified = False
-        quantized = [r.chosen.bits for r in results if r.chosen.method != "float"]
-        if quantized:
-            needed = max(quantize.PORTABLE_OPSET[b] for b in quantized)
-            if quantize.ensure_opset(model, needed):
-                modified = True
         by_name = {r.name: r for r in results}
-        skip_log = model.meta.setdefault("hessc.skipped", {})
+        skip_log = model.meta.setdefault(meta.SKIPPED_KEY, {})
         for ref in self._targets(model):
             result = by_name.get(ref.name)
             if result is None:

@@ -1,7 +1,11 @@
-"""The pass pipeline: a named builder whose list reads in execution order.
+"""The compile pipeline: one builder whose list reads top to bottom in execution order.
 
-Each pass has a stable kebab-case name, so a pipeline can be written as data and a pass disabled
-by name. Timing and verify-after-each-pass live in one instrumenting wrapper, not in the passes.
+Every step is an ``onnx_ir`` pass with a stable kebab-case name, so a pipeline can be written as
+data (``hessc optimize --passes a,b,c``), listed (``hessc passes``) and a step dropped by name
+(``--disable-pass NAME``). Each pass family's configuration is derived here from the frozen
+:class:`hessc.options.CompileOptions` and the :class:`hessc.runtime.targets.Target`; data (the
+calibration feeds, the float reference) travels through ``model.meta``. Timing, the record of
+which passes ran and verify-after-each-pass are one instrumenting wrapper, not code in the passes.
 """
 
 from __future__ import annotations
@@ -13,84 +17,286 @@ from typing import Callable, Sequence
 
 import onnx_ir as ir
 
-from hessc.errors import HesscError
+from hessc.errors import HesscError, InputError
 from hessc.ir import verify
-from hessc.passes import quantize
 
 logger = logging.getLogger(__name__)
 
+PASSES_KEY = "hessc.passes"
+"""``model.meta`` key: ``[{"name", "seconds", "modified"}]`` of the passes that ran, in order."""
+
+CALIBRATION_LIMIT = 64
+"""Calibration feeds read at most (statistics and held-out check together)."""
+
 
 @dataclasses.dataclass(frozen=True)
-class PassTiming:
+class PassSpec:
+    """One step of the pipeline.
+
+    Attributes:
+        name: the stable kebab-case name (``lower-<target>`` is spelled with the target's name).
+        summary: one line for ``hessc passes``.
+        build: ``build(options, target) -> pass``.
+        default: ``default(options, target)``: whether the default pipeline runs it.
+        available: False for a slot whose pass does not exist yet.
+    """
+
     name: str
-    seconds: float
-    modified: bool
+    summary: str
+    build: Callable[..., ir.passes.PassBase] | None
+    default: Callable[..., bool]
+    available: bool = True
+
+
+def _quant_config(options, target):
+    from hessc.passes import quantize
+
+    return quantize.QuantConfig(
+        bits=options.uniform_bits, group_size=options.group_size, symmetric=options.symmetric,
+        quantize_conv=target.quantizes_conv, quantize_embeddings=options.quantize_embeddings,
+        method=options.method, embedding_min_bits=target.embedding_min_bits,
+    )
+
+
+def allocation_config(options, target):
+    """The bit allocator's configuration for a budgeted compile."""
+    from hessc.passes import allocate_bits
+
+    common = dict(methods=options.allocator_methods(), group_size=options.group_size, symmetric=options.symmetric,
+                  scale_bytes=target.scale_bytes(options.fp16_for(target)), kernel_layout=target.kernel_layout)
+    if options.lossless:
+        return allocate_bits.AllocationConfig(lossless=True, **common)
+    if options.budget_bytes is not None:
+        return allocate_bits.AllocationConfig(budget_bytes=int(options.budget_bytes), **common)
+    return allocate_bits.AllocationConfig(budget_bits=float(options.bits), **common)
+
+
+def hessian_config(options):
+    """What the curvature annotation computes: backward statistics for the allocator, the
+    gradient-weighted covariance for GPTQ (:func:`hessc.passes.hessian.gptq_hessian`)."""
+    from hessc.passes import hessian
+
+    backward = options.budgeted
+    weighted = options.method == "gptq"
+    return hessian.HessianConfig(
+        covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
+        split_covariance=backward and weighted, split_gradient=backward and options.rounding == "gradient",
+        max_samples=CALIBRATION_LIMIT, max_grad_samples=16,
+    )
+
+
+def _upgrade_opset(options, target):
+    from hessc.passes import opset
+
+    uniform_two = options.uniform_bits == 2 and not options.budgeted
+    return opset.UpgradeOpsetPass(opset.needed_opset(2) if uniform_two else opset.needed_opset(4))
+
+
+def _annotate_hessian(options, target):
+    from hessc.passes import hessian
+
+    return hessian.AnnotateHessianPass(hessian_config(options))
+
+
+def _plan(options, target):
+    from hessc.passes import quantize
+
+    return quantize.PlanQuantizationPass(_quant_config(options, target), snapshot=options.lossless)
+
+
+def _allocate(options, target):
+    from hessc.passes import allocate_bits
+
+    return allocate_bits.AllocateBitsPass(allocation_config(options, target))
+
+
+def _insert_qdq(options, target):
+    from hessc.passes import quantize
+
+    return quantize.InsertQDQPass()
+
+
+def _confirm_lossless(options, target):
+    from hessc.passes import lossless
+
+    return lossless.ConfirmLosslessPass(_quant_config(options, target), allocation_config(options, target).candidate_bits)
+
+
+def _activation_ranges(options, target):
+    from hessc.passes import activations
+
+    return activations.AnnotateActivationRangesPass()
+
+
+def _activation_qdq(options, target):
+    from hessc.passes import activations
+
+    return activations.InsertActivationQDQPass()
+
+
+def _lower(options, target):
+    from hessc.runtime import lower
+
+    return lower.LowerWeightsPass(lower.LowerConfig(
+        target=target.name, fp16=options.fp16_for(target), accuracy_level=1 if options.activations == 16 else 4,
+        keep_portable=options.verify,
+    ))
+
+
+def _verify(options, target):
+    from hessc.runtime import verification
+
+    return verification.VerifyInORTPass(target, seed=options.seed)
+
+
+def _never(options, target) -> bool:
+    return False
+
+
+def _always(options, target) -> bool:
+    return True
+
+
+PASSES: tuple[PassSpec, ...] = (
+    PassSpec("upgrade-opset", "raise the default-domain opset to what the quantized form needs (21; 25 for 2-bit)",
+             _upgrade_opset, _always),
+    PassSpec("annotate-hessian", "curvature statistics per weight: input covariance A, K-FAC G, gradients (analysis)",
+             _annotate_hessian, lambda o, t: o.needs_curvature),
+    PassSpec("share-weights", "coloring-based cross-layer weight sharing (not implemented yet)", None, _never, False),
+    PassSpec("split-low-rank", "whitened low-rank splitting of weights (not implemented yet)", None, _never, False),
+    PassSpec("fold-rotation", "rotations and smoothing folded into the weights (not implemented yet)", None, _never,
+             False),
+    PassSpec("plan-quantization", "decide bits, group size and method per weight (QuantPlan on each weight)",
+             _plan, _always),
+    PassSpec("allocate-bits", "re-plan bits and quantizer per weight under the budget (grouped knapsack)",
+             _allocate, lambda o, t: o.budgeted),
+    PassSpec("insert-qdq", "materialize the plans as blocked DequantizeLinear weights (the portable form)",
+             _insert_qdq, _always),
+    PassSpec("confirm-lossless", "check the allocation on held-out feeds and back off until it holds",
+             _confirm_lossless, lambda o, t: o.lossless),
+    PassSpec("annotate-activation-ranges", "calibrated ranges of quantized layers' inputs (analysis)",
+             _activation_ranges, lambda o, t: o.static_activations(t)),
+    PassSpec("insert-activation-qdq", "uint8 per-tensor Q/DQ on quantized layers' inputs",
+             _activation_qdq, lambda o, t: o.static_activations(t)),
+    PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
+             "GatherBlockQuantized, fp16)", _lower, _always),
+    PassSpec("verify-in-ort", "run the result on its target in ONNX Runtime and compare it (analysis)",
+             _verify, lambda o, t: o.verify),
+)
+
+
+def spec_name(spec: PassSpec, target) -> str:
+    return spec.name.replace("<target>", target.name) if target is not None else spec.name
+
+
+def default_names(options, target) -> list[str]:
+    """The default pipeline's pass names for these options, in order."""
+    return [spec_name(s, target) for s in PASSES if s.available and s.default(options, target)]
+
+
+def _lookup(name: str, target) -> PassSpec:
+    for spec in PASSES:
+        if spec_name(spec, target) == name:
+            if not spec.available:
+                raise InputError(f"the pass {name!r} is not implemented yet; `hessc passes` lists what exists")
+            return spec
+    known = ", ".join(spec_name(s, target) for s in PASSES if s.available)
+    raise InputError(f"unknown pass {name!r}; the passes are: {known}")
 
 
 class InstrumentedPass(ir.passes.PassBase):
-    """Runs a pass, records its wall time, and optionally verifies the IR after it."""
+    """Runs a pass under its name, records its wall time and ``modified`` in
+    ``model.meta[PASSES_KEY]``, and optionally verifies the IR after it."""
 
-    in_place = True
-    changes_input = True
-
-    def __init__(self, name: str, inner: ir.passes.PassBase, timings: list[PassTiming], check: bool) -> None:
+    def __init__(self, name: str, inner: ir.passes.PassBase, check: bool = False) -> None:
         super().__init__()
         self.name = name
         self.inner = inner
-        self.timings = timings
         self.check = check
+
+    @property
+    def in_place(self) -> bool:
+        return self.inner.in_place
+
+    @property
+    def changes_input(self) -> bool:
+        return self.inner.changes_input
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
         result = self.inner(model)
         elapsed = time.perf_counter() - start
-        self.timings.append(PassTiming(self.name, elapsed, result.modified))
+        ran = list(model.meta.get(PASSES_KEY, []))
+        ran.append({"name": self.name, "seconds": round(elapsed, 3), "modified": bool(result.modified)})
+        result.model.meta[PASSES_KEY] = ran
         logger.info("pass %s: %.2f s (modified=%s)", self.name, elapsed, result.modified)
         if self.check:
             verify.verify_model(result.model, after=self.name)
         return result
 
 
-def build_quantization_pipeline(
-    config: quantize.QuantConfig,
-    *,
-    annotate: ir.passes.PassBase | None = None,
-    allocate: ir.passes.PassBase | None = None,
-    hessian_for: Callable | None = None,
-    gradient_for: Callable | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
-    disabled: Sequence[str] = (),
-) -> list[tuple[str, ir.passes.PassBase]]:
-    """The default pipeline, top to bottom in execution order.
+class Pipeline(ir.passes.PassManager):
+    """A pass manager whose passes are :class:`InstrumentedPass` steps; before anything runs, every
+    step's ``precheck(model)`` (where it has one) refuses inputs the step could not handle, so a
+    bad request fails before the expensive steps, not after them."""
 
-    ``allocate`` (the bit allocator) re-plans, after plan-quantization, the weights it has
-    Hessian statistics for.
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.passes]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for step in self.passes:
+            precheck = getattr(step.inner, "precheck", None)
+            if precheck is not None:
+                precheck(model)
+        return super().call(model)
+
+
+def build_pipeline(
+    options, target, *, check: bool = False, extra: Sequence[tuple[str, str, ir.passes.PassBase]] = ()
+) -> Pipeline:
+    """The pipeline for a compile, top to bottom in execution order.
+
+    Args:
+        options: the :class:`~hessc.options.CompileOptions`; ``options.passes`` (when set) is the
+            exact list of passes to run, ``options.disabled_passes`` are dropped.
+        target: the :class:`~hessc.runtime.targets.Target`.
+        check: verify the IR after every pass.
+        extra: ``(before, name, pass)`` steps inserted before the named step (a pass under test).
+
+    Returns:
+        The pipeline; run it with :func:`run`.
     """
-    steps: list[tuple[str, ir.passes.PassBase]] = []
-    if annotate is not None:
-        steps.append(("annotate-hessian", annotate))
-    steps.append(("plan-quantization", quantize.PlanQuantizationPass(config)))
-    if allocate is not None:
-        steps.append(("allocate-bits", allocate))
-    steps.append(("insert-qdq", quantize.InsertQDQPass(hessian_for=hessian_for, progress=progress, gradient_for=gradient_for)))
-    return [(name, p) for name, p in steps if name not in disabled]
+    names = list(options.passes) if options.passes is not None else default_names(options, target)
+    for name in options.disabled_passes:
+        _lookup(name, target)
+    steps: list[InstrumentedPass] = []
+    for name in names:
+        if name in options.disabled_passes:
+            continue
+        spec = _lookup(name, target)
+        for before, extra_name, extra_pass in extra:
+            if before == name:
+                steps.append(InstrumentedPass(extra_name, extra_pass, check))
+        steps.append(InstrumentedPass(name, spec.build(options, target), check))
+    if not steps:
+        raise InputError("the pipeline is empty: --passes and --disable-pass left no pass to run")
+    return Pipeline(steps)
 
 
-def run(
-    model: ir.Model, steps: Sequence[tuple[str, ir.passes.PassBase]], *, check: bool = False
-) -> list[PassTiming]:
-    """Runs the steps in order on the model (in place); returns per-pass timings."""
-    timings: list[PassTiming] = []
-    manager = ir.passes.PassManager([InstrumentedPass(n, p, timings, check) for n, p in steps])
+def run(pipeline: ir.passes.PassBase, model: ir.Model) -> ir.Model:
+    """Runs the pipeline on the model; returns the result (the same object for in-place pipelines).
+
+    onnx_ir wraps what a pass raises in ``PassError`` (once per layer of pass managers); hessc's
+    own errors come out as themselves, so callers and the CLI can act on them (exit code 2 and
+    the fix, not "internal error").
+    """
     try:
-        manager(model)
+        return pipeline(model).model
     except ir.passes.PassError as e:
-        # onnx_ir wraps what a pass raises (once per layer of pass managers); a user error keeps its
-        # own type, so callers and the CLI can act on it (exit code 2 and the fix, not "internal error").
         cause: BaseException | None = e
         while isinstance(cause, ir.passes.PassError):
             cause = cause.__cause__
         if isinstance(cause, HesscError):
             raise cause from None
         raise
-    return timings

@@ -21,21 +21,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from hessc import progress
 from hessc.errors import InputError
 from hessc.ir import meta
+from hessc.ir.meta import SUPPORTED_BITS
 from hessc.ir import weights as qweights
 from hessc.passes import quantizers
+from hessc.passes.opset import PORTABLE_OPSET, ensure_opset
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_GROUP, MAX_GROUP = 16, 256
-PORTABLE_OPSET = {2: 25, 3: 21, 4: 21, 8: 21}
 # Quantizers: round to nearest, GPTQ, and round to nearest with gradient-directed rounding near
 # the boundary (quantizers.rtn's ``gradient``).
 METHODS = ("rtn", "gptq", "rtn-grad")
@@ -217,16 +218,29 @@ def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = F
 
 
 class PlanQuantizationPass(ir.passes.InPlacePass):
-    """Decides, per weight, bits, group size and method; stores a QuantPlan on the weight value."""
+    """Decides, per weight, bits, group size and method; stores a QuantPlan on the weight value.
 
-    def __init__(self, config: QuantConfig) -> None:
+    Args:
+        config: what to plan.
+        snapshot: first keep ``Model.clone()`` of the model as it stands before planning under
+            ``model.meta[meta.PREPLAN_KEY]`` (weights and their statistics shared, not copied), for
+            ``confirm-lossless`` to re-run plan → materialize on.
+    """
+
+    def __init__(self, config: QuantConfig, snapshot: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.snapshot = snapshot
+
+    def requires(self, model: ir.Model) -> None:
+        _require_portable_opset(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
+        if self.snapshot:
+            model.meta[meta.PREPLAN_KEY] = model.clone()
         refs, skipped = qweights.find_weights(model)
-        skip_log = model.meta.setdefault("hessc.skipped", {})
+        skip_log = model.meta.setdefault(meta.SKIPPED_KEY, {})
         for s in skipped:
             skip_log[s.name] = s.reason
         plans: dict[str, meta.QuantPlan] = {}
@@ -236,12 +250,6 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                 skip_log[ref.name] = plan
             else:
                 plans[ref.value.name] = plan
-        if plans:
-            # Raise the opset first: converting from opset <= 17 rebuilds the graph (and its meta).
-            needed = max(PORTABLE_OPSET[p.bits] for p in plans.values())
-            if _ensure_opset(model, needed):
-                modified = True
-                refs, _ = qweights.find_weights(model)
         for ref in refs:
             plan = plans.get(ref.value.name)
             if plan is not None and ref.value.meta.get(meta.QUANT_KEY) != plan:
@@ -258,50 +266,52 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
 class InsertQDQPass(ir.passes.InPlacePass):
     """Materializes each QuantPlan as a blocked ``DequantizeLinear`` feeding the consumer.
 
-    Args:
-        hessian_for: returns the input covariance (in × in) of a weight for GPTQ, or None.
-        progress: called once per weight with (index, total, name).
-        gradient_for: returns ``∂L/∂W`` (out × in) of a weight for ``rtn-grad``, or None.
+    GPTQ reads its Hessian and ``rtn-grad`` its gradient from the weight's ``HessianStats``
+    (:func:`hessc.passes.hessian.hessian_for`, :func:`~hessc.passes.hessian.gradient_for`); the
+    plans materialized are recorded under ``model.meta[meta.MATERIALIZED_KEY]`` by weight name.
     """
 
-    def __init__(
-        self,
-        hessian_for: Callable[[qweights.WeightRef], np.ndarray | None] | None = None,
-        progress: Callable[[int, int, str], None] | None = None,
-        gradient_for: Callable[[qweights.WeightRef], np.ndarray | None] | None = None,
-    ) -> None:
-        super().__init__()
-        self.hessian_for = hessian_for or (lambda ref: None)
-        self.gradient_for = gradient_for or (lambda ref: None)
-        self.progress = progress
-
     def requires(self, model: ir.Model) -> None:
+        _require_portable_opset(model)
         for ref in qweights.iter_weights(model):
             plan = ref.value.meta.get(meta.QUANT_KEY)
-            if plan is not None and model.opset_imports.get("", 1) < PORTABLE_OPSET[plan.bits]:
+            if plan is None or plan.method not in ("gptq", "rtn-grad"):
+                continue
+            if ref.value.meta.get(meta.HESSIAN_KEY) is None:
+                why = meta.stale_reason(ref.value, meta.HESSIAN_KEY)
                 raise ir.passes.PreconditionError(
-                    f"{plan.bits}-bit codes need opset {PORTABLE_OPSET[plan.bits]}; run plan-quantization first"
+                    f"{ref.name}: {plan.method} needs Hessian statistics"
+                    + (f", which {why}; run annotate-hessian again after that pass" if why
+                       else "; run annotate-hessian with calibration data first")
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        retied = _retie_float_copies(model)
         refs = [r for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta]
+        # 2-bit codes are opset 25; raising from 21 changes no node, so the plans survive it.
+        raised = bool(refs) and ensure_opset(model, max(PORTABLE_OPSET[r.value.meta[meta.QUANT_KEY].bits] for r in refs))
+        retied = _retie_float_copies(model)
         by_value: dict[int, list[qweights.WeightRef]] = {}
         for ref in refs:
             by_value.setdefault(id(ref.value), []).append(ref)
+        materialized = dict(model.meta.get(meta.MATERIALIZED_KEY) or {})
         for i, group in enumerate(by_value.values()):
             ref = group[0]
-            if self.progress:
-                self.progress(i, len(by_value), ref.name)
-            self._materialize(model, ref, group)
-        return ir.passes.PassResult(model, bool(refs) or retied > 0)
+            plan = self._materialize(model, ref, group)
+            materialized[plan.name] = plan
+            progress.report("quantize", i + 1, len(by_value))
+        model.meta[meta.MATERIALIZED_KEY] = materialized
+        return ir.passes.PassResult(model, bool(refs) or retied > 0 or raised)
 
-    def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> None:
+    def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> meta.QuantPlan:
         plan: meta.QuantPlan = ref.value.meta[meta.QUANT_KEY]
         if any(r.op != ref.op or r.transposed != ref.transposed for r in group[1:]):
             logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
-        hessian = self.hessian_for(ref) if plan.method == "gptq" else None
-        gradient = self.gradient_for(ref) if plan.method == "rtn-grad" else None
+        hessian = gradient = None
+        if plan.method in ("gptq", "rtn-grad"):
+            from hessc.passes import hessian as curvature
+
+            hessian = curvature.hessian_for(ref) if plan.method == "gptq" else None
+            gradient = curvature.gradient_for(ref) if plan.method == "rtn-grad" else None
         q, in_dim = quantize_matrix(ref.matrix(), plan, hessian, gradient)
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
@@ -350,6 +360,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if not ref.value.uses() and owner is not None and ref.value.name in owner.initializers:
             owner.initializers.pop(ref.value.name)
         logger.debug("quantized %s to %d bits (group %d)", plan.name, plan.bits, plan.group_size)
+        return plan
 
 
 def _retie_float_copies(model: ir.Model) -> int:
@@ -388,25 +399,10 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def ensure_opset(model: ir.Model, opset: int) -> bool:
-    """Raises the default-domain opset to ``opset`` if lower (for passes that plan low-bit codes
-    after plan-quantization); True if raised."""
-    return _ensure_opset(model, opset)
-
-
-def _ensure_opset(model: ir.Model, opset: int) -> bool:
-    """Raises the default-domain opset to what the quantized element types need; True if raised."""
-    current = model.opset_imports.get("", 1)
-    if current >= opset:
-        return False
-    from onnxscript import version_converter
-
-    version_converter.convert_version(model, opset, fallback=True)
-    model.opset_imports[""] = max(model.opset_imports.get("", 1), opset)
-    for graph in [model.graph]:
-        graph.opset_imports[""] = model.opset_imports[""]
-    if model.ir_version < 10:
-        model.ir_version = 10
-    if opset >= 25 and model.ir_version < 11:
-        model.ir_version = 11
-    return True
+def _require_portable_opset(model: ir.Model) -> None:
+    opset = model.opset_imports.get("", 1)
+    if opset < PORTABLE_OPSET[4]:
+        raise ir.passes.PreconditionError(
+            f"the model is at opset {opset}; blocked DequantizeLinear needs opset {PORTABLE_OPSET[4]}: "
+            "run upgrade-opset first"
+        )

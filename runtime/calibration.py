@@ -3,7 +3,8 @@
 Accepted forms: an iterable of dicts (numpy arrays or torch tensors), an ``.npz`` file (one array
 per graph input, first axis = samples, or keys ``name__i`` for sample ``i``), or a torch
 ``DataLoader`` yielding dicts, tuples or tensors in graph-input order. Every feed is checked
-against the graph inputs (names, ranks, static dimensions, element types).
+against the graph inputs (names, ranks, static dimensions, element types, finite values) and
+holds ``np.ndarray``s of the input's rank and type: a 0-d array for a scalar (rank-0) input.
 """
 
 from __future__ import annotations
@@ -35,16 +36,26 @@ def _from_npz(path: Path, names: list[str], shapes: dict) -> list[Feed]:
         raise InputError(f"{path} is not a readable .npz file ({e}); save it with numpy.savez") from None
     keys = list(data.keys())
     if all(k in keys for k in names):
-        # Samples run along the first axis: a new axis in front of the input's own dims (rank + 1),
-        # or the input's batch axis (the same rank), sliced one sample at a time.
-        count = data[names[0]].shape[0]
+        arrays = {n: data[n] for n in names}
         ranks = {n: len(shapes[n]) if shapes.get(n) is not None else None for n in names}
+        counts = {n: a.shape[0] for n, a in arrays.items() if a.ndim > 0}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{n}: {c}" for n, c in counts.items())
+            raise InputError(
+                f"{path} holds arrays with different numbers of samples ({listed}); give every input "
+                "the same first axis (one entry per sample)"
+            )
 
         def sample(n: str, i: int) -> np.ndarray:
-            array = data[n]
-            return array[i] if ranks[n] is not None and array.ndim == ranks[n] + 1 else array[i : i + 1]
+            # Samples run along the first axis: a new axis in front of the input's own dims
+            # (rank + 1; ``[i, ...]`` keeps a 0-d array, where ``[i]`` would give a numpy scalar),
+            # or the input's batch axis (the same rank). A 0-d array is every sample's scalar.
+            array = arrays[n]
+            if ranks[n] is not None and array.ndim == ranks[n] + 1:
+                return array[i, ...]
+            return array if array.ndim == 0 else array[i : i + 1]
 
-        return [{n: sample(n, i) for n in names} for i in range(count)]
+        return [{n: sample(n, i) for n in names} for i in range(next(iter(counts.values()), 1))]
     per_sample: dict[int, Feed] = {}
     for key in keys:
         name, _, index = key.rpartition("__")
@@ -96,7 +107,24 @@ def _iterate(calibration: Any) -> Iterable:
 
 
 def check_feed(feed: Feed, model: ir.Model, what: str) -> None:
-    """Raises when a feed's names, ranks, static dims or types do not match the graph inputs."""
+    """Checks a feed against the graph inputs and makes each entry an ``np.ndarray`` of its input.
+
+    Names, ranks and static dimensions must match. A rank-0 input given as a one-element vector
+    (a DataLoader collates a scalar into shape ``[1]``) becomes a 0-d array.
+
+    Element types follow one rule: an array of the input's kind is cast when no value changes
+    beyond float rounding, anything else is refused. So a float input takes any real float array
+    (float16, float64, ...), cast to its type, but a value that overflows that type is refused; an
+    integer input takes any integer array whose values all fit its type (int32 or uint8 ids for
+    int64, int64 ids below 2³¹ for int32); a bool input takes only bools. A change of kind (int ↔
+    float, bool ↔ number, complex) is refused, never guessed. Float values must be finite: a NaN
+    or infinity would poison every statistic (and verification then compares NaN to NaN).
+
+    The feed is updated in place with the converted arrays.
+
+    Raises:
+        InputError: naming the input, what was given, what the model expects, and the fix.
+    """
     inputs = {v.name: v for v in model.graph.inputs if not v.is_initializer()}
     missing = sorted(set(inputs) - set(feed))
     extra = sorted(set(feed) - set(inputs))
@@ -107,13 +135,19 @@ def check_feed(feed: Feed, model: ir.Model, what: str) -> None:
             + (f" (unknown {extra})" if extra else "")
         )
     for name, value in inputs.items():
-        array = feed[name]
+        array = np.asarray(feed[name])  # a numpy or Python scalar becomes a 0-d array
         if value.shape is not None:
             dims = list(value.shape)
+            if not dims and array.shape == (1,):
+                array = array.reshape(())
             if len(dims) != array.ndim:
+                hint = (
+                    "; a scalar input takes one value per sample (a DataLoader stacks scalars into a "
+                    "vector: use batch_size=1)" if not dims and array.ndim == 1 else ""
+                )
                 raise InputError(
                     f"{what}: input {name!r} has shape {list(array.shape)} but the model expects rank "
-                    f"{len(dims)} ({_fmt(dims)})"
+                    f"{len(dims)} ({_fmt(dims)}){hint}"
                 )
             for d, n in zip(dims, array.shape):
                 if isinstance(d, int) and d != n:
@@ -121,14 +155,62 @@ def check_feed(feed: Feed, model: ir.Model, what: str) -> None:
                         f"{what}: input {name!r} has shape {list(array.shape)} but the model expects {_fmt(dims)}"
                     )
         if value.dtype is not None:
-            expected = value.dtype.numpy()
-            if array.dtype != expected:
-                if np.can_cast(array.dtype, expected, casting="same_kind"):
-                    feed[name] = array.astype(expected)
-                else:
-                    raise InputError(
-                        f"{what}: input {name!r} is {array.dtype} but the model expects {np.dtype(expected)}"
-                    )
+            array = _cast(array, value.dtype, name, what)
+        elif _kind(array.dtype) == "float":
+            _check_finite(array, name, what)
+        feed[name] = array
+
+
+def _kind(dtype: np.dtype) -> str:
+    """``float``, ``int`` or ``bool``; any other type by its name (``complex64``, ``<U3``)."""
+    if dtype == np.bool_:
+        return "bool"
+    if np.issubdtype(dtype, np.integer):
+        return "int"
+    if np.issubdtype(dtype, np.floating):
+        return "float"
+    try:  # ml_dtypes (bfloat16, float8) are not numpy floating types
+        return "float" if ir.DataType.from_numpy(dtype).is_floating_point() else dtype.name
+    except (TypeError, ValueError, KeyError):
+        return dtype.name
+
+
+def _cast(array: np.ndarray, dtype: ir.DataType, name: str, what: str) -> np.ndarray:
+    """The array in the input's type under :func:`check_feed`'s rule, or an InputError."""
+    expected = np.dtype(dtype.numpy())
+    kind = _kind(array.dtype)
+    if kind != _kind(expected):
+        numpy_name = f"np.{expected.name}" if hasattr(np, expected.name) else f"ml_dtypes.{expected.name}"
+        raise InputError(
+            f"{what}: input {name!r} is {array.dtype} but the model expects {expected}; convert it "
+            f"(arr.astype({numpy_name}))"
+        )
+    if kind == "float":
+        _check_finite(array, name, what)
+        if array.dtype != expected:
+            array = array.astype(expected)
+            overflow = int(np.count_nonzero(~np.isfinite(array)))
+            if overflow:
+                raise InputError(
+                    f"{what}: input {name!r} has {overflow} values beyond the range of {expected} (the "
+                    "model's input type); rescale or clip them"
+                )
+        return array
+    if kind == "int" and array.dtype != expected and array.size:
+        info = np.iinfo(expected)
+        lo, hi = int(array.min()), int(array.max())
+        if lo < info.min or hi > info.max:
+            raise InputError(
+                f"{what}: input {name!r} is {array.dtype} with values from {lo} to {hi}, beyond the "
+                f"{expected} range the model expects ({info.min} to {info.max}); check the data"
+            )
+    return array if array.dtype == expected else array.astype(expected)
+
+
+def _check_finite(array: np.ndarray, name: str, what: str) -> None:
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(f"{what}: input {name!r} has {bad} NaN or infinite values; remove or replace them")
 
 
 def _fmt(dims) -> str:
@@ -149,13 +231,12 @@ def generated_feeds(model: ir.Model, count: int = 2, seed: int = 0) -> list[Feed
             dtype = value.dtype.numpy() if value.dtype is not None else np.float32
             if np.issubdtype(dtype, np.integer):
                 high = 2 if "mask" in (value.name or "").lower() else vocab
-                feed[value.name] = (
-                    np.ones(dims, dtype=dtype) if high == 2 else rng.integers(0, high, size=dims).astype(dtype)
-                )
+                array = np.ones(dims, dtype=dtype) if high == 2 else rng.integers(0, high, size=dims)
             elif dtype == np.bool_:
-                feed[value.name] = np.ones(dims, dtype=bool)
+                array = np.ones(dims, dtype=bool)
             else:
-                feed[value.name] = rng.standard_normal(dims).astype(dtype)
+                array = rng.standard_normal(dims)
+            feed[value.name] = np.asarray(array, dtype=dtype)  # a 0-d array for a scalar input
         feeds.append(feed)
     return feeds
 

@@ -37,11 +37,10 @@ import onnx_ir as ir
 from hessc.errors import InputError, VerificationError
 from hessc.ir import meta
 from hessc.passes.activations import ACT_QUANT_KEY
-from hessc.runtime import packing
+from hessc.runtime import packing, targets
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("cpu", "cuda", "onnx")
 MS_DOMAIN = "com.microsoft"
 _BITS = {
     ir.DataType.INT2: 2, ir.DataType.UINT2: 2,
@@ -62,6 +61,8 @@ class LowerConfig:
         fp16: convert float activations and scales to fp16 (cuda only).
         three_bit: store 3-bit MatMul/Gemm codes at 3 bits, rebuilt into the 4-bit kernel layout
             when ORT opens the session (False: in the 4-bit container, 4 bits per weight).
+        keep_portable: keep ``Model.clone()`` of the portable form under
+            ``model.meta[PORTABLE_KEY]`` for verification to compare against.
     """
 
     target: str = "cpu"
@@ -69,10 +70,10 @@ class LowerConfig:
     gather_quantized: bool = True
     fp16: bool = False
     three_bit: bool = True
+    keep_portable: bool = False
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InputError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
+        targets.get(self.target)
         if self.fp16 and self.target != "cuda":
             raise InputError("fp16 lowering is for target='cuda' only")
 
@@ -94,22 +95,51 @@ def _plan_bits(dq: ir.Node, default: int) -> int:
     return plan.bits if plan is not None else default
 
 
+LOWERING_KEY = "hessc.lowering"
+"""``model.meta`` key: ``{what was rewritten or kept: count}`` of the last lowering."""
+
+PORTABLE_KEY = "hessc.portable"
+"""``model.meta`` key: the portable Q/DQ form the model was lowered from (``LowerConfig.keep_portable``)."""
+
+
 class LowerWeightsPass(ir.passes.InPlacePass):
-    """Rewrites weight ``DequantizeLinear`` patterns into the target's low-bit operators."""
+    """Rewrites weight ``DequantizeLinear`` patterns into the target's low-bit operators, then
+    (``fp16``) float tensors to fp16. What it did goes to ``model.meta[LOWERING_KEY]``."""
 
     def __init__(self, config: LowerConfig) -> None:
         super().__init__()
         self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        config = self.config
+        if config.keep_portable and targets.get(config.target).lowers_weights:
+            model.meta[PORTABLE_KEY] = model.clone()
+        rewriter = _Rewriter(config)
+        modified = rewriter.run(model)
+        summary = dict(rewriter.summary)
+        if config.fp16:
+            converted = to_fp16(model)
+            model.graph, model.ir_version = converted.graph, converted.ir_version
+            summary["fp16 activations"] = 1
+            modified = True
+        model.meta[LOWERING_KEY] = summary
+        return ir.passes.PassResult(model, modified)
+
+
+class _Rewriter:
+    """One lowering run: the pattern rewrites and what they did."""
+
+    def __init__(self, config: LowerConfig) -> None:
+        self.config = config
         self.summary: dict[str, int] = {}
+        self._tables: dict[bool, ir.Value] = {}
 
     def _count(self, key: str) -> None:
         self.summary[key] = self.summary.get(key, 0) + 1
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.summary = {}
-        self._tables: dict[bool, ir.Value] = {}
-        if self.config.target == "onnx":
-            return ir.passes.PassResult(model, False)
+    def run(self, model: ir.Model) -> bool:
+        if not targets.get(self.config.target).lowers_weights:
+            return False
         modified = False
         for node in list(model.graph):
             if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
@@ -119,7 +149,7 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
             ir.passes.common.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified)
+        return modified
 
     def _lower(self, model: ir.Model, dq: ir.Node) -> bool:
         parts = _dq_parts(dq)
@@ -242,6 +272,13 @@ class LowerWeightsPass(ir.passes.InPlacePass):
     def _to_gather_block_quantized(self, model, dq, uses, q, scale, zp, bits, block) -> bool:
         if bits not in (4, 8) or block < 16 or block & (block - 1):
             self._count(f"kept Q/DQ: {bits}-bit embedding (GatherBlockQuantized runs 4 and 8 bits)")
+            return False
+        width = q.const_value.shape[1]
+        if width % block and targets.get(self.config.target).embedding_whole_blocks:
+            # ORT 1.31's CUDA kernel indexes blocks over the flattened table: wrong unless every
+            # row is a whole number of blocks (measured: 0.475 relative error at width 576, block 128).
+            self._count(f"kept Q/DQ: embedding width {width} is not a multiple of the block {block} "
+                        f"({self.config.target}'s GatherBlockQuantized needs whole blocks per row)")
             return False
         graph = dq.graph
         base = q.name.removesuffix("_q")
@@ -408,14 +445,9 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def lower(model: ir.Model, config: LowerConfig) -> tuple[ir.Model, dict[str, int]]:
-    """Lowers the model for ``config.target``; returns it and what was rewritten, by kind."""
-    lowering = LowerWeightsPass(config)
-    lowering(model)
-    summary = dict(lowering.summary)
-    if config.fp16:
-        model = to_fp16(model)
-        summary["fp16 activations"] = 1
-    return model, summary
+    """Lowers the model for ``config.target`` in place; returns it and what was rewritten, by kind."""
+    LowerWeightsPass(config)(model)
+    return model, model.meta[LOWERING_KEY]
 
 
 def _const_scalar(value: ir.Value | None) -> float | None:

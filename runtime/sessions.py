@@ -4,6 +4,11 @@
 the CPU is reported as an error, not silently accepted) and, when the model's inputs have static
 shapes, capture the whole model in a CUDA graph and run it through I/O binding on device buffers:
 kernel launches dominate small-batch latency, and one graph replay removes them.
+
+Custom ops: every session registers the shared libraries given to it and those recorded on an
+``onnx_ir.Model`` under ``hessc.ir.meta.CUSTOM_OPS_KEY`` (by ``frontend.load``), so each session
+hessc opens on the model can run them; an op ONNX Runtime does not know is an ``InputError``
+naming it and its domain.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError, UnsupportedError
-from hessc.ir import frontend
+from hessc.ir import frontend, meta
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +86,14 @@ def _source(model: Any, opts) -> tuple[str | bytes, Any]:
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
-def session_options(threads: int | None = None, optimize: bool = True):
+def session_options(
+    threads: int | None = None, optimize: bool = True, custom_op_libraries: Sequence[str | os.PathLike] = ()
+):
+    """ORT session options: intra-op threads, graph optimizations on or off, custom-op libraries.
+
+    Raises:
+        InputError: a library that is missing or that ONNX Runtime cannot load, named.
+    """
     ort = _import_ort()
     opts = ort.SessionOptions()
     if threads:
@@ -89,7 +102,67 @@ def session_options(threads: int | None = None, optimize: bool = True):
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     opts.log_severity_level = 3
+    for path in frontend.check_libraries(custom_op_libraries):
+        try:
+            opts.register_custom_ops_library(path)
+        except Exception as e:  # ORT's Fail: dlopen failed, or no RegisterCustomOps symbol
+            raise InputError(
+                f"{path} is not a custom-op library ONNX Runtime can load ({_ort_message(e)}); pass a "
+                "shared library built for this onnxruntime that exports RegisterCustomOps"
+            ) from None
     return opts
+
+
+def libraries_for(model: Any, extra: Sequence[str | os.PathLike] = ()) -> tuple[str, ...]:
+    """The libraries a session on ``model`` registers: those recorded on an ``onnx_ir.Model``
+    (``meta.CUSTOM_OPS_KEY``) and ``extra``, each once."""
+    recorded = model.meta.get(meta.CUSTOM_OPS_KEY, ()) if isinstance(model, ir.Model) else ()
+    if isinstance(extra, (str, os.PathLike)):
+        extra = [extra]
+    return tuple(dict.fromkeys(os.fspath(p) for p in (*recorded, *extra)))
+
+
+_UNREGISTERED_OP = re.compile(r"(?P<domain>[\w.\-]*):(?P<op>[\w.\-]+)\(-?\d+\) is not a registered function/op")
+_NO_OPSET_IMPORT = re.compile(
+    r"In Node, \(\"[^\"]*\", (?P<op>[\w.\-]+), \"(?P<domain>[^\"]*)\".*No opset import for domain '(?P<d>[^']*)'"
+    r"|No opset import for domain '(?P<only>[^']*)'",
+    re.S,
+)
+
+
+def _ort_message(error: Exception) -> str:
+    """ORT's message without its ``[ONNXRuntimeError] : 1 : FAIL :`` prefix, shortened."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(error)).strip()[:200]
+
+
+def _unknown_op(error: Exception) -> InputError | None:
+    """The InputError for a session that failed on an op ORT does not know, or None."""
+    text = str(error)
+    ops = [(m["domain"], m["op"]) for m in _UNREGISTERED_OP.finditer(text)]
+    if ops:
+        return frontend.unknown_op_error(list(dict.fromkeys(ops)))
+    match = _NO_OPSET_IMPORT.search(text)
+    if match is None:
+        return None
+    domain = match["domain"] if match["op"] else match["only"]
+    op = f"op {match['op']!r} of domain {domain!r}" if match["op"] else f"ops of domain {domain!r}"
+    return InputError(
+        f"the model uses {op} but does not import that domain (no opset_import entry for {domain!r}); "
+        f"add one (model.opset_imports[{domain!r}] = 1 in onnx_ir, or onnx.helper.make_opsetid) and "
+        "re-save the model"
+    )
+
+
+def _inference_session(source: str | bytes, opts, providers: list):
+    """``onnxruntime.InferenceSession``, with an op ORT does not know reported as an InputError."""
+    ort = _import_ort()
+    try:
+        return ort.InferenceSession(source, opts, providers=providers)
+    except Exception as e:
+        error = _unknown_op(e)
+        if error is None:
+            raise
+        raise error from e
 
 
 @dataclasses.dataclass
@@ -185,6 +258,7 @@ def session(
     threads: int | None = None,
     cuda_graph: bool | None = None,
     optimize: bool = True,
+    custom_op_libraries: Sequence[str | os.PathLike] = (),
 ) -> Session:
     """Opens an ONNX Runtime session for ``target`` (``cpu``, ``cuda`` or ``onnx``).
 
@@ -194,14 +268,20 @@ def session(
         threads: intra-op threads (default: ORT's choice).
         cuda_graph: capture a CUDA graph (cuda only). Default: on when every input shape is static.
         optimize: ORT graph optimizations (off only to inspect the unfused graph).
+        custom_op_libraries: shared libraries that register custom ops, in addition to those
+            recorded on an ``onnx_ir.Model`` (``meta.CUSTOM_OPS_KEY``).
+
+    Raises:
+        InputError: an unknown target; a missing or unloadable library; an op ONNX Runtime does
+            not know (named with its domain).
     """
     ort = _import_ort()
     if target not in PROVIDERS:
         raise InputError(f"unknown target {target!r}; use cpu, cuda or onnx")
-    opts = session_options(threads, optimize)
+    opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries))
     source, keepalive = _source(model, opts)
     if target != "cuda":
-        inner = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        inner = _inference_session(source, opts, ["CPUExecutionProvider"])
         return Session(inner, target, _keepalive=keepalive)
     if hasattr(ort, "preload_dlls"):
         try:
@@ -229,12 +309,14 @@ def session(
         # (check_cuda_placement).
         providers.append("CPUExecutionProvider")
     try:
-        inner = ort.InferenceSession(source, opts, providers=providers)
+        inner = _inference_session(source, opts, providers)
+    except InputError:
+        raise
     except Exception as e:
         if use_graph and cuda_graph is None:
             logger.info("CUDA graph capture refused (%s); running without it", str(e)[:120])
             provider_opts["enable_cuda_graph"] = "0"
-            inner = ort.InferenceSession(source, opts, providers=providers)
+            inner = _inference_session(source, opts, providers)
             use_graph = False
         else:
             raise UnsupportedError(
@@ -324,6 +406,7 @@ class ValueTaps:
     def __init__(self, model: ir.Model, threads: int | None = None) -> None:
         self.proto, self.folder, self._keepalive = serialized(model)
         self.threads = threads
+        self.libraries = libraries_for(model)
         self.types = {v.name: v.dtype for g in frontend.graphs(model) for n in g for v in n.outputs}
         self.types.update({v.name: v.dtype for v in model.graph.inputs})
 
@@ -342,10 +425,10 @@ class ValueTaps:
             dtype = self.types[name]
             elem = int(dtype) if dtype is not None else onnx.TensorProto.FLOAT
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-        opts = session_options(self.threads)
+        opts = session_options(self.threads, custom_op_libraries=self.libraries)
         if self.folder is not None:
             opts.add_session_config_entry(EXTERNAL_FOLDER_KEY, self.folder)
-        return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return _inference_session(proto.SerializeToString(), opts, ["CPUExecutionProvider"])
 
     def close(self) -> None:
         if self._keepalive is not None:

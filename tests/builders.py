@@ -120,6 +120,17 @@ def load(proto: onnx.ModelProto) -> ir.Model:
     return frontend.load(proto)
 
 
+def load_upgraded(proto: onnx.ModelProto, opset: int = 21) -> ir.Model:
+    """The proto through the front door with its opset raised to ``opset`` (the pipeline's
+    ``upgrade-opset`` step, which plan-quantization and insert-qdq require first); an opset
+    already at or above it is kept."""
+    from hessc.passes.opset import UpgradeOpsetPass
+
+    model = load(proto)
+    UpgradeOpsetPass(opset)(model)
+    return model
+
+
 def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
     if isinstance(model, ir.Model):
         model = ir.to_proto(model)

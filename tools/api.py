@@ -1,17 +1,16 @@
 """The public API: ``optimize`` and ``save``.
 
-``optimize`` loads the model, runs the pass pipeline (plan → materialize the portable Q/DQ form),
-lowers it for the target, then opens the result in an ONNX Runtime session for that target and
-compares its outputs with the float model's on the calibration (or generated) inputs before
-returning it. The decisions, byte accounting and the comparison are recorded in
-``metadata_props["hessc.plan"]``.
+``optimize`` turns its arguments into frozen :class:`~hessc.options.CompileOptions` and a
+:class:`~hessc.runtime.targets.Target`, loads the model, attaches the calibration data and the
+float reference to it, runs the one pipeline (:func:`hessc.passes.pipeline.build_pipeline`:
+annotate → plan → materialize → lower → verify, every step a named pass) and records what was
+decided and measured in ``metadata_props["hessc.plan"]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -22,29 +21,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from hessc import __version__
-from hessc.errors import InputError, VerificationError
+from hessc import __version__, progress as progress_channel
+from hessc.errors import InputError
 from hessc.ir import frontend, meta
-from hessc.ir import weights as qweights
-from hessc.passes import activations as act
-from hessc.passes import allocate_bits, pipeline, quantize
+from hessc.options import CompileOptions
 from hessc.runtime import calibration as calib
-from hessc.runtime import lower as lowering
-from hessc.runtime import sessions
+from hessc.runtime import targets
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``: called as long steps advance."""
-
-LOWERING_TOLERANCE = {"cpu": 0.05, "cuda": 0.02, "onnx": 1e-4}
-"""Relative output error allowed between the lowered model and its portable Q/DQ form: the
-kernels differ only in arithmetic (int8 activations at ``accuracy_level=4`` on the CPU, fp16 on
-CUDA), so the difference must stay below this, or below half the quantization error itself
-(a coarse model amplifies arithmetic noise). A larger difference means a broken rewrite, and the
-result is refused. Models whose outputs are already more than 50% from float's are only
-reported: their outputs amplify any arithmetic difference, and the weight-by-weight check of the
-lowering (``runtime.lower``) is what guards them."""
 
 
 @dataclasses.dataclass
@@ -53,13 +40,14 @@ class _Source:
     path: Path | None
 
 
-def _load_source(model: Any, example_inputs) -> _Source:
+def _load_source(model: Any, example_inputs, custom_op_libraries: Sequence[str] = ()) -> _Source:
+    kwargs = {"custom_op_libraries": tuple(custom_op_libraries)} if custom_op_libraries else {}
     if isinstance(model, (str, os.PathLike)):
-        return _Source(frontend.load(model), Path(model))
+        return _Source(frontend.load(model, **kwargs), Path(model))
     if isinstance(model, ir.Model):
         # Never change the caller's object: work on a copy.
         model = frontend.clone(model)
-    return _Source(frontend.load(model, example_inputs), None)
+    return _Source(frontend.load(model, example_inputs, **kwargs), None)
 
 
 def optimize(
@@ -84,6 +72,9 @@ def optimize(
     verify: bool = True,
     measure_latency: bool = False,
     progress: Progress | None = None,
+    passes: Sequence[str] | None = None,
+    disable_passes: Sequence[str] = (),
+    custom_op_libraries: Sequence[str | os.PathLike] = (),
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -131,7 +122,12 @@ def optimize(
         verify: compare the result with the float model in ORT before returning it.
         measure_latency: also time the float and the optimized model on the first calibration
             input (``model.meta["hessc.latency"]``; warns when the result is slower).
-        progress: called as long steps advance.
+        progress: called as long steps advance (``progress(stage, done, total)``).
+        passes: run exactly these passes, in this order (``hessc passes`` lists them); without
+            ``insert-qdq`` the result is a float model, still verified.
+        disable_passes: drop these passes from the pipeline.
+        custom_op_libraries: shared libraries that register the model's custom operators with
+            ONNX Runtime, for every session hessc opens.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -142,288 +138,92 @@ def optimize(
         VerificationError: the result's outputs are far from the float model's.
     """
     started = time.perf_counter()
-    if target not in lowering.TARGETS:
-        raise InputError(f"unknown target {target!r}; use one of {', '.join(lowering.TARGETS)}")
-    if method not in ("rtn", "gptq"):
-        raise InputError(f"unknown method {method!r}; use 'rtn' or 'gptq'")
-    if rounding not in ("nearest", "gradient"):
-        raise InputError(f"unknown rounding {rounding!r}; use 'nearest' or 'gradient'")
-    fp16 = (target == "cuda") if fp16 is None else fp16
-    allocation, bits = _allocation_config(
-        bits, budget_bytes, method, group_size, symmetric, scale_bytes=2 if fp16 else 4,
-        kernel_layout=target in ("cpu", "cuda"), rounding=rounding,
+    options = CompileOptions(
+        target=target, bits=bits, group_size=group_size, seed=seed, symmetric=symmetric, method=method,
+        rounding=rounding, budget_bytes=budget_bytes, activations=activations,
+        quantize_embeddings=quantize_embeddings, input_shapes=CompileOptions.shapes(input_shapes), fp16=fp16,
+        verify=verify, measure_latency=measure_latency, has_calibration=calibration is not None,
+        passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
+        custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
     )
-    if rounding == "gradient" and allocation is None:
-        raise InputError("rounding='gradient' is chosen by the bit allocator: give a budget (bits=3.5, "
-                         "budget_bytes=N) or bits='lossless'")
-    if (allocation is not None or method == "gptq") and calibration is None:
-        what = "a bit budget" if allocation is not None else "method='gptq'"
-        raise InputError(f"{what} needs calibration data for the curvature statistics; pass --calibration")
-    if allocation is not None and allocation.lossless and activations == 8:
-        raise InputError("lossless is checked for weight quantization only; drop --activations 8")
-    config = quantize.QuantConfig(
-        bits=bits, group_size=group_size, symmetric=symmetric,
-        quantize_conv=(target == "onnx"), quantize_embeddings=quantize_embeddings, method=method,
-        embedding_min_bits=2 if target == "onnx" else 4,
-    )
-    if activations not in (None, 8, 16):
-        raise InputError(f"--activations {activations} is not supported; use 8 or 16")
-    # On the CPU, MatMulNBits' int8 path (accuracy_level 4) quantizes activations dynamically per
-    # block: that is 8-bit activations, finer than calibrated per-tensor ranges, so no Q/DQ is added.
-    static_activations = activations == 8 and target != "cpu"
-    if activations == 8 and target == "cuda":
+    target_record = targets.get(options.target)
+    if options.activations == 8 and target_record.name == "cuda":
         logger.warning(
             "--activations 8 on cuda: the CUDA provider has no int8-activation MatMulNBits, so the uint8 "
             "activations run as Q/DQ around fp16 kernels (measured on an H100 for SmolLM2: slower, and "
             "perplexity 63.9 against 30.7 with fp16 activations); fp16 activations are the fast path there"
         )
-    if static_activations and calibration is None:
-        raise InputError("--activations 8 needs calibration data to set activation ranges; pass --calibration")
-    lower_config = lowering.LowerConfig(
-        target=target, fp16=fp16, accuracy_level=1 if activations == 16 else 4
-    )
-    source = _load_source(model, example_inputs)
-    model = source.model
-    if input_shapes:
-        frontend.fix_input_shapes(model, input_shapes)
-        source.path = None  # the reference must see the same static shapes
+    from hessc.passes import pipeline
+    from hessc.runtime.verification import REFERENCE_KEY
 
-    feeds = (
-        calib.feeds_from(calibration, model, limit=64)
-        if calibration is not None
-        else calib.generated_feeds(model, count=2, seed=seed)
-    )
-    bytes_before = _weight_bytes(model)
-    reference = None
-    if verify:
-        reference = sessions.session(source.path if source.path else model, "cpu")
-
-    def step(i: int, total: int, name: str) -> None:
-        if progress:
-            progress("quantize", i + 1, total)
-
-    curvature = None
-    if allocation is not None or method == "gptq":
-        curvature = _Curvature.prepare(model, feeds, labels, allocation, method, progress, loss)
-    steps = pipeline.build_quantization_pipeline(
-        config, progress=step,
-        annotate=curvature.annotate if curvature else None,
-        allocate=allocate_bits.AllocateBitsPass(allocation) if allocation is not None else None,
-        hessian_for=curvature.hessian_for if curvature else None,
-        gradient_for=curvature.gradient_for if curvature else None,
-    )
-    split = [n for n, _ in steps].index("insert-qdq")
-    timings = pipeline.run(model, steps[:split])
-    if curvature:
-        curvature.snapshot(model)
-    timings += pipeline.run(model, steps[split:])
-    allocation_record = model.meta.get(allocate_bits.ALLOCATION_KEY)
-    lossless = None
-    if allocation is not None and allocation.lossless:
-        start = time.perf_counter()
-        model, lossless, allocation_record = curvature.confirm_lossless(model, config, allocation, step)
-        timings.append(pipeline.PassTiming("confirm-lossless", time.perf_counter() - start, bool(lossless["steps"])))
-    if static_activations:
-        start = time.perf_counter()
-        names = list(act.quantized_layer_inputs(model))
-        ranges = calib.activation_ranges(model, names, feeds)
-        act.InsertActivationQDQPass(ranges)(model)
-        timings.append(pipeline.PassTiming("insert-activation-qdq", time.perf_counter() - start, True))
-    skipped = dict(model.meta.get("hessc.skipped", {}))
-    # The portable form runs with ORT's fusions off: the plain float dequantization path.
-    portable = sessions.session(model, "cpu", optimize=False) if verify and target != "onnx" else None
-    record = build_plan_record(model, target, bytes_before, scale_bytes=2 if fp16 else 4)
-    start = time.perf_counter()
-    model, lowered = lowering.lower(model, lower_config)
-    timings.append(pipeline.PassTiming("lower-" + target, time.perf_counter() - start, bool(lowered)))
-    summary = record["summary"]
-    summary["bytes_after"] = _weight_bytes(model)
-    # Effective bits from what the lowered model stores (kernels may pad zero points per row).
-    stored, numel = lowering.quantized_storage(model)
-    summary["effective_bits_per_weight"] = round(8 * stored / numel, 4) if numel else None
-    record["lowering"] = lowered
-    record["skipped"] = skipped
-    if curvature:
-        _record_allocation(record, allocation_record, curvature.summaries, lossless)
-    if verify:
-        record["verification"] = _verify(model, reference, portable, feeds, target)
-    meta.write_plan(model, record)
+    with progress_channel.listening(progress):
+        source = _load_source(model, example_inputs, options.custom_op_libraries)
+        model = source.model
+        if input_shapes:
+            frontend.fix_input_shapes(model, input_shapes)
+            source.path = None  # the reference must see the same static shapes
+        if calibration is not None:
+            model.meta[meta.CALIBRATION_KEY] = _calibration(model, calibration, labels, loss, options)
+        model.meta[REFERENCE_KEY] = source.path if source.path is not None else model.clone()
+        bytes_before = _weight_bytes(model)
+        model = pipeline.run(pipeline.build_pipeline(options, target_record), model)
+    meta.write_plan(model, _plan_record(model, options, target_record, bytes_before))
     # Wall-clock facts stay out of the saved model, so outputs are byte-identical for a seed.
-    timings.append(pipeline.PassTiming("total", time.perf_counter() - started, True))
-    model.meta[meta.TIMINGS_KEY] = {t.name: round(t.seconds, 3) for t in timings}
-    if verify and measure_latency:
-        model.meta[meta.LATENCY_KEY] = _latency(reference, model, target, feeds[0])
+    timings = {step["name"]: step["seconds"] for step in model.meta.get(pipeline.PASSES_KEY, [])}
+    timings["total"] = round(time.perf_counter() - started, 3)
+    model.meta[meta.TIMINGS_KEY] = timings
+    if options.verify and options.measure_latency:
+        model.meta[meta.LATENCY_KEY] = _latency(model, target_record.name)
     return model
 
 
-def _allocation_config(
-    bits: int | float | str, budget_bytes: int | None, method: str, group_size: int, symmetric: bool,
-    scale_bytes: int, kernel_layout: bool = False, rounding: str = "nearest",
-) -> tuple[allocate_bits.AllocationConfig | None, int]:
-    """The bit allocator's configuration (None for uniform bits) and the uniform bits to plan."""
-    lossless = isinstance(bits, str) and bits.strip().lower() == "lossless"
-    if isinstance(bits, str) and not lossless:
-        try:
-            bits = float(bits)
-        except ValueError:
-            raise InputError(f"--bits {bits!r}: give a number of bits (4, 3.5) or 'lossless'") from None
-    if not lossless and budget_bytes is None and isinstance(bits, int):
-        return None, bits  # an int is uniform codes; a float (3.0 included) is a budget
-    methods = ("rtn", "gptq") if method == "gptq" else ("rtn",)
-    if rounding == "gradient":
-        methods = (*methods, "rtn-grad")
-    common = dict(methods=methods, group_size=group_size, symmetric=symmetric, scale_bytes=scale_bytes,
-                  kernel_layout=kernel_layout)
-    if lossless:
-        return allocate_bits.AllocationConfig(lossless=True, **common), 4
-    if budget_bytes is not None:
-        return allocate_bits.AllocationConfig(budget_bytes=int(budget_bytes), **common), 4
-    return allocate_bits.AllocationConfig(budget_bits=float(bits), **common), 4
+def _calibration(model: ir.Model, calibration: Any, labels, loss, options: CompileOptions) -> meta.Calibration:
+    """The checked calibration feeds; ``lossless`` holds out the last quarter for its check."""
+    from hessc.passes.pipeline import CALIBRATION_LIMIT
+
+    feeds = calib.feeds_from(calibration, model, limit=CALIBRATION_LIMIT)
+    labels = [np.asarray(x) for x in labels] if labels is not None else None
+    if labels is not None and len(labels) < len(feeds):
+        raise InputError(f"got {len(labels)} label arrays for {len(feeds)} calibration samples; give one per sample")
+    if loss is not None:
+        labels = None  # a task loss overrides labels
+    stat, held = list(feeds), []
+    if options.lossless:
+        if len(feeds) < 2:
+            raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
+        n_held = max(1, len(feeds) // 4)
+        stat, held = feeds[:-n_held], feeds[-n_held:]
+    return meta.Calibration(
+        feeds=tuple(stat), heldout=tuple(held),
+        labels=tuple(labels[: len(stat)]) if labels is not None else None,
+        heldout_labels=tuple(labels[len(stat): len(feeds)]) if labels is not None and held else None,
+        loss=loss,
+    )
 
 
-class _Curvature:
-    """Hessian annotation for GPTQ and the bit allocator, and the lossless held-out check.
+def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Target, bytes_before: int) -> dict:
+    """The saved record: per-weight plans, byte accounting, the passes that ran, what stayed in
+    float and why, the allocation and the verification."""
+    from hessc.passes import allocate_bits, lossless, pipeline
+    from hessc.runtime import lower as lowering
+    from hessc.runtime.verification import VERIFICATION_KEY
 
-    For ``lossless`` the last quarter of the calibration feeds is held out: the statistics never
-    see it, and the quantized portable model's loss on it must not exceed the float model's. While
-    it does, the allocation backs off (:func:`hessc.passes.allocate_bits.step_up`: the worst 10% of
-    layers by predicted Δloss move up one bit level) and is re-checked.
-    """
-
-    def __init__(self, annotate, float_copy, held, held_labels, loss_name: str | None, ids_name: str | None,
-                 loss_fn: Callable | None = None) -> None:
-        self.annotate = annotate
-        self.float_copy = float_copy
-        self.held = held
-        self.held_labels = held_labels
-        self.loss_name = loss_name
-        self.ids_name = ids_name
-        self.a_by_name: dict[str, np.ndarray] = {}
-        self.grad_by_name: dict[str, np.ndarray] = {}
-        self.summaries: dict[str, Any] = {}
-        self.loss_fn = loss_fn
-
-    @classmethod
-    def prepare(cls, model: ir.Model, feeds, labels, allocation, method: str, progress: Progress | None,
-                loss: Callable | None = None) -> "_Curvature":
-        from hessc.passes import hessian
-
-        # Raise the opset before annotating: a conversion later would rebuild the graph's meta.
-        quantize.ensure_opset(model, 21)
-        labels = list(labels) if labels is not None else None
-        if labels is not None and len(labels) < len(feeds):
-            raise InputError(f"got {len(labels)} label arrays for {len(feeds)} calibration samples; give one per sample")
-        lossless = allocation is not None and allocation.lossless
-        stat_feeds, held, held_labels = list(feeds), [], None
-        if lossless:
-            if len(feeds) < 2:
-                raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
-            n_held = max(1, len(feeds) // 4)
-            stat_feeds, held = list(feeds[:-n_held]), list(feeds[-n_held:])
-            if labels is not None:
-                held_labels = labels[len(stat_feeds): len(feeds)]
-        stat_labels = tuple(labels[: len(stat_feeds)]) if labels is not None else None
-        backward = allocation is not None
-        # GPTQ weighs each input row by its output gradient (hessian.gptq_hessian).
-        weighted = method == "gptq"
-        config = hessian.HessianConfig(
-            covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
-            split_covariance=backward and weighted, split_gradient=backward and "rtn-grad" in allocation.methods,
-            max_samples=len(stat_feeds), max_grad_samples=min(len(stat_feeds), 16),
-            labels=stat_labels if (backward or weighted) and loss is None else None,
-            loss=loss if loss is not None else "auto",
-        )
-        loss_name = hessian.resolve_loss(config, model) if backward or weighted else None
-        if lossless and loss_name not in ("next-token", "ce", "custom"):
-            raise InputError(
-                f"lossless needs a loss whose fp32 value is not already its minimum; the model's loss is {loss_name!r} "
-                "(zero at the float weights): give labels (cross-entropy), a task loss (loss=), or use a language "
-                "model with input_ids"
-            )
-
-        def annotate_progress(stage: str, done: int, total: int) -> None:
-            if progress:
-                progress(stage, done, total)
-
-        annotate = hessian.AnnotateHessianPass(config, stat_feeds, progress=annotate_progress)
-        float_copy = frontend.clone(model) if lossless else None
-        return cls(annotate, float_copy, held, held_labels, loss_name, hessian.ids_input(model), loss)
-
-    def hessian_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
-        """GPTQ's Hessian of a weight, by name (so that a fresh copy of the model can be re-quantized)."""
-        return self.a_by_name.get(ref.name)
-
-    def gradient_for(self, ref: qweights.WeightRef) -> np.ndarray | None:
-        """The loss gradient of a weight, by name (for ``rtn-grad`` on a fresh copy)."""
-        return self.grad_by_name.get(ref.name)
-
-    def snapshot(self, model: ir.Model) -> None:
-        from hessc.passes import hessian
-
-        for ref in qweights.iter_weights(model):
-            h = hessian.hessian_for(ref)
-            if h is not None:
-                self.a_by_name[ref.name] = h
-            g = hessian.gradient_for(ref)
-            if g is not None:
-                self.grad_by_name[ref.name] = g
-        self.summaries = dict(model.meta.get(meta.CURVATURE_KEY, {}))
-
-    def _loss(self, model: ir.Model) -> float:
-        sess = sessions.session(model, "cpu", optimize=False)
-        outputs = [sess.run(feed) for feed in self.held]
-        if self.loss_fn is not None:
-            return _custom_loss(self.loss_fn, sess.output_names, outputs, self.held)
-        return allocate_bits.heldout_loss(outputs, self.held, self.loss_name, self.ids_name, self.held_labels)
-
-    def confirm_lossless(self, model: ir.Model, config: quantize.QuantConfig, allocation, progress) -> tuple[ir.Model, dict, dict]:
-        record = model.meta[allocate_bits.ALLOCATION_KEY]
-        fp32 = self._loss(self.float_copy)
-        quantized = self._loss(model)
-        steps: list[dict] = []
-        logger.info("lossless: held-out loss %.6g (fp32) vs %.6g (quantized)", fp32, quantized)
-        while quantized > fp32:
-            weights = allocate_bits.step_up(record, allocation.candidate_bits)
-            if weights is None:
-                break
-            raised = [w["name"] for w, old in zip(weights, record["weights"]) if w["bits"] != old["bits"]]
-            record = allocate_bits.with_weights(record, weights)
-            replay = dataclasses.replace(
-                config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
-                method_override=tuple((n, m) for n, m in record["method_override"]),
-            )
-            candidate = frontend.clone(self.float_copy)
-            try:
-                pipeline.run(candidate, pipeline.build_quantization_pipeline(
-                    replay, hessian_for=self.hessian_for, gradient_for=self.gradient_for, progress=progress
-                ))
-            except InputError:  # everything is back in float: the float model itself
-                candidate = frontend.clone(self.float_copy)
-            model = candidate
-            quantized = self._loss(model)
-            steps.append({"raised": raised, "heldout_loss_quantized": quantized, "used_bytes": record["used_bytes"]})
-            logger.info("lossless: raised %s; held-out loss %.6g", ", ".join(raised), quantized)
-        model.meta[allocate_bits.ALLOCATION_KEY] = record
-        confirmed = quantized <= fp32
-        if not confirmed:
-            logger.warning(
-                "lossless not confirmed: held-out loss %.6g is above fp32's %.6g after %d steps", quantized, fp32, len(steps)
-            )
-        info = {"heldout_loss_fp32": fp32, "heldout_loss_quantized": quantized, "heldout_samples": len(self.held),
-                "loss": self.loss_name, "steps": steps, "confirmed": confirmed}
-        return model, info, record
-
-
-def _custom_loss(loss_fn: Callable, names: Sequence[str], outputs, feeds) -> float:
-    """The mean of a user's task loss over held-out feeds, from ORT outputs."""
-    import torch
-
-    values = []
-    with torch.no_grad():
-        for outs, feed in zip(outputs, feeds):
-            named = {n: torch.from_numpy(np.asarray(o)).to(torch.float64) for n, o in zip(names, outs)}
-            values.append(float(loss_fn(named, feed)))
-    return float(np.mean(values))
+    record = build_plan_record(model, target.name, bytes_before, scale_bytes=target.scale_bytes(options.fp16_for(target)))
+    summary = record["summary"]
+    # Effective bits from what the lowered model stores (kernels may pad zero points per row).
+    stored, numel = lowering.quantized_storage(model)
+    summary["effective_bits_per_weight"] = round(8 * stored / numel, 4) if numel else None
+    record["passes"] = [{"name": p["name"], "modified": p["modified"]} for p in model.meta.get(pipeline.PASSES_KEY, [])]
+    record["lowering"] = model.meta.get(lowering.LOWERING_KEY, {})
+    record["skipped"] = dict(model.meta.get(meta.SKIPPED_KEY, {}))
+    if model.meta.get(meta.CURVATURE_KEY) is not None or model.meta.get(allocate_bits.ALLOCATION_KEY) is not None:
+        _record_allocation(record, model.meta.get(allocate_bits.ALLOCATION_KEY), model.meta.get(meta.CURVATURE_KEY, {}),
+                           model.meta.get(lossless.LOSSLESS_KEY))
+    if VERIFICATION_KEY in model.meta:
+        record["verification"] = model.meta[VERIFICATION_KEY]
+    else:
+        record["verification"] = {"status": "skipped: verify-in-ort was not in the pipeline"}
+    return record
 
 
 def _record_allocation(record: dict, allocation: dict | None, curvature: dict, lossless: dict | None) -> None:
@@ -457,44 +257,18 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
     ]
 
 
-def _verify(model: ir.Model, reference, portable, feeds, target: str) -> dict:
-    """Runs the result on its target: its error against the float model (reported) and against
-    its own portable Q/DQ form (which must agree: lowering changes kernels, not values)."""
-    if target == "cuda" and not sessions.cuda_available():
-        try:
-            candidate = sessions.session(model, "cpu")
-        except Exception as e:
-            logger.warning("no CUDA provider here and the CPU provider cannot run the cuda model: %s", e)
-            return {"status": "not run: no CUDA provider on this machine"}
-        where = "CPUExecutionProvider (no CUDA provider on this machine)"
-    else:
-        candidate = sessions.session(model, target)
-        where = candidate.inner.get_providers()[0]
-        if target == "cuda":
-            sessions.check_cuda_placement(model, feeds[0])
-    record = {"status": "passed", "provider": where, "vs_float": sessions.compare(reference, candidate, feeds).to_json()}
-    if portable is not None:
-        lowered = sessions.compare(portable, candidate, feeds)
-        record["vs_portable"] = lowered.to_json()
-        limit = max(LOWERING_TOLERANCE[target], 0.5 * record["vs_float"]["rel_error"])
-        # Lowering is checked weight by weight (runtime.lower); end to end, a model whose outputs
-        # are already far from float's amplifies kernel arithmetic noise without bound.
-        conditioned = record["vs_float"]["rel_error"] < 0.5
-        if not math.isfinite(lowered.rel_error) or (conditioned and lowered.rel_error > limit):
-            raise VerificationError(
-                f"the lowered {target} model differs from its portable Q/DQ form by {lowered.rel_error:.2%} "
-                f"(limit {limit:.2%}); this is a hessc bug: rerun with --target onnx and report it"
-            )
-    if not math.isfinite(record["vs_float"]["rel_error"]):
-        raise VerificationError("the optimized model produces non-finite outputs; use more bits")
-    return record
+def _latency(model: ir.Model, target: str) -> dict | None:
+    """Median latency of the float and the optimized model on the first verification input (not
+    saved: wall-clock values would make outputs differ run to run)."""
+    from hessc.runtime import sessions
+    from hessc.runtime.verification import REFERENCE_KEY
 
-
-def _latency(reference, model: ir.Model, target: str, feed) -> dict | None:
-    """Median latency of the float and the optimized model on one calibration input (not saved:
-    wall-clock values would make outputs differ run to run)."""
     if target == "cuda" and not sessions.cuda_available():
         return None
+    calibration = model.meta.get(meta.CALIBRATION_KEY)
+    reference_source = model.meta[REFERENCE_KEY]
+    reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu")
+    feed = calibration.feeds[0] if calibration is not None else calib.generated_feeds(model, count=1)[0]
     candidate = sessions.session(model, "cpu" if target == "onnx" else target)
     latency = {
         "float": sessions.median_latency_ms(reference.run, feed, 5),
@@ -520,12 +294,10 @@ def _weight_bytes(model: ir.Model) -> int:
 
 def build_plan_record(model: ir.Model, target: str, bytes_before: int, scale_bytes: int = 4) -> dict:
     """One entry per quantized weight and a summary with honest byte accounting."""
+    from hessc.passes import quantize
+
     entries = []
-    plans = {}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        plan = node.meta.get(meta.QUANT_KEY)
-        if isinstance(plan, meta.QuantPlan):
-            plans[plan.name] = plan
+    plans = model.meta.get(meta.MATERIALIZED_KEY) or {}
     quant_bytes = 0
     quant_numel = 0
     for plan in plans.values():

@@ -60,6 +60,10 @@ def _bits(text: str) -> int | float | str:
         raise argparse.ArgumentTypeError(f"expected a number of bits (4, 3.5) or 'lossless', got {text!r}") from None
 
 
+def _name_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _bits_list(text: str) -> list[int | float | str]:
     return [_bits(item) for item in text.split(",") if item.strip()]
 
@@ -92,8 +96,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="make a graph input static (repeatable); needed for CUDA graphs")
     o.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data")
     o.add_argument("--no-verify", action="store_true", help="skip the ORT comparison with the float model")
+    o.add_argument("--passes", type=_name_list, metavar="A,B,...",
+                   help="run exactly these passes, in this order (`hessc passes` lists them)")
+    o.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="drop a pass from the pipeline (repeatable)")
+    o.add_argument("--custom-op-library", action="append", default=[], metavar="PATH",
+                   help="a shared library registering the model's custom operators with ONNX Runtime (repeatable)")
     o.add_argument("--quiet", action="store_true")
     o.add_argument("--json", action="store_true", help="print the plan summary as JSON")
+
+    ps = sub.add_parser("passes", help="list the default pipeline's passes in execution order")
+    ps.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    ps.add_argument("--bits", type=_bits, default=4, help="the pipeline for these bits (a budget adds the allocator)")
+    ps.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    ps.add_argument("--json", action="store_true")
 
     i = sub.add_parser("inspect", help="list weights, sizes, ops and what can be compressed")
     i.add_argument("model")
@@ -161,6 +177,7 @@ def _cmd_optimize(args) -> int:
         calibration=args.calibration, seed=args.seed, symmetric=args.symmetric,
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,
+        passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
@@ -173,7 +190,8 @@ def _cmd_optimize(args) -> int:
             plot=plot.name if has_plot else None))
     s = record["summary"]
     if args.json:
-        print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification")}, indent=2))
+        print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification"),
+                          "passes": record.get("passes"), "seconds": model.meta.get(meta.TIMINGS_KEY)}, indent=2))
     elif not args.quiet:
         ver = record.get("verification", {}).get("vs_float")
         extra = f", output cosine to fp32 {ver['cosine']:.4f}" if ver else ""
@@ -200,6 +218,7 @@ def _cmd_inspect(args) -> int:
         return 0
     if not args.calibration:
         raise InputError("--hessian needs calibration data: pass --calibration DATA.npz")
+    from hessc import progress
     from hessc.passes.hessian import AnnotateHessianPass, HessianConfig
     from hessc.runtime import calibration
 
@@ -207,11 +226,35 @@ def _cmd_inspect(args) -> int:
     config = HessianConfig(
         kfac=True, max_samples=args.samples, lambda_max=args.hvp, hutchinson_probes=50 if args.hvp else 0,
     )
-    AnnotateHessianPass(config, feeds, progress=_progress_factory(args.quiet))(model)
+    with progress.listening(_progress_factory(args.quiet)):
+        AnnotateHessianPass(config, feeds)(model)
     rows = report.curvature_rows(model)
     if args.plot:
         report.plot_curvature(model, rows, Path(args.plot))
     print(json.dumps(rows, indent=2) if args.json else report.curvature_markdown(rows))
+    return 0
+
+
+def _cmd_passes(args) -> int:
+    from hessc.options import CompileOptions
+    from hessc.passes import pipeline
+    from hessc.runtime import targets
+
+    target = targets.get(args.target)
+    options = CompileOptions(target=args.target, bits=args.bits, method=args.method, has_calibration=True)
+    default = set(pipeline.default_names(options, target))
+    rows = [{"name": pipeline.spec_name(spec, target), "summary": spec.summary,
+             "default": pipeline.spec_name(spec, target) in default, "available": spec.available}
+            for spec in pipeline.PASSES]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        mark = "*" if r["default"] else ("-" if not r["available"] else " ")
+        print(f"{mark} {r['name']:<{width}}  {r['summary']}")
+    print(f"\n* runs by default for --target {args.target} --bits {args.bits} --method {args.method}; "
+          "- not implemented yet")
     return 0
 
 
@@ -256,7 +299,7 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
+COMMANDS = {"optimize": _cmd_optimize, "passes": _cmd_passes, "inspect": _cmd_inspect, "bench": _cmd_bench, "demo": _cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hessc: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader of stdout went away (`hessc passes | head`)
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("hessc: interrupted", file=sys.stderr)
         return 130

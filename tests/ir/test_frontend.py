@@ -117,6 +117,89 @@ def test_opset_too_low_is_unsupported() -> None:
         frontend.load(proto)
 
 
+def _custom_op_model(domain: str = "com.example", op: str = "MyOp", import_domain: bool = True) -> onnx.ModelProto:
+    """``y = MatMul(x, W)`` followed by ``z = domain:op(y)``."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node(op, ["y"], ["z"], domain=domain)]
+    proto = b.make_model(nodes, [b.x_input(8)], [b.y_output(8, "z")], {"W": b.weight((8, 8))})
+    if import_domain:
+        proto.opset_import.append(helper.make_opsetid(domain, 1))
+    return proto
+
+
+def test_op_of_an_unknown_domain_is_an_input_error_naming_op_and_domain() -> None:
+    with pytest.raises(
+        InputError,
+        match=r"op 'MyOp' of domain 'com.example'.*--custom-op-library PATH \(custom_op_libraries=\[\.\.\.\]\)",
+    ):
+        frontend.load(_custom_op_model())
+
+
+def test_unknown_ops_are_found_in_subgraphs_and_functions_and_listed_once() -> None:
+    model = ir.serde.deserialize_model(_custom_op_model(op="Second"))
+    then_g = helper.make_graph([helper.make_node("First", ["x"], ["t"], domain="org.acme")], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    proto = b.make_model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=then_g)],
+        [b.x_input(8), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [b.y_output()],
+    )
+    assert frontend.check_domains(ir.serde.deserialize_model(proto), ["lib.so"]) == [("org.acme", "First")]
+    proto.functions.append(  # a local function whose body calls a custom op
+        helper.make_function("local.fns", "Wrap", ["a"], ["b"], [helper.make_node("Inner", ["a"], ["b"], domain="org.acme")],
+                             [helper.make_opsetid("org.acme", 1)])
+    )
+    assert frontend.check_domains(ir.serde.deserialize_model(proto), ["lib.so"]) == [
+        ("org.acme", "First"), ("org.acme", "Inner"),
+    ]
+    assert frontend.check_domains(model, ["lib.so"]) == [("com.example", "Second")]
+    with pytest.raises(InputError, match=r"op 'First' of domain 'org.acme'"):
+        frontend.check_domains(ir.serde.deserialize_model(proto))
+
+
+def test_ops_of_onnx_runtime_domains_and_local_functions_are_known() -> None:
+    nodes = [
+        helper.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+        helper.make_node("Double", ["g"], ["y"], domain="local.fns"),
+    ]
+    proto = b.make_model(nodes, [b.x_input(8)], [b.y_output(8)])
+    proto.opset_import.extend([helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("local.fns", 1)])
+    proto.functions.append(
+        helper.make_function(
+            "local.fns", "Double", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+            [helper.make_opsetid("", b.OPSET)],
+        )
+    )
+    model = frontend.load(proto)
+    assert frontend.check_domains(model) == []
+    feed = b.x_feed(8)
+    x = feed["x"]
+    gelu = 0.5 * x * (1 + np.vectorize(__import__("math").erf)(x / np.sqrt(2)))
+    np.testing.assert_allclose(b.run_ort(model, feed)[0], 2 * gelu, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_op_libraries_are_recorded_on_the_model(tmp_path) -> None:
+    from hessc.ir import meta
+
+    library = tmp_path / "libmyops.so"
+    library.write_bytes(b"")  # only its existence is checked at load; sessions load it
+    model = frontend.load(_custom_op_model(), custom_op_libraries=[library])
+    assert model.meta[meta.CUSTOM_OPS_KEY] == (str(library.resolve()),)
+    assert frontend.clone(model).meta[meta.CUSTOM_OPS_KEY] == (str(library.resolve()),)
+    again = frontend.load(model)  # a loaded model keeps its libraries
+    assert again.meta[meta.CUSTOM_OPS_KEY] == (str(library.resolve()),)
+    plain = frontend.load(b.matmul_model())
+    assert meta.CUSTOM_OPS_KEY not in plain.meta
+
+
+def test_missing_custom_op_library_is_an_input_error_naming_the_path(tmp_path) -> None:
+    missing = tmp_path / "libabsent.so"
+    with pytest.raises(InputError, match=f"{missing}: no such custom-op library"):
+        frontend.load(_custom_op_model(), custom_op_libraries=[missing])
+    with pytest.raises(InputError, match=f"{tmp_path}: no such custom-op library"):
+        frontend.load(_custom_op_model(), custom_op_libraries=[tmp_path])
+    with pytest.raises(InputError, match=f"{missing}: no such custom-op library"):
+        frontend.load(_custom_op_model(), custom_op_libraries=str(missing))  # one path, not its letters
+
+
 # ---------------------------------------------------------------------------------- normalisation
 
 

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -58,7 +59,7 @@ def _correlated_cov(n: int, seed: int, scale: float = 1.0, rank: int = 4) -> np.
 
 
 def _planned(proto: onnx.ModelProto, stats: dict[str, Stats], group: int = 32):
-    model = b.load(proto)
+    model = b.load_upgraded(proto)
     PlanQuantizationPass(QuantConfig(bits=4, group_size=group))(model)
     for ref in qweights.iter_weights(model):
         if ref.name in stats:
@@ -227,15 +228,18 @@ def test_conv_weights_are_allocated_at_their_stored_bytes(run_pass) -> None:
     assert record["used_bytes"] <= budget and record["effective_bits"] <= 3.5
     best = _brute_force(record["weights"], lambda combo: sum(c["bytes"] for c in combo) <= budget)
     assert record["predicted_delta_loss"] == pytest.approx(best, rel=1e-12)
-    # The bytes the allocator counted are the bytes the Q/DQ graph stores.
-    run_pass(quantize.InsertQDQPass(hessian_for=lambda ref: stats[ref.name].a), model)
+    # The bytes the allocator counted are the bytes the Q/DQ graph stores. GPTQ reads its Hessian
+    # from HessianStats on the weight: the synthetic A (no weighted covariance, so exactly A).
+    for ref in qweights.iter_weights(model):
+        meta.set_annotation(ref.value, meta.HESSIAN_KEY, meta.HessianStats(samples=1, a=stats[ref.name].a))
+    run_pass(quantize.InsertQDQPass(), model)
     dqs = b.nodes_of(model, "DequantizeLinear")
     assert len(dqs) == 3
     assert sum(int(v.const_value.nbytes) for dq in dqs for v in dq.inputs) == record["used_bytes"]
 
 
 def test_conv_weights_are_not_allocated_where_the_target_keeps_them_float(run_pass) -> None:
-    model = b.load(b.make_model(
+    model = b.load_upgraded(b.make_model(
         [helper.make_node("Conv", ["x", "C"], ["c"], name="conv"), helper.make_node("Flatten", ["c"], ["f"]),
          helper.make_node("MatMul", ["f", "W"], ["y"], name="mm")],
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 64, 1, 1])], [b.y_output(64)],
@@ -401,14 +405,20 @@ def test_rtn_grad_plans_are_quantized_with_the_whole_gradient() -> None:
     rng = np.random.default_rng(5)
     grad = rng.standard_normal((64, 64))
     replay = QuantConfig(bits=4, group_size=32, method_override=(("W1", "rtn-grad"),), bits_override=(("W1", 8),))
-    model = b.load(_mlp3())
+    model = b.load_upgraded(_mlp3())
     PlanQuantizationPass(replay)(model)
-    w1 = next(r for r in qweights.iter_weights(model) if r.name == "W1").matrix()
-    with pytest.raises(InputError, match="needs the loss gradient"):  # no annotation, no gradient_for
+    w1_ref = next(r for r in qweights.iter_weights(model) if r.name == "W1")
+    w1 = w1_ref.matrix()
+    with pytest.raises(ir.passes.PreconditionError, match="W1: rtn-grad needs Hessian statistics"):  # no annotation
         quantize.InsertQDQPass()(model)
-    model = b.load(_mlp3())
+    meta.set_annotation(w1_ref.value, meta.HESSIAN_KEY, meta.HessianStats(samples=1, a=np.eye(64)))
+    with pytest.raises(InputError, match="needs the loss gradient"):  # statistics without a gradient
+        quantize.InsertQDQPass()(model)
+    model = b.load_upgraded(_mlp3())
     PlanQuantizationPass(replay)(model)
-    quantize.InsertQDQPass(gradient_for=lambda r: grad if r.name == "W1" else None)(model)
+    w1_ref = next(r for r in qweights.iter_weights(model) if r.name == "W1")
+    meta.set_annotation(w1_ref.value, meta.HESSIAN_KEY, meta.HessianStats(grad=grad))
+    quantize.InsertQDQPass()(model)
     codes = next(v for v in model.graph.initializers.values() if v.name == "W1_q").const_value.numpy()
     expected = quantizers.rtn(w1, 8, 32, False, grad, quantize.DIRECTED_MARGIN[8]).codes
     np.testing.assert_array_equal(codes.T, expected)  # MatMul stores (in, out)

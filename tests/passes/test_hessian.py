@@ -1,4 +1,4 @@
-"""Tests for hessc.passes.hessian: exact answers on tiny ONNX graphs."""
+"""Tests for the hessc.passes.hessian package: exact answers on tiny ONNX graphs."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import torch
 from onnx import TensorProto, helper
 
 import builders
+from hessc import progress
 from hessc.errors import InputError
 from hessc.ir import meta
 from hessc.ir import weights as qweights
 from hessc.passes import curvature, hessian
-from hessc.passes.hessian import AnnotateHessianPass, HessianConfig, hessian_for, make_layer_hvp
+from hessc.passes.hessian import AnnotateHessianPass, HessianConfig, annotate, hessian_for, make_layer_hvp
 
 F64 = dict(precision="float64", cache=False)
 
@@ -435,7 +436,7 @@ def test_custom_loss_callable() -> None:
 
 def _count_collectors(monkeypatch) -> dict[str, int]:
     calls = {"forward": 0, "backward": 0}
-    forward, backward = hessian._collect_forward, hessian._collect_backward
+    forward, backward = annotate._collect_forward, annotate._collect_backward
 
     def f(*a, **k):
         calls["forward"] += 1
@@ -445,8 +446,8 @@ def _count_collectors(monkeypatch) -> dict[str, int]:
         calls["backward"] += 1
         return backward(*a, **k)
 
-    monkeypatch.setattr(hessian, "_collect_forward", f)
-    monkeypatch.setattr(hessian, "_collect_backward", b)
+    monkeypatch.setattr(annotate, "_collect_forward", f)
+    monkeypatch.setattr(annotate, "_collect_backward", b)
     return calls
 
 
@@ -462,8 +463,8 @@ def test_cache_hits_and_misses(tmp_path, monkeypatch) -> None:
         raise AssertionError("collected although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(hessian, "_collect_forward", boom)
-        m.setattr(hessian, "_collect_backward", boom)
+        m.setattr(annotate, "_collect_forward", boom)
+        m.setattr(annotate, "_collect_backward", boom)
         again = builders.copy(model)
         AnnotateHessianPass(config, feeds)(again)
     for n in ("W1", "W2"):
@@ -577,8 +578,132 @@ def test_gather_and_subgraph_weights_get_no_statistics() -> None:
 
 
 def test_precondition_without_feeds() -> None:
-    with pytest.raises(ir.passes.PreconditionError, match="calibration feeds"):
+    with pytest.raises(ir.passes.PreconditionError, match="calibration feeds.*hessc.calibration"):
         AnnotateHessianPass(HessianConfig(cache=False))(builders.load(shared_model()))
+    model = builders.load(shared_model())
+    model.meta[meta.CALIBRATION_KEY] = x_feeds(6, 2)  # bare feeds, not a Calibration
+    with pytest.raises(ir.passes.PreconditionError, match="not the hessc.ir.meta.Calibration"):
+        AnnotateHessianPass(HessianConfig(cache=False))(model)
+
+
+# ---------------------------------------------------------------------------------------- calibration in the IR
+
+
+def _all_stats(model: ir.Model) -> dict[str, meta.HessianStats]:
+    return {k: v.meta[meta.HESSIAN_KEY] for k, v in model.graph.initializers.items() if meta.HESSIAN_KEY in v.meta}
+
+
+def assert_same_stats(a: ir.Model, b: ir.Model) -> None:
+    sa, sb = _all_stats(a), _all_stats(b)
+    assert sa.keys() == sb.keys() and sa
+    for name in sa:
+        for field in dataclasses.fields(sa[name]):
+            x, y = getattr(sa[name], field.name), getattr(sb[name], field.name)
+            if isinstance(x, np.ndarray):
+                np.testing.assert_array_equal(x, y, err_msg=f"{name}.{field.name}")
+            else:
+                assert x == y, f"{name}.{field.name}"
+    assert a.meta[meta.CURVATURE_KEY] == b.meta[meta.CURVATURE_KEY]
+
+
+def test_feeds_from_the_model_calibration_equal_explicit_feeds(run_pass) -> None:
+    feeds = x_feeds(6, 3)
+    explicit = builders.load(shared_model())
+    run_pass(AnnotateHessianPass(HessianConfig(cache=False, kfac=True), feeds), explicit)
+    model = builders.load(shared_model())
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(tuple(feeds))
+    p = AnnotateHessianPass(HessianConfig(cache=False, kfac=True))
+    state = dict(vars(p))
+    for _ in range(2):
+        result = run_pass(p, model)
+        assert result.modified is False
+        assert vars(p) == state  # no state kept between calls
+        assert_same_stats(model, explicit)
+
+
+def test_explicit_feeds_win_over_the_model_calibration() -> None:
+    model, feeds, labels = classifier()
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(tuple(x_feeds(D_IN, 2)), labels=labels)
+    AnnotateHessianPass(HessianConfig(gradient=True, **F64), feeds)(model)
+    reference, _, _ = classifier()
+    AnnotateHessianPass(HessianConfig(gradient=True, **F64), feeds)(reference)
+    assert_same_stats(model, reference)
+    assert stats_of(model, "W1").loss_name == "mse"  # the calibration's labels come with its feeds only
+
+
+def test_labels_from_the_model_calibration_equal_config_labels() -> None:
+    model, feeds, labels = classifier()
+    explicit = builders.copy(model)
+    config = HessianConfig(gradient=True, kfac=True, **F64)
+    AnnotateHessianPass(dataclasses.replace(config, labels=labels), feeds)(explicit)
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(tuple(feeds), labels=labels)
+    p = AnnotateHessianPass(config)
+    p(model)
+    assert_same_stats(model, explicit)
+    assert stats_of(model, "W2").loss_name == "ce" and p.config is config and config.labels is None
+    # Labels in the config win over the calibration's.
+    other = tuple((y + 1) % CLASSES for y in labels)
+    AnnotateHessianPass(dataclasses.replace(config, labels=other))(model)
+    assert not np.allclose(stats_of(model, "W2").grad, stats_of(explicit, "W2").grad)
+
+
+def test_loss_from_the_model_calibration_equals_config_loss() -> None:
+    model, feeds, _ = classifier()
+
+    def loss(outputs, feed):
+        return (outputs["y"] ** 2).sum(-1).mean()
+
+    explicit = builders.copy(model)
+    AnnotateHessianPass(HessianConfig(loss=loss, gradient=True, **F64), feeds)(explicit)
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(tuple(feeds), loss=loss)
+    AnnotateHessianPass(HessianConfig(gradient=True, **F64))(model)
+    assert_same_stats(model, explicit)
+    assert stats_of(model, "W2").loss_name == "custom"
+
+
+def test_cache_key_includes_the_calibration_labels_and_loss(tmp_path, monkeypatch) -> None:
+    model, feeds, labels = classifier()
+    calls = _count_collectors(monkeypatch)
+    config = HessianConfig(gradient=True, precision="float64", cache=tmp_path)
+
+    def run(calibration: meta.Calibration) -> np.ndarray:
+        m = builders.copy(model)
+        m.meta[meta.CALIBRATION_KEY] = calibration
+        AnnotateHessianPass(config)(m)
+        return stats_of(m, "W2").grad
+
+    first = run(meta.Calibration(tuple(feeds), labels=labels))
+    assert calls == {"forward": 1, "backward": 1}
+    np.testing.assert_array_equal(run(meta.Calibration(tuple(feeds), labels=labels)), first)
+    assert calls == {"forward": 1, "backward": 1}  # cached
+    other = run(meta.Calibration(tuple(feeds), labels=tuple((y + 1) % CLASSES for y in labels)))
+    assert calls == {"forward": 2, "backward": 2} and not np.allclose(other, first)
+    run(meta.Calibration(tuple(feeds), labels=labels, loss=lambda outputs, feed: outputs["y"].sum()))
+    assert calls == {"forward": 3, "backward": 3}
+
+
+def test_annotations_clear_a_stale_record() -> None:
+    model = builders.load(shared_model())
+    w1 = model.graph.initializers["W1"]
+    meta.invalidate(w1, meta.HESSIAN_KEY, "a rewrite changed W1")
+    AnnotateHessianPass(HessianConfig(cache=False), x_feeds(6, 2))(model)
+    assert meta.stale_reason(w1, meta.HESSIAN_KEY) is None and meta.STALE_KEY not in w1.meta
+    assert isinstance(w1.meta[meta.HESSIAN_KEY], meta.HessianStats)
+
+
+def test_progress_is_reported_per_stage() -> None:
+    model, feeds, labels = classifier()
+    events: list[tuple[str, int, int]] = []
+    config = HessianConfig(labels=labels, gradient=True, lambda_max=True, hvp_iters=3, **F64)
+    with progress.listening(lambda stage, done, total: events.append((stage, done, total))):
+        AnnotateHessianPass(config, feeds)(model)
+    covariance = [e for e in events if e[0] == "covariance"]
+    assert covariance == [("covariance", i + 1, len(covariance)) for i in range(len(covariance))] and covariance
+    assert [e for e in events if e[0] == "backward"] == [("backward", 1, 2), ("backward", 2, 2)]
+    assert [e for e in events if e[0] == "hvp"] == [("hvp", 1, 2), ("hvp", 2, 2)]
+    assert {e[0] for e in events} == {"covariance", "backward", "hvp"}
+    AnnotateHessianPass(HessianConfig(cache=False), feeds)(classifier()[0])  # nobody listening
+    assert len(events) == len(covariance) + 4
 
 
 @pytest.mark.parametrize(

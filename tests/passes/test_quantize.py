@@ -22,6 +22,7 @@ from hessc.errors import InputError
 from hessc.ir import meta, verify
 from hessc.ir import weights as qweights
 from hessc.passes import quantize
+from hessc.passes.opset import UpgradeOpsetPass
 from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
 
 DTYPES = {
@@ -33,7 +34,7 @@ DTYPES = {
 
 
 def _quantized(run_pass, proto: onnx.ModelProto, config: QuantConfig) -> ir.Model:
-    model = b.load(proto)
+    model = b.load_upgraded(proto)
     assert run_pass(PlanQuantizationPass(config), model).modified
     assert run_pass(InsertQDQPass(), model).modified
     return model
@@ -59,7 +60,7 @@ def _error_bound(dq: ir.Node, bits: int, symmetric: bool) -> np.ndarray:
 
 
 def test_plan_is_idempotent_and_insert_reports_change(run_pass) -> None:
-    model = b.load(b.mlp_model())
+    model = b.load_upgraded(b.mlp_model())
     config = QuantConfig(bits=4, group_size=32)
     assert run_pass(PlanQuantizationPass(config), model).modified
     assert not run_pass(PlanQuantizationPass(config), model).modified
@@ -71,6 +72,24 @@ def test_plan_is_idempotent_and_insert_reports_change(run_pass) -> None:
     assert run_pass(InsertQDQPass(), model).modified
     assert not run_pass(InsertQDQPass(), model).modified
     assert b.op_types(model) == ["DequantizeLinear", "MatMul", "Relu", "DequantizeLinear", "MatMul"]
+    assert model.meta[meta.MATERIALIZED_KEY] == plans, "insert-qdq records the plans it materialized"
+
+
+def test_plan_and_insert_require_the_portable_opset() -> None:
+    model = b.load(b.mlp_model(opset=20))
+    with pytest.raises(ir.passes.PreconditionError, match="opset 20.*run upgrade-opset first"):
+        PlanQuantizationPass(QuantConfig())(model)
+    with pytest.raises(ir.passes.PreconditionError, match="opset 20.*run upgrade-opset first"):
+        InsertQDQPass()(model)
+    assert model.opset_imports[""] == 20
+
+
+def test_gptq_plans_need_hessian_statistics_on_the_weight() -> None:
+    model = b.load_upgraded(b.matmul_model())
+    PlanQuantizationPass(QuantConfig(method="gptq"))(model)
+    with pytest.raises(ir.passes.PreconditionError, match="W: gptq needs Hessian statistics"):
+        InsertQDQPass()(model)
+    assert b.op_types(model) == ["MatMul"], "nothing is materialized"
 
 
 def test_graph_inputs_outputs_and_other_initializers_are_intact(run_pass) -> None:
@@ -86,22 +105,36 @@ def test_graph_inputs_outputs_and_other_initializers_are_intact(run_pass) -> Non
 
 @pytest.mark.parametrize("bits, opset, ir_version", [(4, 21, 10), (8, 21, 10), (3, 21, 10), (2, 25, 11)])
 def test_opset_is_raised_for_the_element_type(run_pass, bits: int, opset: int, ir_version: int) -> None:
-    model = _quantized(run_pass, b.matmul_model(opset=20), QuantConfig(bits=bits))
+    """upgrade-opset raises 20 to 21; insert-qdq raises 21 to 25 itself when a 2-bit plan exists."""
+    model = b.load(b.matmul_model(opset=20))
+    assert run_pass(UpgradeOpsetPass(), model).modified
+    assert not run_pass(UpgradeOpsetPass(), model).modified
+    assert model.opset_imports[""] == 21
+    assert run_pass(PlanQuantizationPass(QuantConfig(bits=bits)), model).modified
+    assert run_pass(InsertQDQPass(), model).modified
     assert model.opset_imports[""] == opset
     assert model.ir_version >= ir_version
 
 
 def test_opset_above_the_requirement_is_kept(run_pass) -> None:
-    model = _quantized(run_pass, b.matmul_model(opset=23), QuantConfig(bits=4))
+    model = b.load(b.matmul_model(opset=23))
+    assert not run_pass(UpgradeOpsetPass(), model).modified
+    assert run_pass(PlanQuantizationPass(QuantConfig(bits=4)), model).modified
+    assert run_pass(InsertQDQPass(), model).modified
     assert model.opset_imports[""] == 23
 
 
+@pytest.mark.parametrize("bits, raised", [(4, 21), (2, 25)])
 @pytest.mark.parametrize("opset", [13, 17])
-def test_plans_survive_the_opset_upgrade_from_an_old_opset(run_pass, opset: int) -> None:
-    model = _quantized(run_pass, b.mlp_model(opset=opset), QuantConfig(bits=4))
+def test_plans_survive_the_opset_upgrade_from_an_old_opset(run_pass, opset: int, bits: int, raised: int) -> None:
+    model = b.load(b.mlp_model(opset=opset))
+    assert run_pass(UpgradeOpsetPass(), model).modified
     assert model.opset_imports[""] == 21
+    assert run_pass(PlanQuantizationPass(QuantConfig(bits=bits)), model).modified
+    assert run_pass(InsertQDQPass(), model).modified  # 2-bit: raises 21 -> 25 after planning
+    assert model.opset_imports[""] == raised
     plans = [n.meta.get(meta.QUANT_KEY) for n in b.nodes_of(model, "DequantizeLinear")]
-    assert len(plans) == 2 and all(isinstance(p, meta.QuantPlan) for p in plans)
+    assert len(plans) == 2 and all(isinstance(p, meta.QuantPlan) and p.bits == bits for p in plans)
 
 
 # ---------------------------------------------------------------------------------- DQ structure
@@ -190,8 +223,8 @@ def test_conv_qdq_runs_in_ort_and_matches_the_dequantized_weights(
 
 
 def test_conv_quantization_can_be_off() -> None:
-    model = b.load(b.mlp_model())
-    conv = b.load(b.conv_model(c_in=16, c_out=16))
+    model = b.load_upgraded(b.mlp_model())
+    conv = b.load_upgraded(b.conv_model(c_in=16, c_out=16))
     with pytest.raises(InputError, match="Conv quantization is off for this target"):
         PlanQuantizationPass(QuantConfig(quantize_conv=False))(conv)
     assert PlanQuantizationPass(QuantConfig(quantize_conv=False))(model).modified
@@ -297,7 +330,7 @@ def test_conv_gptq_with_the_annotated_covariance_beats_rtn(c_in: int, c_out: int
     wrong = np.arange(per_group).reshape(c_in // group, kernel * kernel).T.reshape(-1)
 
     def output_error(method: str, order: np.ndarray | None = None) -> float:
-        model = b.load(proto)
+        model = b.load_upgraded(proto)
         hessian.AnnotateHessianPass(hessian.HessianConfig(cache=False), calibration)(model)
         PlanQuantizationPass(QuantConfig(bits=3, group_size=16, method=method, min_numel=0))(model)
         (ref,) = qweights.iter_weights(model)
@@ -305,7 +338,11 @@ def test_conv_gptq_with_the_annotated_covariance_beats_rtn(c_in: int, c_out: int
         assert a.shape == (per_group, per_group) == (ref.matrix_shape[1],) * 2
         if order is not None:
             a = a[order][:, order]
-        InsertQDQPass(hessian_for=lambda r: a)(model)
+        # GPTQ reads its Hessian from the weight's statistics: hand it exactly ``a``.
+        stats = meta.HessianStats(samples=ref.value.meta[meta.HESSIAN_KEY].samples, a=a)
+        meta.set_annotation(ref.value, meta.HESSIAN_KEY, stats)
+        assert np.array_equal(hessian.hessian_for(ref), a)
+        InsertQDQPass()(model)
         assert _dq(model).meta[meta.QUANT_KEY].method == method
         (y,) = b.run_ort(model, test)
         return float(np.mean((y.astype(np.float64) - y_float) ** 2))
@@ -324,9 +361,9 @@ def test_nothing_to_compress_is_an_input_error(run_pass) -> None:
         [helper.make_node("Relu", ["x"], ["y"])], [b.x_input(64)], [b.y_output(64)]
     )
     with pytest.raises(InputError, match="nothing hessc can compress.*no MatMul, Gemm, Conv or Gather"):
-        PlanQuantizationPass(QuantConfig())(b.load(relu))
+        PlanQuantizationPass(QuantConfig())(b.load_upgraded(relu))
     with pytest.raises(InputError, match=r"nothing hessc can compress \(W: small \(512 < 1024 elements\)\)"):
-        PlanQuantizationPass(QuantConfig())(b.load(b.matmul_model(k=32, n=16)))
+        PlanQuantizationPass(QuantConfig())(b.load_upgraded(b.matmul_model(k=32, n=16)))
 
 
 @pytest.mark.parametrize("bits", [0, 1, 5, 16])

@@ -111,16 +111,175 @@ def test_float64_data_is_cast_to_the_input_type(two_inputs) -> None:
         (lambda s: s.update(input_ids=s.pop("ids")), r"\(missing \['ids'\]\) \(unknown \['input_ids'\]\)"),
         (lambda s: s.update(x=s["x"][0]), r"input 'x' has shape \[64\] but the model expects rank 2 \(\[B, 64\]\)"),
         (lambda s: s.update(ids=s["ids"][:, :4]), r"input 'ids' has shape \[2, 4\] but the model expects \[B, 5\]"),
-        (lambda s: s.update(ids=s["ids"].astype(np.float32)), r"input 'ids' is float32 but the model expects int64"),
+        (
+            lambda s: s.update(ids=s["ids"].astype(np.float32)),
+            r"input 'ids' is float32 but the model expects int64; convert it \(arr.astype\(np.int64\)\)",
+        ),
+        (
+            lambda s: s.update(x=s["x"].astype(np.int64)),
+            r"input 'x' is int64 but the model expects float32; convert it \(arr.astype\(np.float32\)\)",
+        ),
+        (lambda s: s.update(x=s["x"] > 0), r"input 'x' is bool but the model expects float32"),
+        (lambda s: s.update(ids=s["ids"] > 0), r"input 'ids' is bool but the model expects int64"),
         (lambda s: s.update(x=s["x"].astype(np.complex64)), r"input 'x' is complex64 but the model expects float32"),
     ],
-    ids=["missing", "renamed", "rank", "static-dim", "dtype", "complex"],
+    ids=["missing", "renamed", "rank", "static-dim", "float-for-int", "int-for-float", "bool-for-float",
+         "bool-for-int", "complex"],
 )
 def test_mismatched_feed_is_an_input_error_naming_the_input(two_inputs, change, message) -> None:
     samples = _samples(2)
     change(samples[1])
     with pytest.raises(InputError, match=message.replace("sample 0", "sample 1")):
         calib.feeds_from(samples, two_inputs)
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        (np.float16, np.float32),
+        (np.float64, np.float32),
+        (np.int32, np.int64),
+        (np.uint8, np.int64),
+    ],
+    ids=["float16", "float64", "int32", "uint8"],
+)
+def test_a_cast_within_the_kind_is_applied(given, expected) -> None:
+    kind = "x" if np.issubdtype(expected, np.floating) else "ids"
+    model = _identity({"x": TensorProto.FLOAT, "ids": TensorProto.INT64}[kind], kind)
+    array = np.arange(6).reshape(2, 3).astype(given)
+    (feed,) = calib.feeds_from([{kind: array}], model)
+    assert feed[kind].dtype == expected
+    np.testing.assert_array_equal(feed[kind], array)
+
+
+def _identity(elem_type: int, name: str, shape=("B", 3)) -> ir.Model:
+    """``y = Identity(name)`` with one input of the element type and shape."""
+    node = helper.make_node("Identity", [name], ["y"])
+    value = helper.make_tensor_value_info(name, elem_type, list(shape))
+    return b.load(b.make_model([node], [value], [helper.make_tensor_value_info("y", elem_type, list(shape))]))
+
+
+def test_integers_that_do_not_fit_the_input_type_are_refused() -> None:
+    model = _identity(TensorProto.INT32, "ids")
+    (feed,) = calib.feeds_from([{"ids": np.array([[1, 2, 3]], np.int64)}], model)
+    assert feed["ids"].dtype == np.int32
+    too_big = np.array([[1, 2, 2**40]], np.int64)
+    with pytest.raises(InputError, match=r"calibration sample 0: input 'ids' is int64 with values from 1 to 1099511627776, beyond the int32"):
+        calib.feeds_from([{"ids": too_big}], model)
+    with pytest.raises(InputError, match=r"input 'ids' is uint64 with values from 1 to 9223372036854775808, beyond the int32"):
+        calib.feeds_from([{"ids": np.array([[1, 2, 2**63]], np.uint64)}], model)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_calibration_values_are_refused(two_inputs, bad) -> None:
+    samples = _samples(3)
+    samples[2]["x"][0, :3] = bad
+    with pytest.raises(
+        InputError, match=r"calibration sample 2: input 'x' has 3 NaN or infinite values; remove or replace them"
+    ):
+        calib.feeds_from(samples, two_inputs)
+
+
+def test_non_finite_values_in_an_npz_are_refused(two_inputs, tmp_path) -> None:
+    sample = _samples(1)[0]
+    sample["x"][1, 5] = np.nan
+    path = tmp_path / "calib.npz"
+    np.savez(path, **sample)
+    with pytest.raises(InputError, match=r"calibration sample 1: input 'x' has 1 NaN or infinite values"):
+        calib.feeds_from(path, two_inputs)
+
+
+def test_float64_values_beyond_float32_are_refused(two_inputs) -> None:
+    sample = _samples(1)[0]
+    sample["x"] = sample["x"].astype(np.float64)
+    sample["x"][0, 0] = 1e300
+    with pytest.raises(InputError, match=r"input 'x' has 1 values beyond the range of float32 \(the model's input type\); rescale or clip them"):
+        calib.feeds_from([sample], two_inputs)
+
+
+# ---------------------------------------------------------------------------------- scalar inputs
+
+
+@pytest.fixture(scope="module")
+def with_scalar() -> ir.Model:
+    """``y = x * float(sr)``: ``x`` float [B, 4] and the scalar ``sr`` int64 [] (a sample rate)."""
+    nodes = [helper.make_node("Cast", ["sr"], ["s"], to=TensorProto.FLOAT), helper.make_node("Mul", ["x", "s"], ["y"])]
+    sr = helper.make_tensor_value_info("sr", TensorProto.INT64, [])
+    return b.load(b.make_model(nodes, [b.x_input(4), sr], [b.y_output(4)]))
+
+
+def _assert_scalar_feeds_run(feeds, model, rates) -> None:
+    """Every feed holds arrays (a 0-d int64 array for ``sr``) that ONNX Runtime runs."""
+    assert [int(f["sr"]) for f in feeds] == list(rates)
+    for feed in feeds:
+        assert all(type(a) is np.ndarray for a in feed.values()), {k: type(a) for k, a in feed.items()}
+        assert feed["sr"].shape == () and feed["sr"].dtype == np.int64
+        (y,) = b.run_ort(model, feed)
+        np.testing.assert_allclose(y, feed["x"] * float(feed["sr"]), rtol=1e-6)
+
+
+def test_scalar_input_from_npz_with_a_sample_axis(with_scalar, tmp_path) -> None:
+    path = tmp_path / "calib.npz"
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.savez(path, x=x, sr=np.array([8000, 16000, 22050], np.int64))
+    _assert_scalar_feeds_run(calib.feeds_from(path, with_scalar), with_scalar, [8000, 16000, 22050])
+
+
+def test_npz_scalar_without_a_sample_axis_is_the_same_for_every_sample(with_scalar, tmp_path) -> None:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.ones((2, 4), np.float32), sr=np.int64(16000))
+    _assert_scalar_feeds_run(calib.feeds_from(path, with_scalar), with_scalar, [16000, 16000])
+
+
+def test_npz_arrays_with_different_sample_counts_are_an_input_error(with_scalar, tmp_path) -> None:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.ones((3, 4), np.float32), sr=np.array([8000, 16000], np.int64))
+    with pytest.raises(InputError, match=r"different numbers of samples \(x: 3, sr: 2\)"):
+        calib.feeds_from(path, with_scalar)
+
+
+def test_scalar_input_from_npz_with_one_array_per_sample(with_scalar, tmp_path) -> None:
+    path = tmp_path / "calib.npz"
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    np.savez(path, x__0=x, sr__0=np.int64(16000), x__1=x, sr__1=np.array(8000))
+    _assert_scalar_feeds_run(calib.feeds_from(path, with_scalar), with_scalar, [16000, 8000])
+
+
+def test_scalar_input_from_numpy_and_python_scalars(with_scalar) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
+    samples = [{"x": x, "sr": np.int64(16000)}, {"x": x, "sr": 8000}, {"x": x, "sr": np.array(22050, np.int32)}]
+    _assert_scalar_feeds_run(calib.feeds_from(samples, with_scalar), with_scalar, [16000, 8000, 22050])
+
+
+@pytest.mark.torch
+def test_scalar_input_from_a_torch_dataloader(with_scalar) -> None:
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(3, 4)
+    sr = torch.tensor([8000, 16000, 22050])
+    rates = [8000, 16000, 22050]
+    tuples = DataLoader(TensorDataset(x, sr), batch_size=1)  # collates each scalar into shape [1]
+    _assert_scalar_feeds_run(calib.feeds_from(tuples, with_scalar), with_scalar, rates)
+    dicts = DataLoader([{"x": x[i], "sr": sr[i]} for i in range(3)], batch_size=1)
+    _assert_scalar_feeds_run(calib.feeds_from(dicts, with_scalar), with_scalar, rates)
+    _assert_scalar_feeds_run(
+        calib.feeds_from([{"x": x[i : i + 1], "sr": sr[i]} for i in range(3)], with_scalar), with_scalar, rates
+    )
+    batched = DataLoader(TensorDataset(x, sr), batch_size=3)
+    with pytest.raises(InputError, match=r"input 'sr' has shape \[3\] but the model expects rank 0.*batch_size=1"):
+        calib.feeds_from(batched, with_scalar)
+
+
+def test_generated_feeds_of_a_scalar_input_are_0d_arrays(with_scalar) -> None:
+    feeds = calib.generated_feeds(with_scalar, count=2)
+    for feed in feeds:
+        assert all(type(a) is np.ndarray for a in feed.values())
+        assert feed["sr"].shape == () and feed["sr"].dtype == np.int64
+        b.run_ort(with_scalar, feed)
+    untyped = _identity(TensorProto.FLOAT, "x", shape=())
+    (feed,) = calib.generated_feeds(untyped, count=1)
+    assert type(feed["x"]) is np.ndarray and feed["x"].shape == () and feed["x"].dtype == np.float32
 
 
 def test_npz_with_unknown_names_is_an_input_error(two_inputs, tmp_path) -> None:

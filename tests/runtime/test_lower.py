@@ -18,7 +18,7 @@ import pytest
 import builders as b
 from hessc.errors import InputError
 from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
-from hessc.runtime.lower import MS_DOMAIN, LowerConfig, LowerWeightsPass, lower
+from hessc.runtime.lower import LOWERING_KEY, MS_DOMAIN, LowerConfig, LowerWeightsPass, lower
 
 KINDS = {
     "matmul": (b.matmul_model, "MatMulNBits"),
@@ -28,7 +28,7 @@ KINDS = {
 
 
 def _portable(run_pass, proto: onnx.ModelProto, bits: int, symmetric: bool, group: int = 32) -> ir.Model:
-    model = b.load(proto)
+    model = b.load_upgraded(proto)
     run_pass(PlanQuantizationPass(QuantConfig(bits=bits, group_size=group, symmetric=symmetric)), model)
     run_pass(InsertQDQPass(), model)
     return model
@@ -62,11 +62,11 @@ def test_lowered_model_matches_its_portable_form(
     result = run_pass(lowering, model)
     if kind == "gather" and bits == 2:  # GatherBlockQuantized runs 4 and 8 bits only
         assert not result.modified
-        assert lowering.summary == {"kept Q/DQ: 2-bit embedding (GatherBlockQuantized runs 4 and 8 bits)": 1}
+        assert model.meta[LOWERING_KEY] == {"kept Q/DQ: 2-bit embedding (GatherBlockQuantized runs 4 and 8 bits)": 1}
         assert b.op_types(model) == ["DequantizeLinear", "Gather"]
         return
     assert result.modified
-    assert lowering.summary == {f"{kernel} {bits}-bit": 1}
+    assert model.meta[LOWERING_KEY] == {f"{kernel} {bits}-bit": 1}
     (node,) = list(model.graph)
     assert (node.op_type, node.domain) == (kernel, MS_DOMAIN)
     assert model.opset_imports[MS_DOMAIN] == 1
@@ -127,7 +127,7 @@ def test_three_bit_codes_are_stored_at_3_bits_and_run_as_four_bit_kernels(
     lowering = LowerWeightsPass(LowerConfig(target="cpu", accuracy_level=accuracy_level))
     assert run_pass(lowering, model).modified
     assert summary4 == {"MatMulNBits 4-bit (3-bit codes)": 2}
-    assert lowering.summary == {"MatMulNBits 4-bit (3-bit codes stored at 3 bits)": 2}
+    assert model.meta[LOWERING_KEY] == {"MatMulNBits 4-bit (3-bit codes stored at 3 bits)": 2}
     kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
     assert [n.attributes.get_int("bits") for n in kernels] == [4, 4]
     assert all(n.inputs[1].producer() is not None for n in kernels), "B is computed from the 3-bit codes"
@@ -211,7 +211,7 @@ def test_target_onnx_leaves_the_model_unchanged(run_pass) -> None:
     before = b.to_bytes(model)
     lowering = LowerWeightsPass(LowerConfig(target="onnx"))
     assert not run_pass(lowering, model).modified
-    assert lowering.summary == {}
+    assert model.meta[LOWERING_KEY] == {}
     assert b.to_bytes(model) == before
 
 

@@ -82,7 +82,10 @@ def run_sensitivity(
         feeds = [{k: v[:, :seq_len] for k, v in f.items()} for f in feeds]
     config = HessianConfig(kfac=True, gradient=True, max_samples=calibration_samples, max_grad_samples=grad_samples)
     start = time.perf_counter()
-    AnnotateHessianPass(config, feeds, progress=progress)(model)
+    from hessc import progress as progress_channel
+
+    with progress_channel.listening(progress):
+        AnnotateHessianPass(config, feeds)(model)
     annotate_seconds = time.perf_counter() - start
 
     if measure == "torch":

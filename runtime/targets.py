@@ -1,0 +1,86 @@
+"""Targets as data: what each ONNX Runtime target runs, stores and tolerates.
+
+A :class:`Target` is the one place that says, for ``cpu``, ``cuda`` and ``onnx``, which provider
+runs the result, which ops get quantized weights, how embeddings and activations are handled, how
+bytes are laid out (and so what an allocator item costs) and how far the lowered model may drift
+from its portable Q/DQ form. The pipeline builder and the passes read these fields; nothing else
+switches on the target's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hessc.errors import InputError
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One lowering target.
+
+    Attributes:
+        name: ``cpu``, ``cuda`` or ``onnx``; the lowering pass is ``lower-<name>``.
+        provider: the ONNX Runtime execution provider that runs and verifies the result.
+        kernel_layout: weights are stored in MatMulNBits' layout (blocks padded, zero points
+            packed per row), which the allocator prices items in.
+        quantized_ops: ops whose constant weights are quantized.
+        embedding_min_bits: the fewest bits of an embedding table (GatherBlockQuantized runs
+            4 and 8 bits; the portable form can take 2).
+        embedding_whole_blocks: the embedding kernel is only correct when a table row is a whole
+            number of blocks; other tables stay in the portable form (ORT 1.31's CUDA
+            GatherBlockQuantized indexes blocks over the flattened table).
+        fp16_default: activations in fp16 unless the user asks otherwise.
+        dynamic_int8_activations: 8-bit activations are the kernel's own dynamic per-block int8
+            path (MatMulNBits ``accuracy_level=4``), so no activation Q/DQ is inserted.
+        lowers_weights: DequantizeLinear → MatMul/Gemm/Gather patterns become contrib kernels.
+        tolerance: the relative output error allowed between the lowered model and its portable
+            form (kernel arithmetic only: int8 compute on the CPU, fp16 on CUDA).
+    """
+
+    name: str
+    provider: str
+    kernel_layout: bool
+    quantized_ops: frozenset[str]
+    embedding_min_bits: int
+    embedding_whole_blocks: bool
+    fp16_default: bool
+    dynamic_int8_activations: bool
+    lowers_weights: bool
+    tolerance: float
+
+    def scale_bytes(self, fp16: bool) -> int:
+        """Bytes per stored scale: fp16 scales where activations are fp16."""
+        return 2 if fp16 else 4
+
+    @property
+    def quantizes_conv(self) -> bool:
+        return "Conv" in self.quantized_ops
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target(
+        name="cpu", provider="CPUExecutionProvider", kernel_layout=True,
+        quantized_ops=frozenset({"MatMul", "Gemm", "Gather"}), embedding_min_bits=4, embedding_whole_blocks=False,
+        fp16_default=False, dynamic_int8_activations=True, lowers_weights=True, tolerance=0.05,
+    ),
+    "cuda": Target(
+        name="cuda", provider="CUDAExecutionProvider", kernel_layout=True,
+        quantized_ops=frozenset({"MatMul", "Gemm", "Gather"}), embedding_min_bits=4, embedding_whole_blocks=True,
+        fp16_default=True, dynamic_int8_activations=False, lowers_weights=True, tolerance=0.02,
+    ),
+    "onnx": Target(
+        name="onnx", provider="CPUExecutionProvider", kernel_layout=False,
+        quantized_ops=frozenset({"MatMul", "Gemm", "Conv", "Gather"}), embedding_min_bits=2,
+        embedding_whole_blocks=False, fp16_default=False, dynamic_int8_activations=False, lowers_weights=False,
+        tolerance=1e-4,
+    ),
+}
+
+
+def get(name: str) -> Target:
+    """The target called ``name``; an :class:`InputError` naming the choices otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise InputError(f"unknown target {name!r}; use one of {', '.join(TARGETS)}") from None

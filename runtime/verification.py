@@ -1,0 +1,299 @@
+"""Verification in ONNX Runtime: the result runs on its target and is compared before it is returned.
+
+Three comparisons, each on the same feeds:
+
+* against the float model (the user's input): reported, and refused only when non-finite;
+* against its own portable Q/DQ form, per output, on the target's provider: lowering changes
+  kernels, not values, so the relative difference must stay within the target's tolerance (or
+  half the quantization error, when that is larger). Where the model's outputs are already far
+  from float's (relative error ≥ :data:`CONDITIONED`), end-to-end differences amplify kernel
+  arithmetic without bound, so
+* every lowered op is checked on its own: the lowered ops are cut out of the lowered model and
+  their portable counterparts out of the portable form, both fed the same activations (tapped
+  from the portable model), and each op's output must agree within the tolerance. A provider
+  kernel that computes a form wrongly fails here, whatever the model around it does.
+
+Outputs whose shapes differ between the two runs (data-dependent lengths) are reported as not
+compared, never broadcast; a check that could not be run says so in the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.errors import VerificationError
+from hessc.ir import meta
+from hessc.runtime import sessions, targets
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_KEY = "hessc.reference"
+"""``model.meta`` key: the float model the result is verified against (a path or a model)."""
+
+VERIFICATION_KEY = "hessc.verification"
+"""``model.meta`` key: the verification record."""
+
+CONDITIONED = 0.5
+"""Relative output error against float above which end-to-end lowering checks are replaced by
+per-op checks (the outputs amplify arithmetic noise)."""
+
+LOWERED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputComparison:
+    """One output's error against the reference over the feeds."""
+
+    name: str
+    rel_error: float | None
+    max_abs_error: float | None
+    cosine: float | None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def compare_outputs(
+    reference: sessions.Session, candidate: sessions.Session, feeds: Sequence[dict[str, np.ndarray]]
+) -> tuple[dict[str, Any], list[OutputComparison]]:
+    """Per-output and overall errors of ``candidate`` against ``reference``.
+
+    Float outputs are compared; an output whose shape differs on some feed (a length that depends
+    on the input or on noise) is not compared on that feed and says so.
+    """
+    names = reference.output_names
+    sums = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0] for n in names}  # err², ref², cand², dot, max|d|, feeds
+    notes: dict[str, str] = {}
+    for feed in feeds:
+        for name, r, c in zip(names, reference.run(feed), candidate.run(feed)):
+            r, c = np.asarray(r), np.asarray(c)
+            if not np.issubdtype(r.dtype, np.floating):
+                notes.setdefault(name, f"not compared: {r.dtype} output")
+                continue
+            if r.shape != c.shape:
+                notes[name] = f"not compared on some feeds: shape {list(c.shape)} against {list(r.shape)}"
+                continue
+            r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+            d = c64 - r64
+            s = sums[name]
+            s[0] += float(d @ d)
+            s[1] += float(r64 @ r64)
+            s[2] += float(c64 @ c64)
+            s[3] += float(r64 @ c64)
+            s[4] = max(s[4], float(np.max(np.abs(d))) if d.size else 0.0)
+            s[5] += 1
+    per_output = []
+    total = [0.0, 0.0, 0.0, 0.0, 0.0]
+    for name in names:
+        s = sums[name]
+        if s[5] == 0:
+            per_output.append(OutputComparison(name, None, None, None, notes.get(name)))
+            continue
+        per_output.append(OutputComparison(name, _rel(s[0], s[1]), s[4], _cos(s[1], s[2], s[3]), notes.get(name)))
+        for i in range(4):
+            total[i] += s[i]
+        total[4] = max(total[4], s[4])
+    overall = {
+        "samples": len(feeds), "rel_error": _rel(total[0], total[1]), "max_abs_error": total[4],
+        "cosine": _cos(total[1], total[2], total[3]),
+        "reference_provider": reference.inner.get_providers()[0],
+        "candidate_provider": candidate.inner.get_providers()[0],
+    }
+    return overall, per_output
+
+
+def _rel(err2: float, ref2: float) -> float:
+    return (err2 / ref2) ** 0.5 if ref2 > 0 else float(err2 > 0)
+
+
+def _cos(ref2: float, cand2: float, dot: float) -> float:
+    return dot / ((ref2 * cand2) ** 0.5) if ref2 > 0 and cand2 > 0 else 1.0
+
+
+def cut(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> ir.Model:
+    """The part of ``model`` computing ``outputs`` from the values ``inputs`` (and constants).
+
+    A clone of the model whose graph inputs are the named values, whose outputs are the named
+    outputs, and nothing else; weights are shared with the original, not copied.
+    """
+    part = model.clone()
+    graph = part.graph
+    values = {v.name: v for node in graph for v in node.outputs}
+    values.update({v.name: v for v in graph.inputs})
+    new_inputs = []
+    for name in inputs:
+        old = values[name]
+        new = ir.Value(name=name, shape=old.shape, type=old.type)
+        if old.is_graph_input():
+            new = old
+        else:
+            ir.convenience.replace_all_uses_with(old, new)
+            old.name = f"{name}__cut"
+        new_inputs.append(new)
+    graph.outputs.clear()
+    graph.outputs.extend(values[name] for name in outputs)
+    graph.inputs.clear()
+    graph.inputs.extend(new_inputs)
+    ir.passes.common.RemoveUnusedNodesPass()(part)
+    return part
+
+
+def _activation_inputs(model: ir.Model) -> tuple[list[ir.Node], list[str]]:
+    nodes = [n for n in model.graph if n.domain == "com.microsoft" and n.op_type in LOWERED_OPS]
+    names: list[str] = []
+    for node in nodes:
+        index = 1 if node.op_type == "GatherBlockQuantized" else 0
+        x = node.inputs[index]
+        if x is not None and x.const_value is None and x.name not in names:
+            names.append(x.name)
+    return nodes, names
+
+
+def check_lowered_ops(
+    lowered: ir.Model, portable: ir.Model, feed: dict[str, np.ndarray], target: targets.Target
+) -> dict[str, Any]:
+    """Each lowered op on the target's provider against its portable form, on the same activations.
+
+    Returns:
+        ``{"ops": n, "max_rel_error": e, "worst": name, "failed": [...]}``; ``failed`` lists the
+        ops whose relative error exceeds the target's tolerance.
+    """
+    nodes, x_names = _activation_inputs(lowered)
+    if not nodes:
+        return {"ops": 0}
+    out_names = [n.outputs[0].name for n in nodes]
+    portable_values = {v.name for node in portable.graph for v in node.outputs} | {v.name for v in portable.graph.inputs}
+    x_names = [n for n in x_names if n in portable_values]
+    out_names = [n for n in out_names if n in portable_values]
+    taps = sessions.ValueTaps(portable)
+    try:
+        graph_inputs = {v.name for v in portable.graph.inputs}
+        tapped = [x for x in x_names if x not in graph_inputs]
+        arrays = dict(zip(tapped, taps.session(tapped).run(tapped, feed))) if tapped else {}
+    finally:
+        taps.close()
+    arrays.update({x: feed[x] for x in x_names if x in graph_inputs})
+    lowered_part = cut(lowered, x_names, out_names)
+    portable_part = cut(portable, x_names, out_names)
+    dtypes = {v.name: v.dtype.numpy() for v in lowered_part.graph.inputs}
+    probe_feed = {name: np.asarray(arrays[name]).astype(dtypes[name]) for name in x_names}
+    on_target = sessions.session(lowered_part, target.name if _can_run(target) else "cpu")
+    exact = sessions.session(portable_part, "cpu", optimize=False)
+    got = dict(zip(on_target.output_names, on_target.run(probe_feed)))
+    want = dict(zip(exact.output_names, exact.run({k: np.asarray(arrays[k]) for k in x_names})))
+    worst, worst_name, failed = 0.0, None, []
+    for name in out_names:
+        g, w = np.asarray(got[name], dtype=np.float64), np.asarray(want[name], dtype=np.float64)
+        err = _rel(float(np.sum((g - w) ** 2)), float(np.sum(w**2)))
+        if not math.isfinite(err) or err > target.tolerance:
+            failed.append({"output": name, "rel_error": err})
+        if err > worst or worst_name is None:
+            worst, worst_name = err, name
+    return {"ops": len(out_names), "max_rel_error": worst, "worst": worst_name, "failed": failed,
+            "provider": on_target.inner.get_providers()[0]}
+
+
+def _can_run(target: targets.Target) -> bool:
+    return target.name != "cuda" or sessions.cuda_available()
+
+
+class VerifyInORTPass(ir.passes.InPlacePass):
+    """Runs the model in ONNX Runtime on its target and compares it (an analysis; see the module
+    docstring). Raises :class:`VerificationError` on a result that must not be returned.
+
+    Reads the float reference from ``model.meta[REFERENCE_KEY]``, the portable form (if the
+    model was lowered) from ``model.meta[lower.PORTABLE_KEY]``, the feeds from the calibration
+    (statistics and held-out feeds) or, without calibration, ``seed``-generated inputs.
+    """
+
+    def __init__(self, target: targets.Target, seed: int = 0) -> None:
+        super().__init__()
+        self.target = target
+        self.seed = seed
+
+    def requires(self, model: ir.Model) -> None:
+        if model.meta.get(REFERENCE_KEY) is None:
+            raise ir.passes.PreconditionError("verify-in-ort needs the float reference model (model.meta[REFERENCE_KEY])")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from hessc.runtime import calibration as calib
+        from hessc.runtime.lower import PORTABLE_KEY
+
+        target = self.target
+        reference_source = model.meta[REFERENCE_KEY]
+        calibration: meta.Calibration | None = model.meta.get(meta.CALIBRATION_KEY)
+        if calibration is not None:
+            feeds = [*calibration.feeds, *calibration.heldout]
+        else:
+            base = reference_source if isinstance(reference_source, ir.Model) else model
+            feeds = calib.generated_feeds(base, count=2, seed=self.seed)
+        reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu")
+        if not _can_run(target):
+            try:
+                candidate = sessions.session(model, "cpu")
+            except Exception as e:  # noqa: BLE001 - the record says why nothing ran
+                logger.warning("no CUDA provider here and the CPU provider cannot run the cuda model: %s", e)
+                model.meta[VERIFICATION_KEY] = {"status": "not run: no CUDA provider on this machine"}
+                return ir.passes.PassResult(model, False)
+            where = "CPUExecutionProvider (no CUDA provider on this machine)"
+        else:
+            candidate = sessions.session(model, target.name)
+            where = candidate.inner.get_providers()[0]
+            if target.name == "cuda":
+                sessions.check_cuda_placement(model, feeds[0])
+        vs_float, per_float = compare_outputs(reference, candidate, feeds)
+        record: dict[str, Any] = {"status": "passed", "provider": where, "vs_float": vs_float,
+                                  "vs_float_outputs": [c.to_json() for c in per_float]}
+        not_compared = [c.name for c in per_float if c.rel_error is None]
+        if not_compared:
+            record["not_compared"] = not_compared
+        portable = model.meta.get(PORTABLE_KEY)
+        if portable is not None:
+            self._check_lowering(model, portable, feeds, vs_float, record)
+        else:
+            record["vs_portable"] = "skipped: the model was not lowered (it is its portable form)"
+        model.meta[VERIFICATION_KEY] = record
+        if not math.isfinite(vs_float["rel_error"]):
+            raise VerificationError("the optimized model produces non-finite outputs; use more bits")
+        return ir.passes.PassResult(model, False)
+
+    def _check_lowering(self, model, portable, feeds, vs_float, record) -> None:
+        target = self.target
+        portable_session = sessions.session(portable, "cpu", optimize=False)
+        candidate = sessions.session(model, target.name if _can_run(target) else "cpu")
+        lowered, per_output = compare_outputs(portable_session, candidate, feeds)
+        record["vs_portable"] = lowered
+        record["vs_portable_outputs"] = [c.to_json() for c in per_output]
+        conditioned = vs_float["rel_error"] < CONDITIONED
+        limit = max(target.tolerance, 0.5 * vs_float["rel_error"])
+        if not math.isfinite(lowered["rel_error"]):
+            raise VerificationError(
+                f"the lowered {target.name} model produces non-finite outputs where its portable Q/DQ form does not; "
+                "this is a hessc bug: rerun with --target onnx and report it"
+            )
+        if conditioned:
+            bad = [c for c in per_output if c.rel_error is not None and c.rel_error > limit]
+            if bad:
+                raise VerificationError(
+                    f"the lowered {target.name} model's output {bad[0].name!r} differs from its portable Q/DQ form by "
+                    f"{bad[0].rel_error:.2%} (limit {limit:.2%}); this is a hessc bug: rerun with --target onnx and report it"
+                )
+            record["lowered_ops"] = "checked end to end"
+            return
+        ops = check_lowered_ops(model, portable, feeds[0], target)
+        record["lowered_ops"] = ops
+        if ops.get("failed"):
+            first = ops["failed"][0]
+            raise VerificationError(
+                f"the lowered {target.name} kernel computing {first['output']!r} differs from its portable Q/DQ form by "
+                f"{first['rel_error']:.2%} on the same inputs (limit {target.tolerance:.2%}); this is a hessc bug: "
+                "rerun with --target onnx and report it"
+            )
