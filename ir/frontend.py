@@ -353,28 +353,27 @@ _IDENTITY_KEYS = (meta.WEIGHT_NAME_KEY, meta.TIED_KEY)
 a copy must keep them, or a replayed plan would address the weight by another name."""
 
 
-def clone(model: ir.Model) -> ir.Model:
-    """A deep copy of the model; weights in external data stay on disk and stay readable.
+def clone(model: ir.Model, *, annotations: bool = True) -> ir.Model:
+    """``Model.clone()``: a new graph whose weights share the original's tensors (external data
+    stays on disk), plus what sessions on the copy need (the custom-op libraries,
+    :data:`~hessc.ir.meta.CUSTOM_OPS_KEY`).
 
-    The copy keeps the weights' identity annotations (:data:`_IDENTITY_KEYS`) and the model's
-    custom-op libraries (:data:`~hessc.ir.meta.CUSTOM_OPS_KEY`), not the other in-memory ``meta``
-    (curvature statistics, plans), which serialization drops.
+    Args:
+        model: the model.
+        annotations: keep the values' in-memory annotations (plans, curvature statistics; shared,
+            not copied: they are frozen). False keeps only the weights' identity
+            (:data:`_IDENTITY_KEYS`), for a fresh start from a model a caller handed in.
     """
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = model.clone()
     if meta.CUSTOM_OPS_KEY in model.meta:  # sessions on the copy need the same libraries
         copy.meta[meta.CUSTOM_OPS_KEY] = model.meta[meta.CUSTOM_OPS_KEY]
-    for graph, graph_copy in zip(graphs(model), graphs(copy)):
-        for name, value in graph.initializers.items():
-            kept = {k: value.meta[k] for k in _IDENTITY_KEYS if k in value.meta}
-            if kept and name in graph_copy.initializers:
-                graph_copy.initializers[name].meta.update(kept)
-    base_dirs = {
-        str(v.const_value.base_dir)
-        for v in model.graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    }
-    if len(base_dirs) == 1:
-        ir.external_data.set_base_dir(copy.graph, base_dirs.pop())
-    elif base_dirs:  # weights from several folders: hold them in memory instead
-        ir.external_data.load_to_model(copy)
+    if not annotations:
+        for graph in graphs(copy):
+            values = [*graph.inputs, *graph.initializers.values(), *(v for n in graph for v in n.outputs)]
+            for value in values:
+                kept = {k: value.meta[k] for k in _IDENTITY_KEYS if k in value.meta}
+                value.meta.clear()
+                value.meta.update(kept)
+            for node in graph:
+                node.meta.clear()
     return copy

@@ -102,6 +102,14 @@ error ρ at group 128, RTN, MiniLM: 2-bit items 0.31–0.60 (median 0.45), 3-bit
 on their predicted gains and lost to uniform 3-bit (cosine to fp32 0.754 against 0.785 for RTN);
 restricted it gives 0.832 (RTN) and 0.883 (GPTQ)."""
 
+NEGLIGIBLE_SHARE = 0.1
+"""An item beyond the trust radius is still admissible when its predicted (curvature) damage is
+at most this share of a typical layer's 4-bit damage (the median over the allocated weights):
+its layer's output may move a lot relative to itself, but the model barely sees it (a layer
+behind a 1000× smaller input, say), so even a prediction off by a few times leaves it negligible.
+Judged only by the layer's own relative error, such a weight was held at 4 bits and a 5.5-bit
+budget went unspent (4.28 bits used)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class AllocationConfig:
@@ -185,9 +193,22 @@ class Candidate:
             "perturbation": round(self.perturbation, 6),
         }
 
-    def admissible(self, radius: float | None) -> bool:
-        """Inside the trusted neighbourhood; 8-bit and float items always are."""
-        return radius is None or self.bits >= 8 or self.perturbation <= radius
+    @property
+    def damage(self) -> float:
+        """The curvature part of the prediction (without the gradient term)."""
+        return self.delta_loss - self.first_order
+
+    def admissible(self, radius: float | None, negligible: float = 0.0) -> bool:
+        """Inside the trusted neighbourhood (8-bit and float items always are), or predicted to
+        damage the loss negligibly (at most ``negligible``) wherever its layer's output goes."""
+        return radius is None or self.bits >= 8 or self.perturbation <= radius or self.damage <= negligible
+
+
+def negligible_damage(groups: Sequence[Sequence[Candidate]]) -> float:
+    """:data:`NEGLIGIBLE_SHARE` of the median over weights of their best 4-bit item's damage (0
+    when no weight has a 4-bit item)."""
+    fours = [min(c.damage for c in cands if c.bits == 4) for cands in groups if any(c.bits == 4 for c in cands)]
+    return NEGLIGIBLE_SHARE * max(float(np.median(fours)), 0.0) if fours else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,9 +400,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         else:
             note = None
 
+            negligible = negligible_damage([cands for _, cands, _ in allocations])
+
             def solve(radius: float | None) -> list[Candidate]:
                 groups = [
-                    [allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands if c.admissible(radius)]
+                    [allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands
+                     if c.admissible(radius, negligible)]
                     for _, cands, _ in allocations
                 ]
                 if config.lossless:
@@ -397,7 +421,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                     picks = solve(None)
                 except allocate.InfeasibleBudget as e:
                     raise InputError(_budget_message(config, e.min_cost, numel)) from None
-                outside = sum(not p.admissible(config.trust_radius) for p in picks)
+                outside = sum(not p.admissible(config.trust_radius, negligible) for p in picks)
                 note = (
                     f"the budget cannot be met inside the trusted neighbourhood (relative layer-output error "
                     f"<= {config.trust_radius}); {outside} weights use items beyond it, where the second-order "

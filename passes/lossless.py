@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 from hessc.passes import allocate_bits, quantize
 
 logger = logging.getLogger(__name__)
@@ -145,13 +145,13 @@ class ConfirmLosslessPass(ir.passes.InPlacePass):
             self.config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
             method_override=tuple((n, m) for n, m in record["method_override"]),
         )
-        candidate = preplan.clone()
+        candidate = frontend.clone(preplan)
         try:
             ir.passes.Sequential(quantize.PlanQuantizationPass(replay), quantize.InsertQDQPass())(candidate)
         except ir.passes.PassError as e:  # everything is back in float: the float model itself
             if not isinstance(_root(e), InputError):
                 raise
-            candidate = preplan.clone()
+            candidate = frontend.clone(preplan)
         return candidate
 
 

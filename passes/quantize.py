@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from hessc import progress
 from hessc.errors import InputError
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 from hessc.ir.meta import SUPPORTED_BITS
 from hessc.ir import weights as qweights
 from hessc.passes import quantizers
@@ -238,7 +238,7 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         if self.snapshot:
-            model.meta[meta.PREPLAN_KEY] = model.clone()
+            model.meta[meta.PREPLAN_KEY] = frontend.clone(model)
         refs, skipped = qweights.find_weights(model)
         skip_log = model.meta.setdefault(meta.SKIPPED_KEY, {})
         for s in skipped:

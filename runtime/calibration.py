@@ -188,7 +188,8 @@ def _cast(array: np.ndarray, dtype: ir.DataType, name: str, what: str) -> np.nda
     if kind == "float":
         _check_finite(array, name, what)
         if array.dtype != expected:
-            array = array.astype(expected)
+            with np.errstate(over="ignore"):  # an overflow is counted and reported just below
+                array = array.astype(expected)
             overflow = int(np.count_nonzero(~np.isfinite(array)))
             if overflow:
                 raise InputError(

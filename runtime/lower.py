@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError, VerificationError
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 from hessc.passes.activations import ACT_QUANT_KEY
 from hessc.runtime import packing, targets
 
@@ -113,7 +113,7 @@ class LowerWeightsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         config = self.config
         if config.keep_portable and targets.get(config.target).lowers_weights:
-            model.meta[PORTABLE_KEY] = model.clone()
+            model.meta[PORTABLE_KEY] = frontend.clone(model)
         rewriter = _Rewriter(config)
         modified = rewriter.run(model)
         summary = dict(rewriter.summary)

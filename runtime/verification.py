@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import VerificationError
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 from hessc.runtime import sessions, targets
 
 logger = logging.getLogger(__name__)
@@ -118,20 +118,25 @@ def _cos(ref2: float, cand2: float, dot: float) -> float:
     return dot / ((ref2 * cand2) ** 0.5) if ref2 > 0 and cand2 > 0 else 1.0
 
 
-def cut(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str]) -> ir.Model:
+def cut(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str],
+        dtypes: dict[str, np.dtype] | None = None) -> ir.Model:
     """The part of ``model`` computing ``outputs`` from the values ``inputs`` (and constants).
 
     A clone of the model whose graph inputs are the named values, whose outputs are the named
-    outputs, and nothing else; weights are shared with the original, not copied.
+    outputs, and nothing else; weights are shared with the original, not copied. ``dtypes``
+    gives the element type of an input value the model carries no type for.
     """
-    part = model.clone()
+    part = frontend.clone(model)
     graph = part.graph
     values = {v.name: v for node in graph for v in node.outputs}
     values.update({v.name: v for v in graph.inputs})
     new_inputs = []
     for name in inputs:
         old = values[name]
-        new = ir.Value(name=name, shape=old.shape, type=old.type)
+        value_type = old.type
+        if value_type is None and dtypes and name in dtypes:
+            value_type = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtypes[name])))
+        new = ir.Value(name=name, shape=old.shape, type=value_type)
         if old.is_graph_input():
             new = old
         else:
@@ -181,10 +186,13 @@ def check_lowered_ops(
     finally:
         taps.close()
     arrays.update({x: feed[x] for x in x_names if x in graph_inputs})
-    lowered_part = cut(lowered, x_names, out_names)
-    portable_part = cut(portable, x_names, out_names)
-    dtypes = {v.name: v.dtype.numpy() for v in lowered_part.graph.inputs}
-    probe_feed = {name: np.asarray(arrays[name]).astype(dtypes[name]) for name in x_names}
+    tapped_types = {name: np.asarray(arrays[name]).dtype for name in x_names}
+    portable_part = cut(portable, x_names, out_names, tapped_types)
+    lowered_part = cut(lowered, x_names, out_names, tapped_types)
+    # fp16 lowering keeps value names but not types: feed each probe input in its own type.
+    dtypes = {v.name: v.dtype.numpy() for v in lowered_part.graph.inputs if v.dtype is not None}
+    probe_feed = {name: np.asarray(arrays[name]).astype(dtypes.get(name, np.asarray(arrays[name]).dtype))
+                  for name in x_names}
     on_target = sessions.session(lowered_part, target.name if _can_run(target) else "cpu")
     exact = sessions.session(portable_part, "cpu", optimize=False)
     got = dict(zip(on_target.output_names, on_target.run(probe_feed)))
@@ -235,7 +243,8 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         else:
             base = reference_source if isinstance(reference_source, ir.Model) else model
             feeds = calib.generated_feeds(base, count=2, seed=self.seed)
-        reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu")
+        reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu",
+                                 custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()))
         if not _can_run(target):
             try:
                 candidate = sessions.session(model, "cpu")

@@ -46,7 +46,7 @@ def _load_source(model: Any, example_inputs, custom_op_libraries: Sequence[str] 
         return _Source(frontend.load(model, **kwargs), Path(model))
     if isinstance(model, ir.Model):
         # Never change the caller's object: work on a copy.
-        model = frontend.clone(model)
+        model = frontend.clone(model, annotations=False)
     return _Source(frontend.load(model, example_inputs, **kwargs), None)
 
 
@@ -164,7 +164,7 @@ def optimize(
             source.path = None  # the reference must see the same static shapes
         if calibration is not None:
             model.meta[meta.CALIBRATION_KEY] = _calibration(model, calibration, labels, loss, options)
-        model.meta[REFERENCE_KEY] = source.path if source.path is not None else model.clone()
+        model.meta[REFERENCE_KEY] = source.path if source.path is not None else frontend.clone(model)
         bytes_before = _weight_bytes(model)
         model = pipeline.run(pipeline.build_pipeline(options, target_record), model)
     meta.write_plan(model, _plan_record(model, options, target_record, bytes_before))
@@ -267,7 +267,8 @@ def _latency(model: ir.Model, target: str) -> dict | None:
         return None
     calibration = model.meta.get(meta.CALIBRATION_KEY)
     reference_source = model.meta[REFERENCE_KEY]
-    reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu")
+    reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu",
+                                 custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()))
     feed = calibration.feeds[0] if calibration is not None else calib.generated_feeds(model, count=1)[0]
     candidate = sessions.session(model, "cpu" if target == "onnx" else target)
     latency = {

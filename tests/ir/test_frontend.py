@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import onnx
@@ -136,17 +137,16 @@ def test_op_of_an_unknown_domain_is_an_input_error_naming_op_and_domain() -> Non
 
 def test_unknown_ops_are_found_in_subgraphs_and_functions_and_listed_once() -> None:
     model = ir.serde.deserialize_model(_custom_op_model(op="Second"))
-    then_g = helper.make_graph([helper.make_node("First", ["x"], ["t"], domain="org.acme")], "then", [],
-                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    first = helper.make_node("First", ["x"], ["t"], domain="org.acme")
+    then_g = helper.make_graph([first], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
     proto = b.make_model(
         [helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=then_g)],
         [b.x_input(8), helper.make_tensor_value_info("c", TensorProto.BOOL, [])], [b.y_output()],
     )
     assert frontend.check_domains(ir.serde.deserialize_model(proto), ["lib.so"]) == [("org.acme", "First")]
-    proto.functions.append(  # a local function whose body calls a custom op
-        helper.make_function("local.fns", "Wrap", ["a"], ["b"], [helper.make_node("Inner", ["a"], ["b"], domain="org.acme")],
-                             [helper.make_opsetid("org.acme", 1)])
-    )
+    inner = helper.make_node("Inner", ["a"], ["b"], domain="org.acme")
+    wrap = helper.make_function("local.fns", "Wrap", ["a"], ["b"], [inner], [helper.make_opsetid("org.acme", 1)])
+    proto.functions.append(wrap)  # a local function whose body calls a custom op
     assert frontend.check_domains(ir.serde.deserialize_model(proto), ["lib.so"]) == [
         ("org.acme", "First"), ("org.acme", "Inner"),
     ]
@@ -172,7 +172,7 @@ def test_ops_of_onnx_runtime_domains_and_local_functions_are_known() -> None:
     assert frontend.check_domains(model) == []
     feed = b.x_feed(8)
     x = feed["x"]
-    gelu = 0.5 * x * (1 + np.vectorize(__import__("math").erf)(x / np.sqrt(2)))
+    gelu = 0.5 * x * (1 + np.vectorize(math.erf)(x / np.sqrt(2)))
     np.testing.assert_allclose(b.run_ort(model, feed)[0], 2 * gelu, rtol=1e-5, atol=1e-6)
 
 

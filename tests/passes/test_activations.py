@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import builders as b
 import numpy as np
+import onnx_ir as ir
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hessc
 from hessc.errors import InputError
-from hessc.passes.activations import ACT_QUANT_KEY, InsertActivationQDQPass, quantized_layer_inputs, uint8_grid
+from hessc.ir import meta
+from hessc.passes.activations import (
+    ACT_QUANT_KEY,
+    ACT_RANGE_KEY,
+    AnnotateActivationRangesPass,
+    InsertActivationQDQPass,
+    quantized_layer_inputs,
+    uint8_grid,
+)
 from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
 from hessc.runtime import calibration as calib
 from hessc.runtime.lower import LowerConfig, lower
 
 
 def _portable(run_pass, proto, bits: int = 8):
-    model = b.load(proto)
+    model = b.load_upgraded(proto)
     run_pass(PlanQuantizationPass(QuantConfig(bits=bits)), model)
     run_pass(InsertQDQPass(), model)
     return model
@@ -39,12 +48,26 @@ def test_inserts_one_pair_per_quantized_layer_input(run_pass) -> None:
     readers = quantized_layer_inputs(model)
     assert set(readers) == {n.inputs[0].name for n in model.graph if n.op_type in ("MatMul", "Gemm")}
     feeds = [b.x_feed(64, seed=s) for s in range(4)]
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(feeds=tuple(feeds))
+    assert not run_pass(AnnotateActivationRangesPass(), model).modified, "an analysis changes nothing"
     ranges = calib.activation_ranges(model, list(readers), feeds)
-    result = run_pass(InsertActivationQDQPass(ranges), model)
+    assert {name: nodes[0].inputs[0].meta[ACT_RANGE_KEY] for name, nodes in readers.items()} == ranges
+    result = run_pass(InsertActivationQDQPass(), model)
     assert result.modified
     act_dqs = [n for n in model.graph if ACT_QUANT_KEY in n.meta]
     assert len(act_dqs) == len(readers)
-    assert not run_pass(InsertActivationQDQPass(ranges), model).modified, "a second run changes nothing"
+    assert {n.meta[ACT_QUANT_KEY] for n in act_dqs} == set(ranges.values())
+    assert not run_pass(InsertActivationQDQPass(), model).modified, "a second run changes nothing"
+
+
+def test_ranges_need_calibration_and_insertion_needs_ranges() -> None:
+    model = b.load_upgraded(b.mlp_model())
+    PlanQuantizationPass(QuantConfig(bits=8))(model)
+    InsertQDQPass()(model)
+    with pytest.raises(ir.passes.PreconditionError, match="needs calibration data"):
+        AnnotateActivationRangesPass()(model)
+    with pytest.raises(ir.passes.PreconditionError, match="run annotate-activation-ranges first"):
+        InsertActivationQDQPass()(model)
 
 
 def test_output_error_is_within_the_activation_grid_bound(run_pass) -> None:
@@ -53,10 +76,11 @@ def test_output_error_is_within_the_activation_grid_bound(run_pass) -> None:
     feed = b.x_feed(64, batch=5, seed=3)
     (weight_only,) = b.run_ort(model, feed)
     x = feed["x"]
-    ranges = {model.graph.inputs[0].name: (float(x.min()), float(x.max()))}
-    run_pass(InsertActivationQDQPass(ranges), model)
+    x_range = (float(x.min()), float(x.max()))
+    meta.set_annotation(model.graph.inputs[0], ACT_RANGE_KEY, x_range)
+    run_pass(InsertActivationQDQPass(), model)
     (out,) = b.run_ort(model, feed)
-    scale, _ = uint8_grid(*ranges["x"])
+    scale, _ = uint8_grid(*x_range)
     deq = b.dequantize_linear(next(n for n in model.graph if n.op_type == "DequantizeLinear" and ACT_QUANT_KEY not in n.meta))
     # |Δy| ≤ Σ_i |Δx_i| |W_ij| ≤ (s/2) Σ_i |W_ij| for every output column j.
     bound = 0.5 * float(scale) * np.abs(deq).sum(axis=0)
@@ -67,8 +91,10 @@ def test_output_error_is_within_the_activation_grid_bound(run_pass) -> None:
 def test_cpu_lowering_hands_activations_to_the_kernel(run_pass) -> None:
     model = _portable(run_pass, b.mlp_model(), bits=4)
     feeds = [b.x_feed(64, seed=s) for s in range(3)]
-    names = list(quantized_layer_inputs(model))
-    InsertActivationQDQPass(calib.activation_ranges(model, names, feeds))(model)
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(feeds=tuple(feeds))
+    AnnotateActivationRangesPass()(model)
+    InsertActivationQDQPass()(model)
+    assert b.op_types(model).count("QuantizeLinear") == 2
     lowered, summary = lower(model, LowerConfig(target="cpu"))
     assert summary["8-bit activations: MatMulNBits dynamic int8 (accuracy_level 4)"] == 2
     assert b.op_types(lowered).count("QuantizeLinear") == 0

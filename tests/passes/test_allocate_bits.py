@@ -604,3 +604,36 @@ def test_budgets_need_calibration(mlp_and_calibration) -> None:
         hessc.optimize(model, target="onnx", bits=4, method="gptq")
     with pytest.raises(InputError, match="'lossless'"):
         hessc.optimize(model, target="onnx", bits="many")
+
+
+def _two_paths_model() -> "ir.Model":
+    """``y = x W1 + (0.001 x) W2``: two same-shaped weights, the second behind an input 1000×
+    smaller, so its quantization error reaches the output 1000× attenuated."""
+    from onnx import helper
+
+    nodes = [
+        helper.make_node("Mul", ["x", "small"], ["xs"], name="attenuate"),
+        helper.make_node("MatMul", ["x", "W1"], ["y1"], name="mm1"),
+        helper.make_node("MatMul", ["xs", "W2"], ["y2"], name="mm2"),
+        helper.make_node("Add", ["y1", "y2"], ["y"], name="add"),
+    ]
+    inits = {"small": np.array(1e-3, dtype=np.float32),
+             "W1": b.weight((128, 64), 0, scale=0.09), "W2": b.weight((128, 64), 1, scale=0.09)}
+    return b.load(b.make_model(nodes, [b.x_input(128)], [b.y_output(64)], inits))
+
+
+def test_a_budget_is_spent_where_the_loss_is_sensitive() -> None:
+    """At 5.5 bits the insensitive weight's 2-bit item is far outside its own layer's trust radius
+    (relative layer-output error ≈ 0.45), but its effect on the model is 1000× attenuated: the
+    neighbourhood is judged by the predicted effect on the loss, so the budget buys 8 bits for
+    the sensitive weight instead of leaving both at 4 bits with the budget unspent."""
+    import hessc
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((16, 128)).astype(np.float32)} for _ in range(8)]
+    out = hessc.optimize(_two_paths_model(), target="onnx", bits=5.5, group_size=128, calibration=feeds)
+    plan = meta.read_plan(out)
+    bits = {w["name"]: w["bits"] for w in plan["weights"]}
+    assert bits == {"W1": 8, "W2": 2}, bits
+    assert plan["summary"]["effective_bits_per_weight"] > 5.0
+    assert plan["summary"]["effective_bits_per_weight"] <= 5.5

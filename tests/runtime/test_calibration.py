@@ -164,9 +164,10 @@ def test_integers_that_do_not_fit_the_input_type_are_refused() -> None:
     (feed,) = calib.feeds_from([{"ids": np.array([[1, 2, 3]], np.int64)}], model)
     assert feed["ids"].dtype == np.int32
     too_big = np.array([[1, 2, 2**40]], np.int64)
-    with pytest.raises(InputError, match=r"calibration sample 0: input 'ids' is int64 with values from 1 to 1099511627776, beyond the int32"):
+    message = r"calibration sample 0: input 'ids' is int64 with values from 1 to 1099511627776, beyond the int32"
+    with pytest.raises(InputError, match=message):
         calib.feeds_from([{"ids": too_big}], model)
-    with pytest.raises(InputError, match=r"input 'ids' is uint64 with values from 1 to 9223372036854775808, beyond the int32"):
+    with pytest.raises(InputError, match=r"input 'ids' is uint64 with values from 1 to 9223372036854775808, beyond"):
         calib.feeds_from([{"ids": np.array([[1, 2, 2**63]], np.uint64)}], model)
 
 
@@ -193,7 +194,8 @@ def test_float64_values_beyond_float32_are_refused(two_inputs) -> None:
     sample = _samples(1)[0]
     sample["x"] = sample["x"].astype(np.float64)
     sample["x"][0, 0] = 1e300
-    with pytest.raises(InputError, match=r"input 'x' has 1 values beyond the range of float32 \(the model's input type\); rescale or clip them"):
+    message = r"input 'x' has 1 values beyond the range of float32 \(the model's input type\); rescale or clip them"
+    with pytest.raises(InputError, match=message):
         calib.feeds_from([sample], two_inputs)
 
 

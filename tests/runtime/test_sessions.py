@@ -127,8 +127,12 @@ def test_sessions_on_a_loaded_model_register_its_libraries(extensions_library, t
         sessions.session(path)
 
 
-@pytest.mark.skipif(not sessions.cuda_available(), reason="needs onnxruntime-gpu and a GPU")
-def test_cuda_session_on_an_unregistered_custom_op_names_op_and_domain() -> None:
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_cuda_session_on_an_unregistered_custom_op_names_op_and_domain(monkeypatch) -> None:
+    if not sessions.cuda_available():
+        # ORT's CPU build warns about the CUDA provider and opens the model on the CPU: the same
+        # graph resolution fails on the same op, through the CUDA branch's error handling.
+        monkeypatch.setattr(sessions, "cuda_available", lambda: True)
     for cuda_graph in (None, False):
         with pytest.raises(InputError, match=r"op 'MyOp' of domain 'com.example'"):
             sessions.session(_unchecked(_custom_op_model()), "cuda", cuda_graph=cuda_graph)

@@ -16,6 +16,7 @@ import hessc
 from hessc import api
 from hessc.errors import InputError
 from hessc.ir import frontend, meta
+from hessc.runtime import targets
 
 torch = pytest.importorskip("torch")
 
@@ -91,16 +92,27 @@ def test_plan_record(exported, target: str, bits: int) -> None:
     assert summary["effective_bits_per_weight"] == pytest.approx(bits + 32 / 32 + zp_bits)
 
     ops = [n.op_type for n in model.graph]
+    assert [(p["name"], p["modified"]) for p in record["passes"]] == [
+        ("upgrade-opset", True), ("plan-quantization", True), ("insert-qdq", True),
+        (f"lower-{target}", target == "cpu"), ("verify-in-ort", False),
+    ]
     verification = record["verification"]
     assert verification["status"] == "passed" and verification["vs_float"]["samples"] == 2
+    (per_output,) = verification["vs_float_outputs"]  # the MLP has one output
+    assert per_output["rel_error"] == pytest.approx(verification["vs_float"]["rel_error"])
     if target == "cpu":
         assert record["lowering"] == {f"MatMulNBits {bits}-bit": 2}
         assert ops == ["MatMulNBits", "Relu", "MatMulNBits"]
-        assert verification["vs_portable"]["rel_error"] <= api.LOWERING_TOLERANCE["cpu"]
+        tolerance = targets.TARGETS["cpu"].tolerance
+        assert verification["vs_portable"]["rel_error"] <= tolerance
+        (lowered,) = verification["vs_portable_outputs"]
+        assert lowered["name"] == per_output["name"] and lowered["rel_error"] <= tolerance
+        assert verification["lowered_ops"] == "checked end to end" or not verification["lowered_ops"]["failed"]
     else:
         assert record["lowering"] == {}
         assert ops == ["DequantizeLinear", "Gemm", "Relu", "DequantizeLinear", "Gemm"]
-        assert "vs_portable" not in verification
+        assert verification["vs_portable"].startswith("skipped: the model was not lowered")
+        assert "vs_portable_outputs" not in verification and "lowered_ops" not in verification
     # Entry bytes are the portable form's; the summary is what the saved model stores: quantized
     # weights plus float biases, plus MatMulNBits' per-row byte padding of 2-bit zero points
     # (two zero points per row take 4 bits, stored as a whole byte: +0.5 B per output row).

@@ -1,0 +1,121 @@
+"""Tests for hessc.runtime.verification: the result against float, against its portable form per
+output and per lowered op, and outputs that cannot be compared."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import builders as b
+from hessc.errors import VerificationError
+from hessc.ir import meta
+from hessc.passes.opset import UpgradeOpsetPass
+from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
+from hessc.runtime import targets
+from hessc.runtime.lower import PORTABLE_KEY, LowerConfig, LowerWeightsPass
+from hessc.runtime.verification import REFERENCE_KEY, VERIFICATION_KEY, VerifyInORTPass, compare_outputs, cut
+
+
+def _lowered(bits: int = 4, reference: ir.Model | None = None) -> ir.Model:
+    model = b.load(b.mlp_model(k=128, hidden=128, n=64))
+    float_model = model.clone()
+    for p in (UpgradeOpsetPass(), PlanQuantizationPass(QuantConfig(bits=bits, group_size=32)), InsertQDQPass(),
+              LowerWeightsPass(LowerConfig(target="cpu", keep_portable=True))):
+        p(model)
+    model.meta[REFERENCE_KEY] = reference if reference is not None else float_model
+    model.meta[meta.CALIBRATION_KEY] = meta.Calibration(tuple(b.x_feed(128, batch=4, seed=s) for s in range(3)))
+    return model
+
+
+def _corrupt(model: ir.Model) -> None:
+    """Breaks the first MatMulNBits' packed weight (as a wrong kernel would compute it)."""
+    node = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    packed = node.inputs[1].const_value.numpy().copy()
+    packed[: packed.shape[0] // 2] = 0x77
+    node.inputs[1].const_value = ir.tensor(packed, name=node.inputs[1].name)
+
+
+def _far_reference() -> ir.Model:
+    """A float model whose outputs are far from the quantized model's (weights negated): the
+    end-to-end lowering check is then not conditioned, and the per-op check must take over."""
+    model = b.load(b.mlp_model(k=128, hidden=128, n=64))
+    w2 = model.graph.initializers["W2"]
+    w2.const_value = ir.tensor(-w2.const_value.numpy(), name="W2")
+    return model
+
+
+def test_a_lowered_model_passes_and_records_each_comparison() -> None:
+    model = _lowered()
+    assert not VerifyInORTPass(targets.get("cpu"))(model).modified
+    record = model.meta[VERIFICATION_KEY]
+    assert record["status"] == "passed"
+    assert record["vs_float"]["rel_error"] < 0.2
+    assert record["vs_portable"]["rel_error"] < targets.get("cpu").tolerance
+    assert [o["name"] for o in record["vs_portable_outputs"]] == ["y"]
+
+
+def test_a_broken_kernel_is_refused_end_to_end() -> None:
+    model = _lowered()
+    _corrupt(model)
+    with pytest.raises(VerificationError, match="portable Q/DQ form"):
+        VerifyInORTPass(targets.get("cpu"))(model)
+
+
+def test_a_broken_kernel_is_refused_even_when_the_model_is_far_from_float() -> None:
+    """Before, the lowered-vs-portable comparison was skipped when the outputs were more than 50%
+    from float's, and a wrong kernel was reported as passed."""
+    healthy = _lowered(reference=_far_reference())
+    VerifyInORTPass(targets.get("cpu"))(healthy)
+    record = healthy.meta[VERIFICATION_KEY]
+    assert record["vs_float"]["rel_error"] > 0.5
+    assert record["lowered_ops"]["ops"] == 2 and not record["lowered_ops"]["failed"]
+    broken = _lowered(reference=_far_reference())
+    _corrupt(broken)
+    with pytest.raises(VerificationError, match="kernel computing"):
+        VerifyInORTPass(targets.get("cpu"))(broken)
+
+
+def test_cut_keeps_only_what_computes_the_outputs_from_the_inputs() -> None:
+    model = _lowered()
+    first = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    part = cut(model, ["x"], [first.outputs[0].name])
+    assert [n.op_type for n in part.graph] == ["MatMulNBits"]
+    assert [v.name for v in part.graph.inputs] == ["x"]
+    assert len(list(model.graph)) == 3, "the original is unchanged"
+
+
+def test_outputs_of_different_lengths_are_reported_not_broadcast() -> None:
+    """A model whose output length depends on the input (or on noise) is compared where it can be."""
+    from onnx import TensorProto, helper
+
+    from hessc.runtime import sessions
+
+    def model(length: int) -> ir.Model:
+        nodes = [helper.make_node("Slice", ["x", "s", "e"], ["y"], name="slice")]
+        inits = {"s": np.array([0], dtype=np.int64), "e": np.array([length], dtype=np.int64)}
+        proto = b.make_model(nodes, [b.x_input(8)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return b.load(proto)
+
+    ref, cand = sessions.session(model(5), "cpu"), sessions.session(model(3), "cpu")
+    overall, per_output = compare_outputs(ref, cand, [{"x": np.ones((5, 8), dtype=np.float32)}])
+    assert per_output[0].rel_error is None and "shape" in per_output[0].note
+
+
+def test_cuda_keeps_embedding_tables_whose_rows_are_not_whole_blocks_portable() -> None:
+    """ORT's CUDA GatherBlockQuantized indexes blocks over the flattened table: a row of 96 with
+    blocks of 64 stays in the portable form on cuda (and is lowered on the CPU, whose kernel is right)."""
+    def portable() -> ir.Model:
+        model = b.load(b.gather_model(vocab=100, dim=96))
+        for p in (UpgradeOpsetPass(), PlanQuantizationPass(QuantConfig(bits=4, group_size=64)), InsertQDQPass()):
+            p(model)
+        return model
+
+    cuda = portable()
+    LowerWeightsPass(LowerConfig(target="cuda"))(cuda)
+    assert "GatherBlockQuantized" not in b.op_types(cuda)
+    assert any("not a multiple of the block" in k for k in cuda.meta["hessc.lowering"])
+    cpu = portable()
+    LowerWeightsPass(LowerConfig(target="cpu"))(cpu)
+    assert "GatherBlockQuantized" in b.op_types(cpu)
+    assert PORTABLE_KEY not in cpu.meta
