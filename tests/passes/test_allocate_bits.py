@@ -437,8 +437,15 @@ def test_items_beyond_the_trust_radius_only_when_the_budget_needs_them() -> None
     free = allocate(6.0, None)
     assert any(c["perturbation"] > 0.3 for w in free["weights"] for c in w["candidates"] if c["bits"] == w["bits"])
     kept = allocate(6.0, 0.3)
-    chosen = [next(c for c in w["candidates"] if c["bits"] == w["bits"]) for w in kept["weights"]]
-    assert all(c["perturbation"] <= 0.3 or c["bits"] >= 8 for c in chosen) and "note" not in kept
+    chosen = {w["name"]: next(c for c in w["candidates"] if c["bits"] == w["bits"]) for w in kept["weights"]}
+    # Beyond the radius only where the predicted damage is negligible: W3 (curvature 1e-6 of the
+    # median layer's) may take 2-bit codes, W2 (the median) may not.
+    assert chosen["W2"]["perturbation"] <= 0.3 or chosen["W2"]["bits"] >= 8
+    assert "note" not in kept
+    four = {w["name"]: next(c for c in w["candidates"] if c["bits"] == 4) for w in kept["weights"]}
+    negligible = allocate_bits.NEGLIGIBLE_SHARE * four["W2"]["predicted_delta_loss"]
+    for name, c in chosen.items():
+        assert c["perturbation"] <= 0.3 or c["bits"] >= 8 or c["predicted_delta_loss"] <= negligible, name
     assert kept["trust_radius"] == 0.3
     # A budget only 2-bit items meet: admitted, and said so.
     tight = allocate(3.1, 0.3)
