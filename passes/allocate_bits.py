@@ -201,7 +201,8 @@ class Candidate:
     def admissible(self, radius: float | None, negligible: float = 0.0) -> bool:
         """Inside the trusted neighbourhood (8-bit and float items always are), or predicted to
         damage the loss negligibly (at most ``negligible``) wherever its layer's output goes."""
-        return radius is None or self.bits >= 8 or self.perturbation <= radius or self.damage <= negligible
+        return (radius is None or self.bits >= 8 or self.perturbation <= radius
+                or (negligible > 0 and self.damage <= negligible))
 
 
 def negligible_damage(groups: Sequence[Sequence[Candidate]]) -> float:
