@@ -125,3 +125,33 @@ def test_inspect_hessian_table_and_plot(model_path: Path, tmp_path: Path, capsys
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["inspect", str(model_path), "--hessian"]) == 2
     assert "needs calibration" in capsys.readouterr().err
+
+
+def test_passes_lists_the_pipeline_in_order(capsys) -> None:
+    assert cli.main(["passes", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in rows]
+    assert names.index("upgrade-opset") < names.index("plan-quantization") < names.index("insert-qdq") \
+        < names.index("lower-cpu") < names.index("verify-in-ort")
+    assert {r["name"] for r in rows if r["default"]} == {
+        "upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu", "verify-in-ort"}
+    assert not next(r for r in rows if r["name"] == "fold-rotation")["available"]
+    assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
+    text = capsys.readouterr().out
+    assert "* allocate-bits" in text and "* lower-cuda" in text and "- share-weights" in text
+
+
+def test_passes_and_disable_pass_choose_the_steps(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--disable-pass", "insert-qdq", "--json", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "lower-cpu", "verify-in-ort"]
+    assert printed["verification"]["status"] == "passed"
+    assert {n.op_type for n in onnx.load(out).graph.node} == {"MatMul", "Relu"}, "a float model"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--passes", "upgrade-opset,plan-quantization,insert-qdq",
+                     "--json", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "insert-qdq"]
+    assert printed["verification"]["status"].startswith("skipped")
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--passes", "plan-quantization,nope", "--quiet"]) == 2
+    assert "unknown pass 'nope'" in capsys.readouterr().err
