@@ -195,8 +195,9 @@ def check_lowered_ops(
                   for name in x_names}
     on_target = sessions.session(lowered_part, target.name if _can_run(target) else "cpu")
     exact = sessions.session(portable_part, "cpu", optimize=False)
-    got = dict(zip(on_target.output_names, on_target.run(probe_feed)))
-    want = dict(zip(exact.output_names, exact.run({k: np.asarray(arrays[k]) for k in x_names})))
+    # By position: a value that is one op's output and the next op's input is renamed in the cut.
+    got = dict(zip(out_names, on_target.run(probe_feed)))
+    want = dict(zip(out_names, exact.run({k: np.asarray(arrays[k]) for k in x_names})))
     worst, worst_name, failed = 0.0, None, []
     for name in out_names:
         g, w = np.asarray(got[name], dtype=np.float64), np.asarray(want[name], dtype=np.float64)

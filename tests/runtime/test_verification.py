@@ -119,3 +119,63 @@ def test_cuda_keeps_embedding_tables_whose_rows_are_not_whole_blocks_portable() 
     LowerWeightsPass(LowerConfig(target="cpu"))(cpu)
     assert "GatherBlockQuantized" in b.op_types(cpu)
     assert PORTABLE_KEY not in cpu.meta
+
+
+def test_chained_lowered_ops_are_each_checked_on_their_own_inputs() -> None:
+    """An embedding table feeding a MatMul: the Gather's output is one lowered op's output and the
+    next one's input; the per-op check feeds each the portable model's activation."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"], name="embed"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="proj")]
+    inits = {"E": (0.1 * rng.standard_normal((50, 128))).astype(np.float32),
+             "W": (0.1 * rng.standard_normal((128, 64))).astype(np.float32)}
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])
+    proto = b.make_model(nodes, [ids], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = b.load_upgraded(proto)
+    for p in (PlanQuantizationPass(QuantConfig(bits=4, group_size=32)), InsertQDQPass(),
+              LowerWeightsPass(LowerConfig(target="cpu", keep_portable=True))):
+        p(model)
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= set(b.op_types(model))
+    from hessc.runtime.verification import check_lowered_ops
+
+    feed = {"ids": rng.integers(0, 50, (2, 7)).astype(np.int64)}
+    ops = check_lowered_ops(model, model.meta[PORTABLE_KEY], feed, targets.get("cpu"))
+    assert ops["ops"] == 2 and not ops["failed"], ops
+    _corrupt(model)
+    assert check_lowered_ops(model, model.meta[PORTABLE_KEY], feed, targets.get("cpu"))["failed"]
+
+
+@pytest.mark.gpu
+def test_cuda_embedding_with_partial_blocks_is_verified_and_the_kernel_rule_is_needed() -> None:
+    """On ORT 1.31's CUDA provider, GatherBlockQuantized on a 576-wide table with blocks of 128
+    computes the wrong rows (measured on an H200: 47% relative error on its own inputs). hessc keeps
+    such tables portable on cuda and passes; with the rule switched off, verification refuses."""
+    import dataclasses
+
+    from onnx import TensorProto, helper
+
+    import hessc
+    from hessc.runtime import sessions
+
+    if not sessions.cuda_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])]
+    inits = {"E": (0.02 * rng.standard_normal((2000, 576))).astype(np.float32),
+             "W": (0.04 * rng.standard_normal((576, 1536))).astype(np.float32)}
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 128])
+    model = b.make_model(nodes, [ids], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128, 1536])], inits)
+    feeds = [{"ids": rng.integers(0, 2000, (1, 128)).astype(np.int64)} for _ in range(2)]
+    out = hessc.optimize(model, target="cuda", bits=4, group_size=128, calibration=feeds)
+    record = meta.read_plan(out)
+    assert record["verification"]["status"] == "passed"
+    assert record["verification"]["vs_portable"]["rel_error"] < targets.get("cuda").tolerance
+    original = targets.TARGETS["cuda"]
+    targets.TARGETS["cuda"] = dataclasses.replace(original, embedding_whole_blocks=False)
+    try:
+        with pytest.raises(VerificationError, match="kernel computing 'h'"):
+            hessc.optimize(model, target="cuda", bits=4, group_size=128, calibration=feeds)
+    finally:
+        targets.TARGETS["cuda"] = original
