@@ -147,3 +147,11 @@ def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
 
 def iter_weights(model: ir.Model) -> Iterator[WeightRef]:
     yield from find_weights(model)[0]
+
+
+def token_ids_input(model: ir.Model) -> str | None:
+    """The graph input holding a language model's token ids (an integer ``input_ids``), or None."""
+    for v in model.graph.inputs:
+        if "input_ids" in (v.name or "") and v.dtype in (ir.DataType.INT64, ir.DataType.INT32):
+            return v.name
+    return None

@@ -146,7 +146,10 @@ def _lower(options, target):
 def _verify(options, target):
     from hessc.runtime import verification
 
-    return verification.VerifyInORTPass(target, seed=options.seed)
+    return verification.VerifyInORTPass(
+        target, seed=options.seed, max_loss_increase=options.max_loss_increase,
+        min_output_cosine=options.min_output_cosine, allow_degraded=options.allow_degraded,
+    )
 
 
 def _never(options, target) -> bool:

@@ -223,10 +223,14 @@ class VerifyInORTPass(ir.passes.InPlacePass):
     (statistics and held-out feeds) or, without calibration, ``seed``-generated inputs.
     """
 
-    def __init__(self, target: targets.Target, seed: int = 0) -> None:
+    def __init__(self, target: targets.Target, seed: int = 0, max_loss_increase: float = 1.0,
+                 min_output_cosine: float = 0.5, allow_degraded: bool = False) -> None:
         super().__init__()
         self.target = target
         self.seed = seed
+        self.max_loss_increase = max_loss_increase
+        self.min_output_cosine = min_output_cosine
+        self.allow_degraded = allow_degraded
 
     def requires(self, model: ir.Model) -> None:
         if model.meta.get(REFERENCE_KEY) is None:
@@ -273,7 +277,44 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         model.meta[VERIFICATION_KEY] = record
         if not math.isfinite(vs_float["rel_error"]):
             raise VerificationError("the optimized model produces non-finite outputs; use more bits")
+        self._check_quality(model, reference, candidate, feeds, vs_float, record)
         return ir.passes.PassResult(model, False)
+
+    def _check_quality(self, model, reference, candidate, feeds, vs_float, record) -> None:
+        """No silent collapse: a result whose next-token loss (language models) rose by more than
+        ``max_loss_increase`` nats, or whose outputs' cosine to float fell below
+        ``min_output_cosine``, is refused unless degraded results are allowed."""
+        from hessc.ir.weights import token_ids_input
+
+        reasons = []
+        quality: dict[str, Any] = {"output_cosine": vs_float["cosine"], "min_output_cosine": self.min_output_cosine}
+        ids = token_ids_input(model)
+        if ids is not None and all(ids in f and np.asarray(f[ids]).ndim == 2 and f[ids].shape[1] > 1 for f in feeds):
+            from hessc.passes.allocate_bits import heldout_loss
+
+            float_loss = heldout_loss([reference.run(f) for f in feeds], feeds, "next-token", ids)
+            loss = heldout_loss([candidate.run(f) for f in feeds], feeds, "next-token", ids)
+            quality.update(next_token_loss_float=float_loss, next_token_loss=loss,
+                           max_loss_increase=self.max_loss_increase)
+            if loss - float_loss > self.max_loss_increase:
+                reasons.append(f"its next-token loss rose by {loss - float_loss:.3g} nats (perplexity "
+                               f"{math.exp(min(float_loss, 700)):.4g} -> {math.exp(min(loss, 700)):.4g}; "
+                               f"limit {self.max_loss_increase:g}, --max-loss-increase)")
+        if vs_float["cosine"] < self.min_output_cosine:
+            reasons.append(f"its outputs' cosine to the float model is {vs_float['cosine']:.3f} "
+                           f"(limit {self.min_output_cosine:g}, --min-output-cosine)")
+        quality["degraded"] = bool(reasons)
+        if reasons:
+            quality["reasons"] = reasons
+        record["quality"] = quality
+        if reasons and not self.allow_degraded:
+            raise VerificationError(
+                "the result is degraded: " + "; ".join(reasons) + ". Use more bits (or a budget), or pass "
+                "--allow-degraded to write it anyway"
+            )
+        if reasons:
+            record["status"] = "passed (degraded, allowed)"
+            logger.warning("the result is degraded: %s", "; ".join(reasons))
 
     def _check_lowering(self, model, portable, feeds, vs_float, record) -> None:
         target = self.target

@@ -216,3 +216,140 @@ def nodes_of(model: ir.Model, op_type: str) -> list[ir.Node]:
 
 def op_types(model: ir.Model) -> list[str]:
     return [n.op_type for n in model.graph]
+
+
+# --------------------------------------------------------------------------------------------------
+# A tiny pre-norm decoder (fold-rotation)
+
+DECODER_NORMS = ("pow-reciprocal", "mul-div", "div", "simplified", "rms23", "layernorm", "none")
+"""Norm forms of :func:`decoder_model`: the decomposed RMSNorm as ``Pow(x, 2)`` … ``Reciprocal`` →
+``Mul(x, ·)``, as ``Mul(x, x)`` … ``Div(1, ·)`` → ``Mul``, as ``Sqrt`` → ``Div(x, ·)``; ORT's
+``SimplifiedLayerNormalization``; ONNX ``RMSNormalization`` (opset 23); ``LayerNormalization``."""
+
+
+def _norm_nodes(kind: str, x: str, out: str, tag: str, width: int, inits: dict, gamma: np.ndarray | None) -> list:
+    """Nodes computing ``out = norm(x)`` (scale ``gamma``; None: no scale node, decomposed only)."""
+    g = f"{tag}.weight"
+    if gamma is not None:
+        inits[g] = gamma.astype(np.float32)
+    if kind == "simplified":
+        return [helper.make_node("SimplifiedLayerNormalization", [x, g], [out], name=tag, axis=-1, epsilon=1e-6)]
+    if kind == "rms23":
+        return [helper.make_node("RMSNormalization", [x, g], [out], name=tag, axis=-1, epsilon=1e-6)]
+    if kind == "layernorm":
+        inits[f"{tag}.bias"] = weight((width,), 99, 0.1)
+        return [helper.make_node("LayerNormalization", [x, g, f"{tag}.bias"], [out], name=tag, axis=-1, epsilon=1e-6)]
+    inits.setdefault("two", np.array(2.0, np.float32))
+    inits.setdefault("one", np.array(1.0, np.float32))
+    inits.setdefault("eps", np.array(1e-6, np.float32))
+    inits.setdefault("last_axis", np.array([-1], np.int64))
+    p = f"{tag}/"
+    sq = (helper.make_node("Pow", [x, "two"], [p + "sq"]) if kind != "mul-div"
+          else helper.make_node("Mul", [x, x], [p + "sq"]))
+    nodes = [
+        sq,
+        helper.make_node("ReduceMean", [p + "sq", "last_axis"], [p + "ms"], keepdims=1),
+        helper.make_node("Add", [p + "ms", "eps"], [p + "ve"]),
+        helper.make_node("Sqrt", [p + "ve"], [p + "std"]),
+    ]
+    normed = p + "n" if gamma is not None else out
+    if kind == "pow-reciprocal":
+        nodes += [helper.make_node("Reciprocal", [p + "std"], [p + "inv"]),
+                  helper.make_node("Mul", [x, p + "inv"], [normed])]
+    elif kind == "mul-div":
+        nodes += [helper.make_node("Div", ["one", p + "std"], [p + "inv"]),
+                  helper.make_node("Mul", [p + "inv", x], [normed])]
+    else:
+        nodes += [helper.make_node("Div", [x, p + "std"], [normed])]
+    if gamma is not None:
+        nodes.append(helper.make_node("Mul", [g, normed], [out]))
+    return nodes
+
+
+def decoder_model(
+    width: int = 32, vocab: int = 40, hidden: int = 48, blocks: int = 2, norm: str = "pow-reciprocal",
+    *, tied: str = "", sandwich: bool = False, bias: bool = False, gemm: bool = False,
+    residual_scale: np.ndarray | float | None = None, unit_gamma: Sequence[int] = (), seed: int = 0,
+) -> onnx.ModelProto:
+    """A pre-norm decoder: ``Gather(E, ids)`` → ``blocks`` × [norm → ``x W_gate``, ``x W_up`` →
+    ``silu(g) ⊙ u`` → ``W_down`` (+ bias) → residual ``Add``] → final norm → head → ``logits``.
+
+    Args:
+        width: the residual-stream width ``d``.
+        norm: one of :data:`DECODER_NORMS`.
+        tied: ``""`` (a separate head ``W_head`` (d, vocab)), ``transpose`` (``MatMul(h,
+            Transpose(E))``, which the front door folds into a tied copy) or ``gemm`` (``Gemm(h, E,
+            transB=1)``, the table itself; implies ``gemm``).
+        sandwich: a norm on each down projection's output before the residual add.
+        bias: the down projections get a bias ``Add``.
+        gemm: 1-D ``ids`` [T] and a 2-D stream, with every projection a ``Gemm`` (down: ``transB=1``
+            and a bias ``C``).
+        residual_scale: a constant multiplying the stream after each block (a scalar or a vector).
+        unit_gamma: norm indices (the final norm is ``blocks``) without a scale node (decomposed) or
+            with a scale of ones (fused).
+    """
+    gemm = gemm or tied == "gemm"
+    rng = np.random.default_rng(seed)
+    inits: dict[str, np.ndarray] = {"E": (0.5 * rng.standard_normal((vocab, width))).astype(np.float32)}
+    opset = 23 if norm == "rms23" else OPSET
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h0"], name="embed", axis=0)]
+
+    def gamma(i: int) -> np.ndarray | None:
+        if i in unit_gamma:
+            return None if norm not in ("simplified", "rms23", "layernorm") else np.ones(width, np.float32)
+        return 1.0 + 0.3 * rng.standard_normal(width)
+
+    def linear(x: str, w: str, out: str, shape: tuple[int, int], name: str, c: str | None = None) -> onnx.NodeProto:
+        inits[w] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        if not gemm:
+            return helper.make_node("MatMul", [x, w], [out], name=name)
+        if c is not None:  # transB=1: stored (out, in)
+            inits[w] = np.ascontiguousarray(inits[w].T)
+            return helper.make_node("Gemm", [x, w, c], [out], name=name, transB=1)
+        return helper.make_node("Gemm", [x, w], [out], name=name)
+
+    h = "h0"
+    for i in range(blocks):
+        p = f"layers.{i}."
+        nodes += _norm_nodes(norm, h, p + "normed", p + "norm", width, inits, gamma(i))
+        nodes += [
+            linear(p + "normed", p + "gate", p + "g", (width, hidden), p + "gate_proj"),
+            linear(p + "normed", p + "up", p + "u", (width, hidden), p + "up_proj"),
+            helper.make_node("Sigmoid", [p + "g"], [p + "sg"]),
+            helper.make_node("Mul", [p + "g", p + "sg"], [p + "silu"]),
+            helper.make_node("Mul", [p + "silu", p + "u"], [p + "act"]),
+        ]
+        c = None
+        if gemm:
+            c = p + "down.bias"
+            inits[c] = weight((width,), 50 + i, 0.1)
+        nodes.append(linear(p + "act", p + "down", p + "d", (hidden, width), p + "down_proj", c))
+        out = p + "d"
+        if bias and not gemm:
+            inits[p + "down.bias"] = weight((width,), 50 + i, 0.1)
+            nodes.append(helper.make_node("Add", [out, p + "down.bias"], [p + "db"]))
+            out = p + "db"
+        if sandwich:
+            nodes += _norm_nodes(norm, out, p + "post", p + "post_norm", width, inits, 1.0 + 0.3 * rng.standard_normal(width))
+            out = p + "post"
+        nodes.append(helper.make_node("Add", [h, out], [p + "res"], name=p + "residual"))
+        h = p + "res"
+        if residual_scale is not None:
+            inits[p + "scale"] = np.asarray(residual_scale, np.float32)
+            nodes.append(helper.make_node("Mul", [h, p + "scale"], [p + "scaled"]))
+            h = p + "scaled"
+    nodes += _norm_nodes(norm, h, "final", "norm", width, inits, gamma(blocks))
+    if tied == "transpose":
+        nodes += [helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["final", "E_t"], ["logits"], name="lm_head")]
+    elif tied == "gemm":
+        nodes.append(helper.make_node("Gemm", ["final", "E"], ["logits"], name="lm_head", transB=1))
+    else:
+        nodes.append(linear("final", "lm_head.weight", "logits", (width, vocab), "lm_head"))
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["T"] if gemm else ["B", "T"])
+    logits = helper.make_tensor_value_info("logits", FLOAT, ["T", vocab] if gemm else ["B", "T", vocab])
+    return make_model(nodes, [ids], [logits], inits, opset)
+
+
+def ids_feed(vocab: int = 40, shape: Sequence[int] = (2, 7), seed: int = 1) -> dict[str, np.ndarray]:
+    return {"ids": np.random.default_rng(seed).integers(0, vocab, size=tuple(shape)).astype(np.int64)}

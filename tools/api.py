@@ -75,6 +75,9 @@ def optimize(
     passes: Sequence[str] | None = None,
     disable_passes: Sequence[str] = (),
     custom_op_libraries: Sequence[str | os.PathLike] = (),
+    max_loss_increase: float = 1.0,
+    min_output_cosine: float = 0.5,
+    allow_degraded: bool = False,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -128,6 +131,11 @@ def optimize(
         disable_passes: drop these passes from the pipeline.
         custom_op_libraries: shared libraries that register the model's custom operators with
             ONNX Runtime, for every session hessc opens.
+        max_loss_increase: for a language model, the most its next-token loss on the
+            verification feeds may rise (nats) before the result counts as degraded.
+        min_output_cosine: the least cosine of the outputs to the float model's before the result
+            counts as degraded.
+        allow_degraded: return a degraded result (recorded as such) instead of refusing it.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -145,6 +153,7 @@ def optimize(
         verify=verify, measure_latency=measure_latency, has_calibration=calibration is not None,
         passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
+        max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
     )
     target_record = targets.get(options.target)
     if options.activations == 8 and target_record.name == "cuda":

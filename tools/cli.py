@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="run exactly these passes, in this order (`hessc passes` lists them)")
     o.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help="drop a pass from the pipeline (repeatable)")
+    o.add_argument("--max-loss-increase", type=float, default=1.0, metavar="NATS",
+                   help="a language model whose next-token loss rises by more is degraded (default 1.0)")
+    o.add_argument("--min-output-cosine", type=float, default=0.5,
+                   help="a result whose outputs' cosine to the float model is lower is degraded (default 0.5)")
+    o.add_argument("--allow-degraded", action="store_true",
+                   help="write a degraded result (recorded in the plan) instead of exiting with code 3")
     o.add_argument("--custom-op-library", action="append", default=[], metavar="PATH",
                    help="a shared library registering the model's custom operators with ONNX Runtime (repeatable)")
     o.add_argument("--quiet", action="store_true")
@@ -171,6 +177,11 @@ def _cmd_optimize(args) -> int:
     api.check_output_path(inp, args.output)
     if args.calibration and not Path(args.calibration).exists():
         raise InputError(f"{args.calibration}: no such calibration file; check the path")
+    if not args.quiet:
+        budget = "lossless" if args.bits == "lossless" else (f"budget {args.budget_bytes} bytes" if args.budget_bytes
+                 else (f"{args.bits} bits" if isinstance(args.bits, int) else f"budget {args.bits} bits/weight"))
+        print(f"hessc: target {args.target}, {budget}, group {args.group_size}, method {args.method}"
+              f"{', symmetric' if args.symmetric else ''}, rounding {args.rounding}, seed {args.seed}", file=sys.stderr)
     model = hessc.optimize(
         str(inp), target=args.target, bits=args.bits, group_size=args.group_size,
         budget_bytes=args.budget_bytes, method=args.method, rounding=args.rounding,
@@ -178,6 +189,8 @@ def _cmd_optimize(args) -> int:
         verify=not args.no_verify, progress=_progress_factory(args.quiet),
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,
         passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
+        max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
+        allow_degraded=args.allow_degraded,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)

@@ -46,7 +46,9 @@ class CompileOptions:
 
     ``bits`` is an ``int`` (uniform codes), a ``float`` (an average-bits budget) or ``"lossless"``;
     ``budget_bytes`` replaces ``bits`` as the budget when set. ``passes`` (None: the default
-    pipeline) and ``disabled_passes`` select the pipeline's steps by name.
+    pipeline) and ``disabled_passes`` select the pipeline's steps by name. ``max_loss_increase``
+    (nats of next-token loss, language models) and ``min_output_cosine`` (any model) say when a
+    result counts as degraded: refused (exit 3) unless ``allow_degraded``.
     """
 
     target: str = "cpu"
@@ -67,6 +69,9 @@ class CompileOptions:
     passes: tuple[str, ...] | None = None
     disabled_passes: tuple[str, ...] = ()
     custom_op_libraries: tuple[str, ...] = ()
+    max_loss_increase: float = 1.0
+    min_output_cosine: float = 0.5
+    allow_degraded: bool = False
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -77,6 +82,10 @@ class CompileOptions:
             raise InputError(f"unknown rounding {self.rounding!r}; use 'nearest' or 'gradient'")
         if self.activations not in (None, 8, 16):
             raise InputError(f"--activations {self.activations} is not supported; use 8 or 16")
+        if not (self.max_loss_increase > 0 and math.isfinite(self.max_loss_increase)):
+            raise InputError(f"--max-loss-increase {self.max_loss_increase} must be a positive number of nats")
+        if not -1.0 <= self.min_output_cosine <= 1.0:
+            raise InputError(f"--min-output-cosine {self.min_output_cosine} must lie in [-1, 1]")
         if self.fp16 and target.name != "cuda":
             raise InputError("fp16 lowering is for target='cuda' only")
         if isinstance(self.bits, float) and not (math.isfinite(self.bits) and self.bits > 0):

@@ -43,10 +43,10 @@ def resolve_loss(config: HessianConfig, model: ir.Model) -> str:
 
 
 def ids_input(model: ir.Model) -> str | None:
-    for v in model.graph.inputs:
-        if "input_ids" in (v.name or "") and v.dtype in (ir.DataType.INT64, ir.DataType.INT32):
-            return v.name
-    return None
+    """The token-ids input of a language model (:func:`hessc.ir.weights.token_ids_input`)."""
+    from hessc.ir.weights import token_ids_input
+
+    return token_ids_input(model)
 
 
 @dataclasses.dataclass

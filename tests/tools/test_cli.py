@@ -155,3 +155,18 @@ def test_passes_and_disable_pass_choose_the_steps(model_path: Path, tmp_path: Pa
     assert printed["verification"]["status"].startswith("skipped")
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--passes", "plan-quantization,nope", "--quiet"]) == 2
     assert "unknown pass 'nope'" in capsys.readouterr().err
+
+
+def test_a_degraded_result_exits_3_unless_allowed(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--bits", "2", "--min-output-cosine", "0.9999"]) == 3
+    captured = capsys.readouterr()
+    assert "degraded" in captured.err and "--allow-degraded" in captured.err
+    assert "target cpu, 2 bits, group 32, method rtn" in captured.err, "the chosen settings on one line"
+    assert not out.exists(), "nothing is written"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--bits", "2", "--min-output-cosine", "0.9999",
+                     "--allow-degraded", "--quiet"]) == 0
+    plan = json.loads(next(p.value for p in onnx.load(out).metadata_props if p.key == meta.PLAN_KEY))
+    assert plan["verification"]["quality"]["degraded"]
+    assert "cosine" in plan["verification"]["quality"]["reasons"][0]
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--max-loss-increase", "0", "--quiet"]) == 2
