@@ -414,7 +414,7 @@ class ValueTaps:
         """An ``onnxruntime.InferenceSession`` whose outputs are ``names``, in that order."""
         import onnx
 
-        ort = _import_ort()
+        _import_ort()  # a clear error when onnxruntime is missing
         unknown = [n for n in names if n not in self.types]
         if unknown:
             raise InputError(f"no values named {unknown[:5]} in the model")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
-from onnx import helper
 
 import builders as b
 from hessc.bench import compare as bench
