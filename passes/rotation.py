@@ -584,7 +584,8 @@ class _Stream:
             if array.ndim == 0 or array.shape[-1] != self.width or array.size != self.width:
                 raise _Refused(f"{_name(node)} adds a constant of shape {list(array.shape)} to the stream "
                                f"(a rotated bias must be one vector of width {self.width})")
-            self.biases.append((node, idx))
+            if not any(n is node and i == idx for n, i in self.biases):
+                self.biases.append((node, idx))
             return
         producer = value.producer()
         if producer is None:

@@ -26,10 +26,10 @@ import onnx_ir as ir
 
 from hessc.errors import InputError, UnsupportedError
 from hessc.ir import frontend, meta
+from hessc.runtime import targets
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "onnx": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def _import_ort():
@@ -276,8 +276,7 @@ def session(
             not know (named with its domain).
     """
     ort = _import_ort()
-    if target not in PROVIDERS:
-        raise InputError(f"unknown target {target!r}; use cpu, cuda or onnx")
+    targets.get(target)  # an InputError naming the targets
     opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries))
     source, keepalive = _source(model, opts)
     if target != "cuda":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hessc.errors import HesscError, InputError
+from hessc.runtime.targets import TARGETS
 
 
 def _progress_factory(quiet: bool):
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="compress and lower a model")
     o.add_argument("input", help="the fp32 .onnx model")
     o.add_argument("-o", "--output", required=True, help="where to write the optimized .onnx")
-    o.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    o.add_argument("--target", choices=list(TARGETS), default="cpu")
     o.add_argument("--bits", type=_bits, default=4,
                    help="bits per weight: 2, 3, 4 or 8 (uniform); a number with a decimal point (3.5, 3.0) is an "
                         "average-bits budget for the bit allocator; 'lossless' the smallest allocation not worse "
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--json", action="store_true", help="print the plan summary as JSON")
 
     ps = sub.add_parser("passes", help="list the default pipeline's passes in execution order")
-    ps.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    ps.add_argument("--target", choices=list(TARGETS), default="cpu")
     ps.add_argument("--bits", type=_bits, default=4, help="the pipeline for these bits (a budget adds the allocator)")
     ps.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
     ps.add_argument("--json", action="store_true")
@@ -134,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--bits", type=_bits_list, default=[4],
                    help="comma-separated: integers, fractional budgets (3.5) or 'lossless' (hessc methods)")
     b.add_argument("--group-size", type=_int_list, default=[32])
-    b.add_argument("--target", choices=["cpu", "cuda", "onnx"], default="cpu")
+    b.add_argument("--target", choices=list(TARGETS), default="cpu")
     b.add_argument("--methods", default="hessc,ort-rtn,ort-default")
     b.add_argument("--out", required=True, help="directory for results.json and results.md")
     b.add_argument("--eval-tokens", type=int, default=4096, help="smollm2 perplexity tokens")
