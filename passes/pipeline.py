@@ -92,6 +92,12 @@ def _upgrade_opset(options, target):
     return opset.UpgradeOpsetPass(opset.needed_opset(2) if uniform_two else opset.needed_opset(4))
 
 
+def _fold_rotation(options, target):
+    from hessc.passes import rotation
+
+    return rotation.FoldRotationPass(rotation.RotationConfig(mode=options.rotate or "hadamard", seed=options.seed))
+
+
 def _annotate_hessian(options, target):
     from hessc.passes import hessian
 
@@ -163,12 +169,13 @@ def _always(options, target) -> bool:
 PASSES: tuple[PassSpec, ...] = (
     PassSpec("upgrade-opset", "raise the default-domain opset to what the quantized form needs (21; 25 for 2-bit)",
              _upgrade_opset, _always),
+    # A Hadamard rotation needs no curvature and invalidates most of it: it runs before annotation.
+    PassSpec("fold-rotation", "an orthogonal rotation of the residual stream folded exactly into the weights "
+             "(pre-norm decoders; norm scales folded first)", _fold_rotation, lambda o, t: o.rotate is not None),
     PassSpec("annotate-hessian", "curvature statistics per weight: input covariance A, K-FAC G, gradients (analysis)",
              _annotate_hessian, lambda o, t: o.needs_curvature),
     PassSpec("share-weights", "coloring-based cross-layer weight sharing (not implemented yet)", None, _never, False),
     PassSpec("split-low-rank", "whitened low-rank splitting of weights (not implemented yet)", None, _never, False),
-    PassSpec("fold-rotation", "rotations and smoothing folded into the weights (not implemented yet)", None, _never,
-             False),
     PassSpec("plan-quantization", "decide bits, group size and method per weight (QuantPlan on each weight)",
              _plan, _always),
     PassSpec("allocate-bits", "re-plan bits and quantizer per weight under the budget (grouped knapsack)",

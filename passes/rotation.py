@@ -35,7 +35,8 @@ import dataclasses
 import json
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -348,9 +349,8 @@ def _match_decomposed(sq: ir.Node) -> _Norm | None:
     if _standard(nxt, "Sqrt"):
         root = nxt.outputs[0]
         after = _only_use(root)
-        if _standard(after, "Reciprocal"):
-            inv = after.outputs[0]
-        elif _standard(after, "Div") and after.inputs[1] is root and _scalar(after.inputs[0]) == 1.0:
+        one_over = _standard(after, "Div") and after.inputs[1] is root and _scalar(after.inputs[0]) == 1.0
+        if _standard(after, "Reciprocal") or one_over:
             inv = after.outputs[0]
         elif _standard(after, "Div") and after.inputs[1] is root and after.inputs[0] is x:
             normed = after
@@ -946,10 +946,7 @@ class FoldRotationPass(ir.passes.InPlacePass):
         try:
             stream.find()
         except _Refused as refused:
-            plan = RotationPlan("none", width=stream.width, reason=str(refused))
-            model.meta[ROTATION_KEY] = plan
-            logger.info("fold-rotation: nothing rotated: %s", plan.reason)
-            return ir.passes.PassResult(model, False)
+            return _refuse(model, stream.width, str(refused))
         cfg = self.config
         r, kind, construction = rotation_matrix(stream.width, cfg.mode, cfg.seed)
         original = frontend.clone(model)
@@ -958,10 +955,7 @@ class FoldRotationPass(ir.passes.InPlacePass):
             folded = _fold(model, stream, r, undo)
         except _Refused as refused:
             undo.run()
-            plan = RotationPlan("none", width=stream.width, reason=str(refused))
-            model.meta[ROTATION_KEY] = plan
-            logger.info("fold-rotation: nothing rotated: %s", plan.reason)
-            return ir.passes.PassResult(model, False)
+            return _refuse(model, stream.width, str(refused))
         tolerance = cfg.half_tolerance if folded.half else cfg.tolerance
         try:
             comparison = check_exact(original, model, gate_feeds(model, cfg.verify_feeds, cfg.seed), tolerance)
@@ -984,3 +978,10 @@ class FoldRotationPass(ir.passes.InPlacePass):
             plan.norms, plan.gammas_folded, plan.untied_bytes, comparison.rel_error,
         )
         return ir.passes.PassResult(model, True)
+
+
+def _refuse(model: ir.Model, width: int, reason: str) -> ir.passes.PassResult:
+    """Records why the stream is not rotated; the model is unchanged."""
+    model.meta[ROTATION_KEY] = RotationPlan("none", width=width, reason=reason)
+    logger.info("fold-rotation: nothing rotated: %s", reason)
+    return ir.passes.PassResult(model, False)

@@ -227,7 +227,7 @@ DECODER_NORMS = ("pow-reciprocal", "mul-div", "div", "simplified", "rms23", "lay
 ``SimplifiedLayerNormalization``; ONNX ``RMSNormalization`` (opset 23); ``LayerNormalization``."""
 
 
-def _norm_nodes(kind: str, x: str, out: str, tag: str, width: int, inits: dict, gamma: np.ndarray | None) -> list:
+def norm_nodes(kind: str, x: str, out: str, tag: str, width: int, inits: dict, gamma: np.ndarray | None) -> list:
     """Nodes computing ``out = norm(x)`` (scale ``gamma``; None: no scale node, decomposed only)."""
     g = f"{tag}.weight"
     if gamma is not None:
@@ -269,7 +269,8 @@ def _norm_nodes(kind: str, x: str, out: str, tag: str, width: int, inits: dict, 
 def decoder_model(
     width: int = 32, vocab: int = 40, hidden: int = 48, blocks: int = 2, norm: str = "pow-reciprocal",
     *, tied: str = "", sandwich: bool = False, bias: bool = False, gemm: bool = False,
-    residual_scale: np.ndarray | float | None = None, unit_gamma: Sequence[int] = (), seed: int = 0,
+    residual_scale: np.ndarray | float | None = None, unit_gamma: Sequence[int] = (), inner_norm: bool = False,
+    writer_op: str = "", seed: int = 0,
 ) -> onnx.ModelProto:
     """A pre-norm decoder: ``Gather(E, ids)`` → ``blocks`` × [norm → ``x W_gate``, ``x W_up`` →
     ``silu(g) ⊙ u`` → ``W_down`` (+ bias) → residual ``Add``] → final norm → head → ``logits``.
@@ -287,6 +288,9 @@ def decoder_model(
         residual_scale: a constant multiplying the stream after each block (a scalar or a vector).
         unit_gamma: norm indices (the final norm is ``blocks``) without a scale node (decomposed) or
             with a scale of ones (fused).
+        inner_norm: a norm on each gate projection's output, inside the sublayer (as a QK-norm
+            sits inside attention).
+        writer_op: a unary op (``Relu``, ``Tanh``) between each down projection and its residual add.
     """
     gemm = gemm or tied == "gemm"
     rng = np.random.default_rng(seed)
@@ -311,12 +315,18 @@ def decoder_model(
     h = "h0"
     for i in range(blocks):
         p = f"layers.{i}."
-        nodes += _norm_nodes(norm, h, p + "normed", p + "norm", width, inits, gamma(i))
+        nodes += norm_nodes(norm, h, p + "normed", p + "norm", width, inits, gamma(i))
         nodes += [
             linear(p + "normed", p + "gate", p + "g", (width, hidden), p + "gate_proj"),
             linear(p + "normed", p + "up", p + "u", (width, hidden), p + "up_proj"),
-            helper.make_node("Sigmoid", [p + "g"], [p + "sg"]),
-            helper.make_node("Mul", [p + "g", p + "sg"], [p + "silu"]),
+        ]
+        g = p + "g"
+        if inner_norm:
+            nodes += norm_nodes(norm, g, p + "gn", p + "gate_norm", hidden, inits, 1.0 + 0.3 * rng.standard_normal(hidden))
+            g = p + "gn"
+        nodes += [
+            helper.make_node("Sigmoid", [g], [p + "sg"]),
+            helper.make_node("Mul", [g, p + "sg"], [p + "silu"]),
             helper.make_node("Mul", [p + "silu", p + "u"], [p + "act"]),
         ]
         c = None
@@ -329,8 +339,11 @@ def decoder_model(
             inits[p + "down.bias"] = weight((width,), 50 + i, 0.1)
             nodes.append(helper.make_node("Add", [out, p + "down.bias"], [p + "db"]))
             out = p + "db"
+        if writer_op:
+            nodes.append(helper.make_node(writer_op, [out], [p + "dw"]))
+            out = p + "dw"
         if sandwich:
-            nodes += _norm_nodes(norm, out, p + "post", p + "post_norm", width, inits, 1.0 + 0.3 * rng.standard_normal(width))
+            nodes += norm_nodes(norm, out, p + "post", p + "post_norm", width, inits, 1.0 + 0.3 * rng.standard_normal(width))
             out = p + "post"
         nodes.append(helper.make_node("Add", [h, out], [p + "res"], name=p + "residual"))
         h = p + "res"
@@ -338,7 +351,7 @@ def decoder_model(
             inits[p + "scale"] = np.asarray(residual_scale, np.float32)
             nodes.append(helper.make_node("Mul", [h, p + "scale"], [p + "scaled"]))
             h = p + "scaled"
-    nodes += _norm_nodes(norm, h, "final", "norm", width, inits, gamma(blocks))
+    nodes += norm_nodes(norm, h, "final", "norm", width, inits, gamma(blocks))
     if tied == "transpose":
         nodes += [helper.make_node("Transpose", ["E"], ["E_t"], perm=[1, 0]),
                   helper.make_node("MatMul", ["final", "E_t"], ["logits"], name="lm_head")]

@@ -78,6 +78,7 @@ def optimize(
     max_loss_increase: float = 1.0,
     min_output_cosine: float = 0.5,
     allow_degraded: bool = False,
+    rotate: str | None = None,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -136,6 +137,9 @@ def optimize(
         min_output_cosine: the least cosine of the outputs to the float model's before the result
             counts as degraded.
         allow_degraded: return a degraded result (recorded as such) instead of refusing it.
+        rotate: ``"hadamard"`` folds a random-sign Hadamard rotation of the residual stream into
+            the weights of a pre-norm decoder before quantization (``"random"``: a random
+            orthogonal matrix); the plan records what was folded, or why nothing was.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -154,6 +158,7 @@ def optimize(
         passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
+        rotate=rotate,
     )
     target_record = targets.get(options.target)
     if options.activations == 8 and target_record.name == "cuda":
@@ -228,6 +233,10 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     if model.meta.get(meta.CURVATURE_KEY) is not None or model.meta.get(allocate_bits.ALLOCATION_KEY) is not None:
         _record_allocation(record, model.meta.get(allocate_bits.ALLOCATION_KEY), model.meta.get(meta.CURVATURE_KEY, {}),
                            model.meta.get(lossless.LOSSLESS_KEY))
+    from hessc.passes.rotation import ROTATION_KEY
+
+    if model.meta.get(ROTATION_KEY) is not None:
+        record["rotation"] = model.meta[ROTATION_KEY].to_json()
     if VERIFICATION_KEY in model.meta:
         record["verification"] = model.meta[VERIFICATION_KEY]
     else:

@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run exactly these passes, in this order (`hessc passes` lists them)")
     o.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help="drop a pass from the pipeline (repeatable)")
+    o.add_argument("--rotate", choices=["none", "hadamard", "random", "learned"], default="none",
+                   help="fold an orthogonal rotation of the residual stream into a pre-norm decoder's weights "
+                        "before quantizing (exact; makes low-bit codes fit better)")
     o.add_argument("--max-loss-increase", type=float, default=1.0, metavar="NATS",
                    help="a language model whose next-token loss rises by more is degraded (default 1.0)")
     o.add_argument("--min-output-cosine", type=float, default=0.5,
@@ -191,7 +194,7 @@ def _cmd_optimize(args) -> int:
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,
         passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
-        allow_degraded=args.allow_degraded,
+        allow_degraded=args.allow_degraded, rotate=args.rotate,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)

@@ -72,6 +72,7 @@ class CompileOptions:
     max_loss_increase: float = 1.0
     min_output_cosine: float = 0.5
     allow_degraded: bool = False
+    rotate: str | None = None
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -82,6 +83,12 @@ class CompileOptions:
             raise InputError(f"unknown rounding {self.rounding!r}; use 'nearest' or 'gradient'")
         if self.activations not in (None, 8, 16):
             raise InputError(f"--activations {self.activations} is not supported; use 8 or 16")
+        if self.rotate in ("none", ""):
+            object.__setattr__(self, "rotate", None)
+        if self.rotate == "learned":
+            raise InputError("--rotate learned is not implemented yet; use --rotate hadamard")
+        if self.rotate not in (None, "hadamard", "random"):
+            raise InputError(f"unknown rotation {self.rotate!r}; use none, hadamard or random")
         if not (self.max_loss_increase > 0 and math.isfinite(self.max_loss_increase)):
             raise InputError(f"--max-loss-increase {self.max_loss_increase} must be a positive number of nats")
         if not -1.0 <= self.min_output_cosine <= 1.0:

@@ -52,7 +52,7 @@ def test_passes_and_disabled_passes_select_steps_by_name() -> None:
     with pytest.raises(InputError, match="unknown pass 'lower-cuda'"):
         pipeline.build_pipeline(CompileOptions(passes=("lower-cuda",)), targets.get("cpu"))
     with pytest.raises(InputError, match="not implemented yet"):
-        pipeline.build_pipeline(CompileOptions(passes=("fold-rotation",)), targets.get("cpu"))
+        pipeline.build_pipeline(CompileOptions(passes=("share-weights",)), targets.get("cpu"))
     with pytest.raises(InputError, match="unknown pass"):
         pipeline.build_pipeline(CompileOptions(disabled_passes=("nope",)), targets.get("cpu"))
     with pytest.raises(InputError, match="empty"):
@@ -268,3 +268,22 @@ def test_options_are_checked_once() -> None:
     with pytest.raises(InputError, match="not supported"):
         CompileOptions(bits=5)
     assert dataclasses.replace(CompileOptions(), bits="3.5", has_calibration=True).budgeted
+
+
+@pytest.mark.torch
+def test_rotation_runs_before_the_curvature_it_would_invalidate() -> None:
+    """``rotate="hadamard"`` with GPTQ: fold-rotation first, then annotate-hessian on the rotated
+    weights; the result is verified and the plan records what was folded."""
+    import hessc
+
+    assert _names(rotate="hadamard", method="gptq")[:3] == ["upgrade-opset", "fold-rotation", "annotate-hessian"]
+    model = b.load(b.decoder_model(width=64, vocab=40, hidden=64, blocks=2))
+    feeds = [b.ids_feed(40, (2, 16), seed=s) for s in range(4)]
+    out = hessc.optimize(model, target="onnx", bits=4, group_size=32, method="gptq", rotate="hadamard",
+                         calibration=feeds, allow_degraded=True)
+    plan = meta.read_plan(out)
+    assert [p["name"] for p in plan["passes"]][:3] == ["upgrade-opset", "fold-rotation", "annotate-hessian"]
+    assert plan["rotation"]["folded"] == "R1"
+    assert plan["verification"]["status"].startswith("passed")
+    with pytest.raises(InputError, match="not implemented yet"):
+        CompileOptions(rotate="learned")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
+import builders as b
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-import builders as b
 from hessc.errors import VerificationError
 from hessc.ir import meta
 from hessc.ir import weights as qweights
@@ -32,13 +31,13 @@ def _arrays(model: ir.Model) -> dict[str, np.ndarray]:
     return {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
 
 
-def _fold(run_pass, proto: onnx.ModelProto, config: rot.RotationConfig = rot.RotationConfig(), gemm: bool = False):
+def _fold(run_pass, proto: onnx.ModelProto, config: rot.RotationConfig | None = None, gemm: bool = False):
     """The model, its outputs before and after the pass, the initializers before, the result."""
     model = b.load(proto)
     feeds = [_feed(gemm, seed) for seed in (1, 2)]
     before = [b.run_ort(model, f)[0] for f in feeds]
     arrays = _arrays(model)
-    result = run_pass(rot.FoldRotationPass(config), model)
+    result = run_pass(rot.FoldRotationPass(config or rot.RotationConfig()), model)
     after = [b.run_ort(model, f)[0] for f in feeds]
     return model, before, after, arrays, result
 
@@ -147,7 +146,7 @@ def test_the_rotation_mode_and_seed_are_used(run_pass) -> None:
     np.testing.assert_array_equal(plan.matrix, rot.rotation_matrix(32, "random", 7)[0])
 
 
-@pytest.mark.parametrize("kwargs", [dict(bias=True), dict(gemm=True), dict(residual_scale=0.5), dict(blocks=3)])
+@pytest.mark.parametrize("kwargs", [{"bias": True}, {"gemm": True}, {"residual_scale": 0.5}, {"blocks": 3}])
 def test_biases_gemm_and_scalar_residual_scaling_rotate_exactly(run_pass, kwargs) -> None:
     """Writers' biases (an Add, or Gemm's C) rotate with them; a scalar Mul on the stream commutes
     with any rotation."""
@@ -164,6 +163,17 @@ def test_biases_gemm_and_scalar_residual_scaling_rotate_exactly(run_pass, kwargs
     if kwargs.get("gemm"):  # transB=1: the stored (out, in) writer becomes Rᵀ B
         np.testing.assert_allclose(_arrays(model)["layers.0.down"], plan.matrix.T @ arrays["layers.0.down"],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_a_norm_inside_a_sublayer_does_not_touch_the_stream(run_pass) -> None:
+    """A norm on a reader's output (as a QK-norm on q, k) sees the same values after the fold:
+    R1 only rotates the residual stream, and the reader's output space is unchanged."""
+    model, before, after, arrays, result = _fold(run_pass, b.decoder_model(inner_norm=True))
+    assert result.modified
+    _assert_exact(before, after)
+    plan = model.meta[rot.ROTATION_KEY]
+    assert (plan.norms, plan.gammas_folded) == (3, 3)
+    np.testing.assert_array_equal(_arrays(model)["layers.0.gate_norm.weight"], arrays["layers.0.gate_norm.weight"])
 
 
 def test_a_norm_without_a_scale_keeps_its_readers_unscaled(run_pass) -> None:
@@ -187,8 +197,14 @@ def test_a_tied_head_is_untied_when_the_final_scale_is_folded(run_pass) -> None:
     plan = model.meta[rot.ROTATION_KEY]
     head = model.graph.initializers["E_T"]
     assert meta.TIED_KEY not in head.meta
+    gamma, r = arrays["norm.weight"].astype(np.float64), plan.matrix
+    np.testing.assert_allclose(head.const_value.numpy(), r.T @ (gamma[:, None] * arrays["E_T"]), rtol=1e-5, atol=1e-6)
     assert plan.untied == ("E_T",) and plan.untied_bytes == 40 * 32 * 4
     assert plan.to_json()["untied_bytes"] == 40 * 32 * 4
+    # insert-qdq turns float tied copies back into Transpose(table): this one must stay a copy.
+    from hessc.passes.quantize import _retie_float_copies
+
+    assert _retie_float_copies(model) == 0
 
 
 def test_a_tied_head_stays_tied_without_a_final_scale(run_pass) -> None:
@@ -199,6 +215,10 @@ def test_a_tied_head_stays_tied_without_a_final_scale(run_pass) -> None:
     assert head.meta[meta.TIED_KEY] == "E" and plan.untied == () and plan.untied_bytes == 0
     np.testing.assert_allclose(head.const_value.numpy(), model.graph.initializers["E"].const_value.numpy().T,
                                rtol=1e-6, atol=1e-6)
+    from hessc.passes.quantize import _retie_float_copies  # re-tied to the rotated table: still exact
+
+    assert _retie_float_copies(model) == 1 and "E_T" not in model.graph.initializers
+    _assert_exact(before, [b.run_ort(model, _feed(seed=s))[0] for s in (1, 2)])
 
 
 def test_a_table_shared_with_a_gemm_head_is_split_when_it_must_differ(run_pass) -> None:
@@ -212,6 +232,9 @@ def test_a_table_shared_with_a_gemm_head_is_split_when_it_must_differ(run_pass) 
     assert head.inputs[1].name == "E_untied" and "E_untied" in model.graph.initializers
     embed = next(n for n in model.graph if n.name == "embed")
     assert embed.inputs[0].name == "E"
+    gamma, r, new = arrays["norm.weight"].astype(np.float64), plan.matrix, _arrays(model)
+    np.testing.assert_allclose(new["E"], arrays["E"] @ r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["E_untied"], (arrays["E"] * gamma) @ r, rtol=1e-5, atol=1e-6)
     # Without a final scale both uses need E R: one table, still shared.
     model, before, after, _, _ = _fold(run_pass, b.decoder_model(tied="gemm", unit_gamma=(2,)), gemm=True)
     _assert_exact(before, after)
@@ -223,9 +246,10 @@ def test_a_table_shared_with_a_gemm_head_is_split_when_it_must_differ(run_pass) 
 
 
 @pytest.mark.parametrize("kwargs, reason", [
-    (dict(sandwich=True), "sandwich norm"),
-    (dict(norm="layernorm"), "LayerNormalization 'layers.0.norm' subtracts the mean"),
-    (dict(residual_scale=np.linspace(0.5, 1.5, 32)), "scaled per channel"),
+    ({"sandwich": True}, "sandwich norm"),
+    ({"norm": "layernorm"}, "LayerNormalization 'layers.0.norm' subtracts the mean"),
+    ({"residual_scale": np.linspace(0.5, 1.5, 32)}, "scaled per channel"),
+    ({"writer_op": "Tanh"}, "reads the output of Tanh, not of a MatMul/Gemm with a constant weight"),
 ])
 def test_models_whose_stream_cannot_rotate_exactly_are_left_alone(run_pass, kwargs, reason: str) -> None:
     model, before, after, arrays, result = _fold(run_pass, b.decoder_model(**kwargs))
@@ -327,3 +351,18 @@ def test_statistics_are_rotated_where_exact_and_invalidated_elsewhere(run_pass) 
         assert values[name].meta.get(meta.HESSIAN_KEY) is None
         assert "fold-rotation" in meta.stale_reason(values[name], meta.HESSIAN_KEY)
         assert why in meta.stale_reason(values[name], meta.HESSIAN_KEY)
+
+
+def test_a_stream_value_read_inside_a_subgraph_stops_the_rotation(run_pass) -> None:
+    from onnx import TensorProto, helper
+
+    proto = b.decoder_model()
+    branch = lambda name: helper.make_graph(
+        [helper.make_node("Identity", ["layers.0.res"], [name])], name, [],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)])
+    proto.graph.node.append(helper.make_node("If", ["cond"], ["side"], then_branch=branch("t"), else_branch=branch("e")))
+    proto.graph.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    proto.graph.output.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, None))
+    model = b.load(proto)
+    assert not run_pass(rot.FoldRotationPass(), model).modified
+    assert "inside a subgraph" in model.meta[rot.ROTATION_KEY].reason

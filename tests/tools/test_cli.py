@@ -135,7 +135,7 @@ def test_passes_lists_the_pipeline_in_order(capsys) -> None:
         < names.index("lower-cpu") < names.index("verify-in-ort")
     assert {r["name"] for r in rows if r["default"]} == {
         "upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu", "verify-in-ort"}
-    assert not next(r for r in rows if r["name"] == "fold-rotation")["available"]
+    assert not next(r for r in rows if r["name"] == "share-weights")["available"]
     assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
     text = capsys.readouterr().out
     assert "* allocate-bits" in text and "* lower-cuda" in text and "- share-weights" in text
