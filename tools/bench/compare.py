@@ -45,6 +45,9 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # Activations: 8 = calibrated uint8 Q/DQ (the CPU kernel's int8 path), 16 = float compute.
     "hessc-a8": {"quantize_embeddings": False, "activations": 8},
     "hessc-a16": {"quantize_embeddings": False, "activations": 16},
+    # An exact Hadamard rotation of the residual stream folded in first (pre-norm decoders).
+    "hessc-hadamard": {"quantize_embeddings": False, "rotate": "hadamard"},
+    "hessc-gptq-hadamard": {"quantize_embeddings": False, "method": "gptq", "rotate": "hadamard"},
 }
 """hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
 METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
@@ -202,7 +205,7 @@ def run_bench(
                             extra["labels"] = "task loss: " + " ".join(zm.task_loss.__doc__.split(".")[0].split())
                         m = hessc.optimize(
                             str(src), target=target, bits=b, group_size=g, calibration=feeds,
-                            labels=labels, loss=loss, **HESSC_VARIANTS[method],
+                            labels=labels, loss=loss, allow_degraded=True, **HESSC_VARIANTS[method],
                         )
                         hessc.save(m, dst, external_data=external)
                         extra.update(_optimize_facts(m))
@@ -236,8 +239,14 @@ def _optimize_facts(model: ir.Model) -> dict[str, Any]:
     the allocation and the lossless held-out check."""
     from hessc.ir import meta
 
-    summary = (meta.read_plan(model) or {}).get("summary", {})
+    plan = meta.read_plan(model) or {}
+    summary = plan.get("summary", {})
     facts: dict[str, Any] = {"pass_seconds": dict(model.meta.get(meta.TIMINGS_KEY, {}))}
+    quality = plan.get("verification", {}).get("quality", {})
+    if quality.get("degraded"):
+        facts["degraded"] = "; ".join(quality.get("reasons", []))
+    if plan.get("rotation"):
+        facts["rotation"] = plan["rotation"].get("folded")
     for key in ("allocated_effective_bits", "predicted_delta_loss", "heldout_loss_fp32", "heldout_loss_quantized",
                 "lossless_confirmed"):
         if summary.get(key) is not None:
