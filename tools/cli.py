@@ -48,16 +48,11 @@ def _int_list(text: str) -> list[int]:
 
 def _bits(text: str) -> int | float | str:
     """``4`` → uniform 4-bit codes; ``3.5`` or ``3.0`` (a decimal point) → an average-bits budget."""
-    text = text.strip()
-    if text.lower() == "lossless":
-        return "lossless"
+    from hessc.options import parse_bits
+
     try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
+        return parse_bits(text)
+    except InputError:
         raise argparse.ArgumentTypeError(f"expected a number of bits (4, 3.5) or 'lossless', got {text!r}") from None
 
 
