@@ -161,12 +161,6 @@ def optimize(
         rotate=rotate,
     )
     target_record = targets.get(options.target)
-    if options.activations == 8 and target_record.name == "cuda":
-        logger.warning(
-            "--activations 8 on cuda: the CUDA provider has no int8-activation MatMulNBits, so the uint8 "
-            "activations run as Q/DQ around fp16 kernels (measured on an H100 for SmolLM2: slower, and "
-            "perplexity 63.9 against 30.7 with fp16 activations); fp16 activations are the fast path there"
-        )
     from hessc.passes import pipeline
     from hessc.runtime.verification import REFERENCE_KEY
 
