@@ -39,7 +39,14 @@ One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.pa
 ``budget_bits`` means ``B = budget_bits / 8 · Σ_l numel_l`` over the allocated weights (every
 planned MatMul/Gemm/Conv weight with statistics; so the effective bits per weight, scales and zero
 points counted, stays within it); ``budget_bytes``
-bounds the same allocated weights' stored bytes. In lossless mode each weight may also stay in
+bounds the same allocated weights' stored bytes. A table tied to its head (a ``Gather`` and a
+MatMul/Gemm reading one weight, :class:`hessc.passes.quantize.WeightGroup`) is one item: priced
+at its bytes stored once, counted once in ``Σ numel``, scored with the head's curvature. The
+lookup's own effect on the loss is not measured (its output error enters the residual stream,
+which the statistics of the layers reading it do not price), so the prediction is the head's only.
+An embedding table without a head keeps its uniform plan outside the budget (no curvature is
+measured for a lookup); the record lists it under ``outside_budget`` with its bytes, and
+``planned_effective_bits`` counts every quantized weight, as the file stores them. In lossless mode each weight may also stay in
 float (cost 4 bytes per weight, ``c = 0``), which keeps the problem always feasible. A budget at
 or above the float size of the allocated weights is an honest no-op: every weight stays in float
 and the record says why.
@@ -222,18 +229,22 @@ class WeightAllocation:
     candidates: tuple[Candidate, ...]
     chosen: Candidate
     curvature: dict[str, Any]
+    tied: dict[str, Any] | None = None
 
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "shape": list(self.shape), "estimator": self.estimator,
             "bits": self.chosen.bits, "method": self.chosen.method, "bytes": self.chosen.bytes,
             "predicted_delta_loss": self.chosen.delta_loss,
             "candidates": [c.to_json() for c in self.candidates], "curvature": self.curvature,
         }
+        if self.tied is not None:
+            out["tied"] = dict(self.tied)
+        return out
 
 
 def _stat(stats: Any, name: str) -> Any:
@@ -334,14 +345,14 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         super().__init__()
         self.config = config
 
+    @staticmethod
+    def _groups(model: ir.Model) -> list[quantize.WeightGroup]:
+        """The planned weights, one per stored weight (a tied table and its head are one)."""
+        return [g for g in quantize.weight_groups(list(qweights.iter_weights(model))) if g.plan() is not None]
+
     def _targets(self, model: ir.Model) -> list[qweights.WeightRef]:
-        seen: set[int] = set()
-        refs = []
-        for ref in qweights.iter_weights(model):
-            if ref.op in ALLOCATED_OPS and meta.QUANT_KEY in ref.value.meta and id(ref.value) not in seen:
-                seen.add(id(ref.value))
-                refs.append(ref)
-        return refs
+        """The allocated weights, each by the use that carries its curvature (a tie by its head)."""
+        return [g.lead for g in self._groups(model) if g.lead.op in ALLOCATED_OPS]
 
     def requires(self, model: ir.Model) -> None:
         refs = self._targets(model)
@@ -430,12 +441,15 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 )
                 logger.warning(note)
 
+        ties = {id(g.lead.value): g for g in self._groups(model) if g.tied}
         results = [
             WeightAllocation(ref.name, ref.matrix_shape, est, tuple(cands), pick,
-                             _curvature_summary(ref.value.meta[meta.HESSIAN_KEY]))
+                             _curvature_summary(ref.value.meta[meta.HESSIAN_KEY]),
+                             _tie_record(ties[id(ref.value)]) if id(ref.value) in ties else None)
             for (ref, cands, est), pick in zip(allocations, picks)
         ]
-        modified = self._apply(model, refs, results)
+        outside = self._outside_budget(model, allocated)
+        modified = self._apply(model, results)
         record: dict[str, Any] = {
             "mode": "lossless" if config.lossless else "budget",
             "budget_bits": config.budget_bits,
@@ -444,16 +458,37 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             "estimator": config.estimator,
             "allocated_params": numel,
             "not_allocated": unallocated,
+            "outside_budget": outside,
         }
         record = with_weights(record, [r.to_json() for r in results])
         if note:
             record["note"] = note
         model.meta[ALLOCATION_KEY] = record
         logger.info(
-            "allocated %d weights: %.3f effective bits, predicted Δloss %.4g",
-            len(results), record["effective_bits"] or 0.0, record["predicted_delta_loss"],
+            "allocated %d weights: %.3f effective bits (%.3f over every quantized weight, %d outside the budget), "
+            "predicted Δloss %.4g",
+            len(results), record["effective_bits"] or 0.0, record["planned_effective_bits"] or 0.0, len(outside),
+            record["predicted_delta_loss"],
         )
         return ir.passes.PassResult(model, modified)
+
+    def _outside_budget(self, model: ir.Model, allocated: set[int]) -> list[dict[str, Any]]:
+        """The planned weights the knapsack does not decide, with what they store under their
+        uniform plan: embedding tables without a head (no curvature is measured for a lookup) and
+        weights without statistics."""
+        out = []
+        for group in self._groups(model):
+            if id(group.lead.value) in allocated:
+                continue
+            plan = group.plan()
+            reason = ("an embedding table: no curvature is measured for a lookup" if group.lead.op not in ALLOCATED_OPS
+                      else "no Hessian statistics")
+            out.append({
+                "name": group.name, "op": group.lead.op, "shape": list(group.lead.matrix_shape), "bits": plan.bits,
+                "bytes": quantize.stored_bytes(plan, self.config.scale_bytes, self.config.kernel_layout),
+                "reason": reason + "; it keeps the uniform plan",
+            })
+        return out
 
     def _candidates(
         self, ref: qweights.WeightRef, model_choice: str | None, with_float: bool
@@ -506,25 +541,37 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             self.config.symmetric, method, ref.matrix_shape,
         )
 
-    def _apply(self, model: ir.Model, refs: Sequence[qweights.WeightRef], results: Sequence[WeightAllocation]) -> bool:
+    def _apply(self, model: ir.Model, results: Sequence[WeightAllocation]) -> bool:
+        """Re-plans every value of each allocated weight (a tied table with its head)."""
         modified = False
         by_name = {r.name: r for r in results}
         skip_log = model.meta.setdefault(meta.SKIPPED_KEY, {})
-        for ref in self._targets(model):
+        for group in self._groups(model):
+            ref = group.lead
             result = by_name.get(ref.name)
-            if result is None:
+            if result is None or ref.op not in ALLOCATED_OPS:
                 continue
             if result.chosen.method == "float":
-                if ref.value.meta.get(meta.QUANT_KEY) is not None:
-                    del ref.value.meta[meta.QUANT_KEY]
-                    modified = True
+                for value in group.values:
+                    if value.meta.get(meta.QUANT_KEY) is not None:
+                        del value.meta[meta.QUANT_KEY]
+                        modified = True
                 skip_log[ref.name] = "kept in float by the bit allocator"
                 continue
             plan = self._plan(ref, result.chosen.bits, result.chosen.method)
-            if ref.value.meta.get(meta.QUANT_KEY) != plan:
-                ref.value.meta[meta.QUANT_KEY] = plan
-                modified = True
+            for value in group.values:
+                if value.meta.get(meta.QUANT_KEY) != plan:
+                    value.meta[meta.QUANT_KEY] = plan
+                    modified = True
         return modified
+
+
+def _tie_record(group: quantize.WeightGroup) -> dict[str, Any]:
+    """What the allocation record says about a tied table: stored and priced once, scored by its head."""
+    out = group.to_json()
+    out["note"] = (f"one weight read by {' and '.join(group.uses)}: stored and priced once, scored with the "
+                   f"{group.lead.op} use's curvature; the Gather use is not measured")
+    return out
 
 
 def _quantum(groups: Sequence[Sequence[allocate.Item]], budget: float | None) -> float:
@@ -554,12 +601,17 @@ def with_weights(record: dict[str, Any], weights: Sequence[dict[str, Any]]) -> d
     pair that replays the allocation through :class:`~hessc.passes.quantize.QuantConfig`)."""
     numel = sum(w["shape"][0] * w["shape"][1] for w in weights)
     used = sum(w["bytes"] for w in weights)
+    outside = record.get("outside_budget") or []
+    all_numel = numel + sum(w["shape"][0] * w["shape"][1] for w in outside)
+    all_bytes = used + sum(w["bytes"] for w in outside)
     out = dict(record)
     out.update(
         weights=[dict(w) for w in weights],
         allocated_params=numel,
         used_bytes=used,
         effective_bits=round(8 * used / numel, 4) if numel else None,
+        # Over the allocated weights (float items at 32 bits) and the tables outside the budget.
+        planned_effective_bits=round(8 * all_bytes / all_numel, 4) if all_numel else None,
         predicted_delta_loss=float(sum(w["predicted_delta_loss"] for w in weights)),
         bits_override=[[w["name"], w["bits"]] for w in weights],
         method_override=[[w["name"], w["method"]] for w in weights if w["method"] != "float"],

@@ -14,6 +14,16 @@ are quantized per output channel (``axis=0``, no blocks), except 1×1 convs whos
 ``DequantizeLinear`` output in place of the float initializer, so the graph stays runnable on any
 ONNX runtime (opset 21 for int4/int8, 25 for int2); :mod:`hessc.runtime.lower` turns this form
 into the target's kernels.
+
+A table ``E`` (V × D) tied to an output head is one weight (:class:`WeightGroup`): the lookup reads
+rows of ``E`` and the head computes ``y = x Eᵀ``, so both have the matrix view ``W = E`` with groups
+along ``D``, and one set of codes serves both. The front door folds ``MatMul(x, Transpose(E))``
+into a transposed copy ``E_T`` (marked ``meta.TIED_KEY``) so that the head is a weight with its own
+curvature; one plan, decided by the head (the only use whose curvature is measured), is stored on
+``E`` and ``E_T``, and one ``DequantizeLinear`` of ``E`` feeds the ``Gather`` and, through
+``Transpose``, the head. GPTQ, when chosen for the head, fits the codes to the head's input
+covariance; the lookup reads the same dequantized table (any codes are valid for it; their error
+is then weighted for the head, not for the embedding).
 """
 
 from __future__ import annotations
@@ -130,14 +140,21 @@ def group_size_for(ref: qweights.WeightRef, group_size: int) -> int:
     return 0
 
 
-def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | str:
-    """The plan for one weight, or the reason it stays in float."""
+def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False) -> meta.QuantPlan | str:
+    """The plan for one weight, or the reason it stays in float.
+
+    Args:
+        ref: the use that decides the plan (a :class:`WeightGroup`'s ``lead``).
+        config: what to plan.
+        lookup: the weight is also an embedding table (a head tied to it): it follows
+            ``quantize_embeddings``.
+    """
     if ref.numel < config.min_numel:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
     if ref.op == "Conv" and not config.quantize_conv:
         return "Conv quantization is off for this target"
-    if not config.quantize_embeddings and (ref.op == "Gather" or meta.TIED_KEY in ref.value.meta):
+    if not config.quantize_embeddings and (ref.op == "Gather" or lookup or meta.TIED_KEY in ref.value.meta):
         return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")
     bits = overrides.get(ref.name, config.bits)
     if bits >= 16:
@@ -149,6 +166,99 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | s
         ref.name, ref.op, ref.stored_shape, bits, group_size_for(ref, config.group_size), config.symmetric, method,
         ref.matrix_shape,
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightGroup:
+    """Every weight-bearing use of one stored weight: its own and those of its tied copies.
+
+    A tie is a table ``E`` read by a ``Gather`` and by a head: ``Gemm(x, E, transB=1)`` reads ``E``
+    itself, ``MatMul(x, Transpose(E))`` reads the copy ``E_T`` the front door folded (marked
+    ``meta.TIED_KEY``). The group is planned, allocated, stored and counted once.
+
+    Attributes:
+        refs: the uses, in graph order.
+        lead: the use that decides the plan: the first projection (MatMul, Gemm, Conv: the use
+            whose curvature is measured), else the first lookup.
+        stored: the value that is stored: the table of a tie, else the weight itself.
+    """
+
+    refs: tuple[qweights.WeightRef, ...]
+    lead: qweights.WeightRef
+    stored: ir.Value
+
+    @property
+    def name(self) -> str:
+        return self.lead.name
+
+    @property
+    def values(self) -> tuple[ir.Value, ...]:
+        """The distinct values read: the stored one first, then its tied copies."""
+        out = [self.stored]
+        for ref in self.refs:
+            if not any(ref.value is v for v in out):
+                out.append(ref.value)
+        return tuple(out)
+
+    @property
+    def lookup(self) -> bool:
+        """An embedding table (some use is a ``Gather``)."""
+        return any(r.op == "Gather" for r in self.refs)
+
+    @property
+    def tied(self) -> bool:
+        """A table with a head: read by a ``Gather`` and by a projection."""
+        return self.lookup and any(r.op != "Gather" for r in self.refs)
+
+    @property
+    def uses(self) -> list[str]:
+        """The ops reading the weight, each once, in graph order."""
+        return list(dict.fromkeys(r.op for r in self.refs))
+
+    def plan(self) -> meta.QuantPlan | None:
+        """The group's plan: the lead's, else one found on another of its values."""
+        for value in (self.lead.value, *self.values):
+            plan = value.meta.get(meta.QUANT_KEY)
+            if plan is not None:
+                return plan
+        return None
+
+    def to_json(self) -> dict:
+        """What the record says about a tie."""
+        return {"table": self.stored.name, "uses": self.uses, "copies": [v.name for v in self.values[1:]],
+                "measured": self.lead.op}
+
+
+def tied_table(value: ir.Value) -> ir.Value | None:
+    """The embedding table a transposed copy was folded from (``meta.TIED_KEY``), if it is still an
+    initializer of the copy's graph."""
+    name = value.meta.get(meta.TIED_KEY)
+    owner = value.graph
+    if name is None or owner is None:
+        return None
+    return owner.initializers.get(name)
+
+
+def weight_groups(refs: Sequence[qweights.WeightRef]) -> list[WeightGroup]:
+    """The uses grouped by the weight they store (:class:`WeightGroup`), in graph order.
+
+    A tied copy joins its table's group only while the table is looked up by a ``Gather`` among
+    ``refs``; otherwise it is a weight of its own.
+    """
+    lookups = {id(r.value) for r in refs if r.op == "Gather"}
+    grouped: dict[int, list[qweights.WeightRef]] = {}
+    stored: dict[int, ir.Value] = {}
+    for ref in refs:
+        value = tied_table(ref.value)
+        if value is None or id(value) not in lookups:
+            value = ref.value
+        grouped.setdefault(id(value), []).append(ref)
+        stored[id(value)] = value
+    groups = []
+    for key, members in grouped.items():
+        lead = next((r for r in members if r.op != "Gather"), members[0])
+        groups.append(WeightGroup(tuple(members), lead, stored[key]))
+    return groups
 
 
 def quantize_matrix(
@@ -243,24 +353,28 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         skip_log = model.meta.setdefault(meta.SKIPPED_KEY, {})
         for s in skipped:
             skip_log[s.name] = s.reason
-        plans: dict[str, meta.QuantPlan] = {}
-        for ref in refs:
-            plan = plan_for(ref, self.config)
+        for group in weight_groups(refs):
+            # One plan per stored weight: a tied table and its head share the head's plan.
+            plan = plan_for(group.lead, self.config, lookup=group.lookup)
             if isinstance(plan, str):
-                skip_log[ref.name] = plan
-            else:
-                plans[ref.value.name] = plan
-        for ref in refs:
-            plan = plans.get(ref.value.name)
-            if plan is not None and ref.value.meta.get(meta.QUANT_KEY) != plan:
-                ref.value.meta[meta.QUANT_KEY] = plan
-                modified = True
-        planned = sum(1 for r in refs if meta.QUANT_KEY in r.value.meta)
+                for name in dict.fromkeys(r.name for r in group.refs):
+                    skip_log[name] = plan
+                continue
+            for value in group.values:
+                if value.meta.get(meta.QUANT_KEY) != plan:
+                    value.meta[meta.QUANT_KEY] = plan
+                    modified = True
+        planned = sum(1 for g in weight_groups(refs) if g.plan() is not None)
         if planned == 0:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skip_log.items())[:5]) or "no MatMul, Gemm, Conv or Gather weights"
             raise InputError(f"the model has nothing hessc can compress ({reasons})")
         logger.info("planned %d weights, %d stay in float", planned, len(skip_log))
         return ir.passes.PassResult(model, modified)
+
+
+TIED_WEIGHTS_KEY = "hessc.tied_weights"
+"""``model.meta`` key: ``{weight name: WeightGroup.to_json()}`` of the tied tables ``insert-qdq``
+stored once (one ``DequantizeLinear`` read by the lookup and the head)."""
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -269,14 +383,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
     GPTQ reads its Hessian and ``rtn-grad`` its gradient from the weight's ``HessianStats``
     (:func:`hessc.passes.hessian.hessian_for`, :func:`~hessc.passes.hessian.gradient_for`); the
     plans materialized are recorded under ``model.meta[meta.MATERIALIZED_KEY]`` by weight name.
+    A tied table (:class:`WeightGroup`) is quantized once, in the table's layout: the lookup reads
+    the ``DequantizeLinear`` output, a folded head copy reads it through ``Transpose``
+    (``(E_T)`` is ``Eᵀ``), and the ties are recorded under ``model.meta[TIED_WEIGHTS_KEY]``.
     """
 
     def requires(self, model: ir.Model) -> None:
         _require_portable_opset(model)
-        for ref in qweights.iter_weights(model):
-            plan = ref.value.meta.get(meta.QUANT_KEY)
+        for group in weight_groups(list(qweights.iter_weights(model))):
+            plan = group.plan()
             if plan is None or plan.method not in ("gptq", "rtn-grad"):
                 continue
+            ref = group.lead  # the statistics live on the use that decided the plan
             if ref.value.meta.get(meta.HESSIAN_KEY) is None:
                 why = meta.stale_reason(ref.value, meta.HESSIAN_KEY)
                 raise ir.passes.PreconditionError(
@@ -286,25 +404,31 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        refs = [r for r in qweights.iter_weights(model) if meta.QUANT_KEY in r.value.meta]
+        planned = [g for g in weight_groups(list(qweights.iter_weights(model))) if g.plan() is not None]
         # 2-bit codes are opset 25; raising from 21 changes no node, so the plans survive it.
-        raised = bool(refs) and ensure_opset(model, max(PORTABLE_OPSET[r.value.meta[meta.QUANT_KEY].bits] for r in refs))
+        raised = bool(planned) and ensure_opset(model, max(PORTABLE_OPSET[g.plan().bits] for g in planned))
         retied = _retie_float_copies(model)
-        by_value: dict[int, list[qweights.WeightRef]] = {}
-        for ref in refs:
-            by_value.setdefault(id(ref.value), []).append(ref)
+        groups = [g for g in weight_groups(list(qweights.iter_weights(model))) if g.plan() is not None]
         materialized = dict(model.meta.get(meta.MATERIALIZED_KEY) or {})
-        for i, group in enumerate(by_value.values()):
-            ref = group[0]
-            plan = self._materialize(model, ref, group)
+        ties = dict(model.meta.get(TIED_WEIGHTS_KEY) or {})
+        for i, group in enumerate(groups):
+            plan = self._materialize(group)
             materialized[plan.name] = plan
-            progress.report("quantize", i + 1, len(by_value))
+            if group.tied:
+                ties[plan.name] = group.to_json()
+            progress.report("quantize", i + 1, len(groups))
         model.meta[meta.MATERIALIZED_KEY] = materialized
-        return ir.passes.PassResult(model, bool(refs) or retied > 0 or raised)
+        if ties:
+            model.meta[TIED_WEIGHTS_KEY] = ties
+        return ir.passes.PassResult(model, bool(groups) or retied > 0 or raised)
 
-    def _materialize(self, model: ir.Model, ref: qweights.WeightRef, group: Sequence[qweights.WeightRef]) -> meta.QuantPlan:
-        plan: meta.QuantPlan = ref.value.meta[meta.QUANT_KEY]
-        if any(r.op != ref.op or r.transposed != ref.transposed for r in group[1:]):
+    def _materialize(self, group: WeightGroup) -> meta.QuantPlan:
+        plan = group.plan()
+        ref = group.lead
+        stored = group.stored
+        copy = ref.value is not stored  # the lead reads a tied copy, the table transposed
+        if not copy and any(r.value is stored and r.op != "Gather" and (r.op != ref.op or r.transposed != ref.transposed)
+                            for r in group.refs):
             logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
         hessian = gradient = None
         if plan.method in ("gptq", "rtn-grad"):
@@ -316,6 +440,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
         codes = q.codes[:, :in_dim]
+        # The matrix view W against the stored tensor: a copy holds the table transposed.
+        transposed = ref.transposed != copy
+        stored_shape = tuple(stored.const_value.shape)
         if ref.op == "Conv" and plan.group_size:  # 1×1: blocks of input channels on axis 1
             codes = codes.reshape(ref.stored_shape)
             unit = (1,) * (len(ref.stored_shape) - 2)
@@ -327,7 +454,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             axis, block = 0, None
             scale_np = scale_np.reshape(-1)
             zps = None if q.zero_points is None else q.zero_points.reshape(-1)
-        elif ref.transposed:  # stored (in, out)
+        elif transposed:  # stored (in, out)
             codes, scale_np = codes.T, scale_np.T
             zps = None if q.zero_points is None else q.zero_points.T
             axis, block = 0, plan.group_size
@@ -335,7 +462,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             zps = q.zero_points
             axis, block = 1, plan.group_size
         dtype = storage_type(plan.bits, plan.symmetric)
-        base = ref.value.name
+        base = stored.name
         graph = ref.graph
         inputs = [
             _initializer(graph, f"{base}_q", np.ascontiguousarray(codes).astype(dtype.numpy())),
@@ -348,18 +475,31 @@ class InsertQDQPass(ir.passes.InPlacePass):
             attrs["block_size"] = block
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq", num_outputs=1)
         dq.outputs[0].name = f"{base}_dq"
-        dq.outputs[0].shape = ir.Shape(ref.stored_shape)
+        dq.outputs[0].shape = ir.Shape(stored_shape)
         dq.outputs[0].type = ir.TensorType(scale_type)
         dq.meta[meta.QUANT_KEY] = plan
-        first = min((r.node for r in group), key=lambda n: list(graph).index(n)) if len(group) > 1 else ref.node
+        nodes = [r.node for r in group.refs if r.node.graph is graph]
+        first = min(nodes, key=list(graph).index) if len(nodes) > 1 else ref.node
         graph.insert_before(first, dq)
-        for r in group:
+        transpose = None
+        for r in group.refs:
             index = 0 if r.op == "Gather" else 1
-            r.node.replace_input_with(index, dq.outputs[0])
-        owner = ref.value.graph  # the main graph for an outer-scope weight read in a subgraph
-        if not ref.value.uses() and owner is not None and ref.value.name in owner.initializers:
-            owner.initializers.pop(ref.value.name)
-        logger.debug("quantized %s to %d bits (group %d)", plan.name, plan.bits, plan.group_size)
+            if r.value is stored:
+                r.node.replace_input_with(index, dq.outputs[0])
+                continue
+            if transpose is None:  # a tied copy reads the table transposed: (E_T) = Eᵀ
+                transpose = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]}, name=f"{base}_dq_T")
+                transpose.outputs[0].name = f"{base}_dq_T"
+                transpose.outputs[0].shape = ir.Shape(stored_shape[::-1])
+                transpose.outputs[0].type = ir.TensorType(scale_type)
+                graph.insert_after(dq, transpose)
+            r.node.replace_input_with(index, transpose.outputs[0])
+        for value in group.values:
+            owner = value.graph  # the main graph for an outer-scope weight read in a subgraph
+            if not value.uses() and owner is not None and value.name in owner.initializers:
+                owner.initializers.pop(value.name)
+        logger.debug("quantized %s to %d bits (group %d)%s", plan.name, plan.bits, plan.group_size,
+                     f", stored once for {', '.join(group.uses)}" if group.tied else "")
         return plan
 
 
@@ -377,6 +517,8 @@ def _retie_float_copies(model: ir.Model) -> int:
         if table_name is None or meta.QUANT_KEY in value.meta or table_name not in graph.initializers:
             continue
         table = graph.initializers[table_name]
+        if meta.QUANT_KEY in table.meta:
+            continue  # the table's plan decides the tie; the head is materialized with it
         uses = list(value.uses())
         if not uses:
             continue

@@ -7,6 +7,18 @@ matches that ``DequantizeLinear`` together with its consumers and rewrites them:
   become ``com.microsoft.MatMulNBits(x, pack(qᵀ), s, z[, bias])`` (``Y = x · dequant(B)ᵀ``), with
   ``accuracy_level=4`` on the CPU (int8 compute; 20–30× faster than the float path for 2/8 bits);
 * ``DQ(E_q[V,D]; axis=1) → Gather(·, ids)`` becomes ``com.microsoft.GatherBlockQuantized`` (4/8 bits);
+* a tied table, ``DQ(E_q[V,D]; axis=1)`` read by ``Gather(·, ids)`` and by a head (``MatMul(x,
+  Transpose(·))`` or ``Gemm(x, ·, transB=1)``, both ``y = x Eᵀ``), is stored once in MatMulNBits'
+  layout: the head is ``MatMulNBits(x, B, s, z)`` with ``N = V``, ``K = D``, and the lookup is
+  ``GatherBlockQuantized`` on ``uint8`` data, which follows MatMulNBits' conventions (codes low bits
+  first, zero points packed per row, default ``2^(bits−1)``): ``B [V, k_blocks, blob]`` viewed as
+  ``[V, k_blocks·blob]``, ``s [V·k_blocks]`` as ``[V, k_blocks]``, ``z`` as ``[V, ⌈k_blocks·bits/8⌉]``,
+  through ``Reshape`` nodes that ONNX Runtime folds when the session opens, so the file holds the
+  bytes once. Rows are padded to whole blocks, so a table whose width is not a whole number of
+  blocks is looked up padded and sliced back to ``D``. Where the target's lookup kernel reads zero
+  points packed over the whole table instead of per row (``Target.embedding_whole_blocks``: CUDA),
+  and they differ (an odd number of 4-bit blocks per row), the lookup reads a float table that a
+  graph of standard operators dequantizes from the same bytes (folded when the session opens);
 * ``target="cuda"`` additionally converts float tensors to fp16 (inputs and outputs keep their types)
   when asked, since the CUDA kernels of MatMulNBits are fastest in fp16.
 
@@ -163,6 +175,9 @@ class _Rewriter:
         axis = dq.attributes.get_int("axis", 1)
         bits = _BITS[q.dtype]
         ops = {(u.node.op_type, u.idx) for u in uses}
+        tie = _tie_uses(uses)
+        if tie is not None and axis == 1 and block:
+            return self._to_tied_table(dq, tie, q, scale, zp, bits, block)
         if ops == {("MatMul", 1)} and axis == 0 and block:
             return self._to_matmul_nbits(model, dq, uses, q, scale, zp, bits, block, transposed=True)
         if all(u.node.op_type == "Gemm" and u.idx == 1 for u in uses) and axis == 1 and block:
@@ -206,20 +221,33 @@ class _Rewriter:
         )
 
     def _to_matmul_nbits(self, model, dq, uses, q, scale, zp, bits, block, transposed) -> bool:
-        if block < 16 or block & (block - 1):
-            self._count(f"kept Q/DQ: block size {block} (MatMulNBits needs a power of two >= 16)")
-            return False
         codes = q.const_value.numpy().astype(np.int16)
         scales = scale.const_value.numpy()
         zps = None if zp is None else zp.const_value.numpy().astype(np.int16)
         if transposed:  # stored (K, N) → (N, K)
             codes, scales = codes.T, scales.T
             zps = None if zps is None else zps.T
+        graph = dq.graph
+        first = min((u.node for u in uses), key=list(graph).index) if len(uses) > 1 else uses[0].node
+        weight = self._nbits_weight(dq, q, codes, scales, zps, bits, block, first)
+        if weight is None:
+            return False
+        for use in uses:
+            self._nbits_node(graph, use.node, weight)
+        self._count(weight.summary())
+        return True
+
+    def _nbits_weight(self, dq, q, codes, scales, zps, bits, block, first) -> _NBitsWeight | None:
+        """MatMulNBits' operands of (N, K) codes, as initializers (3-bit codes: their unpack graph,
+        inserted before ``first``); None, with the reason counted, where the kernel cannot run them."""
+        if block < 16 or block & (block - 1):
+            self._count(f"kept Q/DQ: block size {block} (MatMulNBits needs a power of two >= 16)")
+            return None
         n_out, k = codes.shape
         symmetric = q.dtype in _SIGNED
         if symmetric and zps is not None and np.any(zps):
             self._count("kept Q/DQ: signed codes with non-zero zero points")
-            return False
+            return None
         packed_b, packed_zp = packing.matmul_nbits_weights(
             codes, None if symmetric else zps, bits, block, symmetric
         )
@@ -246,28 +274,122 @@ class _Rewriter:
                 lows, highs, zp_val, self._high_bits_table(graph, symmetric), n_out, k, block, symmetric,
                 f"{base}_nbits_B",
             )
-            first = min((u.node for u in uses), key=lambda n: list(graph).index(n)) if len(uses) > 1 else uses[0].node
             graph.insert_before(first, nodes)
-        for use in uses:
-            node = use.node
-            x = self._activation_input(node.inputs[0])
-            bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-            inputs = [x, b_val, s_val, zp_val]
-            if bias is not None:
-                inputs += [None, bias]
-            attrs = {"K": k, "N": n_out, "bits": bits, "block_size": block}
-            if self.config.target == "cpu":
-                attrs["accuracy_level"] = self.config.accuracy_level
-            while inputs and inputs[-1] is None:
-                inputs.pop()
-            new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or base}_nbits")
-            new.meta[meta.QUANT_KEY] = dq.meta.get(meta.QUANT_KEY)
-            _replace(graph, node, new)
-        if split is not None:
-            self._count(f"MatMulNBits {bits}-bit (3-bit codes stored at 3 bits)")
-        else:
-            self._count(f"MatMulNBits {bits}-bit" + (f" ({plan_bits}-bit codes)" if plan_bits != bits else ""))
+        return _NBitsWeight(base, b_val, s_val, zp_val, n_out, k, bits, block, plan_bits, split is not None,
+                            dq.meta.get(meta.QUANT_KEY))
+
+    def _nbits_node(self, graph: ir.Graph, node: ir.Node, weight: _NBitsWeight) -> None:
+        """Replaces ``MatMul(x, W)`` or a plain ``Gemm(x, W, c; transB=1)`` by ``MatMulNBits``."""
+        x = self._activation_input(node.inputs[0])
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        inputs = [x, weight.b, weight.scales, weight.zero_points]
+        if bias is not None:
+            inputs += [None, bias]
+        attrs = {"K": weight.k, "N": weight.n, "bits": weight.bits, "block_size": weight.block}
+        if self.config.target == "cpu":
+            attrs["accuracy_level"] = self.config.accuracy_level
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or weight.base}_nbits")
+        new.meta[meta.QUANT_KEY] = weight.plan
+        _replace(graph, node, new)
+
+    def _to_tied_table(self, dq: ir.Node, tie: _TieUses, q, scale, zp, bits, block) -> bool:
+        """One table, stored once in MatMulNBits' layout, read by the head(s) and the lookup(s)."""
+        if tie.lookups and not self.config.gather_quantized:
+            self._count("kept Q/DQ: tied table (quantized lookups are off)")
+            return False
+        graph = dq.graph
+        codes = q.const_value.numpy().astype(np.int16)  # stored (V, D): MatMulNBits' (N, K)
+        scales = scale.const_value.numpy()
+        zps = None if zp is None else zp.const_value.numpy().astype(np.int16)
+        order = list(graph)
+        first = min(tie.nodes, key=order.index)
+        weight = self._nbits_weight(dq, q, codes, scales, zps, bits, block, first)
+        if weight is None:
+            return False
+        for node in tie.heads:
+            self._nbits_node(graph, node, weight)
+        how = ""
+        if tie.lookups:
+            how = self._shared_lookups(graph, tie.lookups, weight, min(tie.lookups, key=order.index))
+        self._count(f"tied table stored once: {weight.summary()}" + (f" + {how}" if how else ""))
         return True
+
+    def _shared_lookups(self, graph: ir.Graph, lookups: list[ir.Node], weight: _NBitsWeight, first: ir.Node) -> str:
+        """Rewrites the lookups of a tied table to read the head's packed bytes; returns how."""
+        n_blocks = -(-weight.k // weight.block)
+        padded = n_blocks * weight.block != weight.k
+        zp_row = -(-n_blocks * weight.bits // 8)
+        flat_zero_points = weight.zero_points is None or (n_blocks * weight.bits) % 8 == 0
+        if not flat_zero_points and targets.get(self.config.target).embedding_whole_blocks:
+            # The kernel indexes zero points over the flattened table, MatMulNBits packs them per row.
+            table = self._dequantized_table(graph, weight, first)
+            for node in lookups:
+                new = ir.node("Gather", [table, node.inputs[1]], attributes={"axis": 0}, name=f"{node.name or weight.base}_table")
+                _replace(graph, node, new)
+            return (f"Gather of a float table dequantized from the same bytes when the session opens "
+                    f"({self.config.target}'s GatherBlockQuantized reads zero points packed over the whole table)")
+        g = _GraphBuilder(f"{weight.base}_gbq_view")
+        i64 = lambda *values: np.array(values, dtype=np.int64)  # noqa: E731
+        data = g.op("Reshape", weight.b, g.const(i64(weight.n, n_blocks * weight.block * weight.bits // 8)))
+        scales = g.op("Reshape", weight.scales, g.const(i64(weight.n, n_blocks)))
+        zero_points = None if weight.zero_points is None else g.op(
+            "Reshape", weight.zero_points, g.const(i64(weight.n, zp_row)))
+        ends = g.const(i64(weight.k)) if padded else None
+        starts, axes = (g.const(i64(0)), g.const(i64(-1))) if padded else (None, None)
+        graph.insert_before(first, g.nodes)
+        for node in lookups:
+            inputs = [data, node.inputs[1], scales] + ([zero_points] if zero_points is not None else [])
+            attrs = {"gather_axis": 0, "quantize_axis": 1, "block_size": weight.block, "bits": weight.bits}
+            new = ir.node("GatherBlockQuantized", inputs, attributes=attrs, domain=MS_DOMAIN,
+                          name=f"{node.name or weight.base}_gbq")
+            if not padded:
+                _replace(graph, node, new)
+                continue
+            # Rows hold whole blocks: the lookup returns them padded, sliced back to the table's width.
+            new.outputs[0].name = f"{node.outputs[0].name}_padded"
+            new.outputs[0].type = node.outputs[0].type
+            cut = ir.node("Slice", [new.outputs[0], starts, ends, axes], name=f"{node.name or weight.base}_gbq_slice")
+            graph.insert_before(node, new)
+            _replace(graph, node, cut)
+        return f"GatherBlockQuantized {weight.bits}-bit on the same bytes" + (
+            f" (rows padded to whole blocks of {weight.block}, sliced to {weight.k})" if padded else "")
+
+    def _dequantized_table(self, graph: ir.Graph, weight: _NBitsWeight, first: ir.Node) -> ir.Value:
+        """The (V, D) float table ``(u − z) · s`` computed from MatMulNBits' operands by standard
+        operators; every input is constant, so ONNX Runtime folds it into one table at session start."""
+        i64 = lambda *values: np.array(values, dtype=np.int64)  # noqa: E731
+        u8 = lambda *values: np.array(values, dtype=np.uint8)  # noqa: E731
+        g = _GraphBuilder(f"{weight.base}_table")
+        n, bits, block = weight.n, weight.bits, weight.block
+        n_blocks = -(-weight.k // block)
+
+        def unpack(packed: ir.Value, count: int) -> ir.Value:  # [n, bytes] uint8 → [n, bytes·8/bits]
+            if bits == 8:
+                return packed
+            mask = g.const(u8((1 << bits) - 1))
+            parts = [g.op("Unsqueeze", g.op("BitwiseAnd", g.op("BitShift", packed, g.const(u8(j * bits)), direction="RIGHT"), mask),
+                          g.const(i64(-1))) for j in range(8 // bits)]
+            return g.op("Reshape", g.op("Concat", *parts, axis=-1), g.const(i64(n, count)))
+
+        rows = n_blocks * block * bits // 8
+        codes = unpack(g.op("Reshape", weight.b, g.const(i64(n, rows))), n_blocks * block)
+        codes = g.op("Reshape", g.op("Cast", codes, to=ir.DataType.INT32), g.const(i64(n, n_blocks, block)))
+        if weight.zero_points is None:
+            zero = g.const(np.array(1 << (bits - 1), dtype=np.int32))
+        else:
+            zp_row = -(-n_blocks * bits // 8)
+            zero = unpack(g.op("Reshape", weight.zero_points, g.const(i64(n, zp_row))), zp_row * 8 // bits)
+            zero = g.op("Slice", zero, g.const(i64(0)), g.const(i64(n_blocks)), g.const(i64(1)))
+            zero = g.op("Unsqueeze", g.op("Cast", zero, to=ir.DataType.INT32), g.const(i64(-1)))
+        scales = g.op("Reshape", weight.scales, g.const(i64(n, n_blocks, 1)))
+        table = g.op("Mul", g.op("CastLike", g.op("Sub", codes, zero), scales), scales)
+        table = g.op("Reshape", table, g.const(i64(n, n_blocks * block)))
+        if n_blocks * block != weight.k:
+            table = g.op("Slice", table, g.const(i64(0)), g.const(i64(weight.k)), g.const(i64(1)))
+        graph.insert_before(first, g.nodes)
+        return table
 
     def _to_gather_block_quantized(self, model, dq, uses, q, scale, zp, bits, block) -> bool:
         if bits not in (4, 8) or block < 16 or block & (block - 1):
@@ -306,6 +428,64 @@ class _Rewriter:
             _replace(graph, node, new)
         self._count(f"GatherBlockQuantized {bits}-bit")
         return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _NBitsWeight:
+    """MatMulNBits' operands of one weight (``b``: ``[N, k_blocks, blob]``, or the output of its
+    3-bit unpack graph)."""
+
+    base: str
+    b: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+    n: int
+    k: int
+    bits: int
+    block: int
+    plan_bits: int
+    three_bit: bool
+    plan: meta.QuantPlan | None
+
+    def summary(self) -> str:
+        if self.three_bit:
+            return f"MatMulNBits {self.bits}-bit (3-bit codes stored at 3 bits)"
+        return f"MatMulNBits {self.bits}-bit" + (f" ({self.plan_bits}-bit codes)" if self.plan_bits != self.bits else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TieUses:
+    """The readers of a tied table's ``DequantizeLinear``: lookups and heads (``Gemm(x, ·,
+    transB=1)``, or the ``MatMul`` nodes behind a ``Transpose``)."""
+
+    lookups: list[ir.Node]
+    heads: list[ir.Node]
+    nodes: list[ir.Node]  # every direct reader (transposes included)
+
+
+def _tie_uses(uses) -> _TieUses | None:
+    """The uses of a DQ output as a tied table's, or None unless every use is a lookup or a head
+    and some head reads through a ``Transpose`` or beside a lookup."""
+    lookups, heads, nodes, transposed = [], [], [], False
+    for use in uses:
+        node = use.node
+        nodes.append(node)
+        if node.op_type == "Gather" and use.idx == 0 and node.attributes.get_int("axis", 0) == 0:
+            lookups.append(node)
+        elif node.op_type == "Gemm" and use.idx == 1 and _Rewriter._plain_gemm(node):
+            heads.append(node)
+        elif node.op_type == "Transpose" and use.idx == 0 and tuple(node.attributes.get_ints("perm", [1, 0])) == (1, 0):
+            out = node.outputs[0]
+            readers = list(out.uses())
+            if out.is_graph_output() or not readers or any(u.node.op_type != "MatMul" or u.idx != 1 for u in readers):
+                return None
+            heads.extend(u.node for u in readers)
+            transposed = True
+        else:
+            return None
+    if not heads or not (lookups or transposed):
+        return None
+    return _TieUses(lookups, list(dict.fromkeys(heads)), nodes)
 
 
 def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, symmetric, split=None) -> None:
@@ -516,7 +696,7 @@ def fuse_rms_norms(model: ir.Model) -> int:
         new = ir.node(
             "SimplifiedLayerNormalization", [x, gamma],
             attributes={"axis": -1, "epsilon": _const_scalar(add.inputs[eps_index]), "stash_type": 1},
-            name=f"{node.name or 'rms'}_fused",  # ORT registers it in the default domain
+            name=f"{node.name}_fused" if node.name else f"rms_{fused}_fused",  # ORT registers it in the default domain
         )
         _replace(graph, node, new)
         for dead in (mul, recip, sqrt, add, mean, power):
@@ -573,29 +753,41 @@ def quantized_storage(model: ir.Model) -> tuple[int, int]:
     """Bytes stored for quantized weights (codes, scales, zero points) and their element count.
 
     Reads ``MatMulNBits``, ``GatherBlockQuantized`` and weight ``DequantizeLinear`` nodes, whoever
-    wrote them, so every method is counted the same way.
+    wrote them, so every method is counted the same way. Each stored tensor counts once, by
+    identity (a tied table's lookup and head read the same initializers, through ``Reshape`` or
+    not), and each weight's elements once: operators whose codes come from the same initializers
+    are one weight.
     """
+    counted: set[int] = set()
+    exact: dict[frozenset[int], int] = {}  # elements by code sources: MatMulNBits' K·N, a DQ's codes
+    looked_up: dict[frozenset[int], int] = {}  # a lookup's rows (padded to whole blocks when tied)
+
+    def add(values) -> int:
+        total = 0
+        for v in (s for value in values for s in _stored_sources(value)):
+            if id(v) not in counted:
+                counted.add(id(v))
+                total += int(v.const_value.nbytes)
+        return total
+
     total_bytes = 0
-    numel = 0
-
-    def nbytes(v: ir.Value | None) -> int:
-        return int(v.const_value.nbytes) if v is not None and v.const_value is not None else 0
-
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         ins = list(node.inputs) + [None] * 4
         if node.op_type == "MatMulNBits":
-            numel += node.attributes.get_int("K") * node.attributes.get_int("N")
-            stored = [ins[2], ins[3]]
-            stored += [v for v in _stored_sources(ins[1]) if not any(v is s for s in stored)]
-            total_bytes += sum(nbytes(v) for v in stored)
+            codes, params = ins[1], (ins[2], ins[3])
+            exact[frozenset(map(id, _stored_sources(codes)))] = node.attributes.get_int("K") * node.attributes.get_int("N")
         elif node.op_type == "GatherBlockQuantized":
-            data = ins[0]
-            count = int(np.prod(data.const_value.shape))
-            if data.dtype == ir.DataType.UINT8 and node.attributes.get_int("bits", 4) == 4:
-                count *= 2  # two 4-bit codes per byte
-            numel += count
-            total_bytes += nbytes(ins[0]) + nbytes(ins[2]) + nbytes(ins[3])
+            codes, params = ins[0], (ins[2], ins[3])
+            shape = codes.const_value.shape if codes.const_value is not None else codes.shape
+            count = int(np.prod(shape)) if shape is not None and all(isinstance(d, int) for d in shape) else 0
+            if codes.dtype == ir.DataType.UINT8:
+                count *= 8 // node.attributes.get_int("bits", 4)  # codes packed per byte
+            looked_up[frozenset(map(id, _stored_sources(codes)))] = count
         elif node.op_type == "DequantizeLinear" and ins[0] is not None and ins[0].const_value is not None:
-            numel += int(np.prod(ins[0].const_value.shape))
-            total_bytes += nbytes(ins[0]) + nbytes(ins[1]) + nbytes(ins[2])
+            codes, params = ins[0], (ins[1], ins[2])
+            exact[frozenset([id(codes)])] = int(np.prod(codes.const_value.shape))
+        else:
+            continue
+        total_bytes += add([codes, *params])
+    numel = sum(exact.values()) + sum(n for key, n in looked_up.items() if key not in exact)
     return total_bytes, numel

@@ -173,7 +173,7 @@ def optimize(
         if calibration is not None:
             model.meta[meta.CALIBRATION_KEY] = _calibration(model, calibration, labels, loss, options)
         model.meta[REFERENCE_KEY] = source.path if source.path is not None else frontend.clone(model)
-        bytes_before = _weight_bytes(model)
+        bytes_before = _weight_bytes(model, folded_copies=False)
         model = pipeline.run(pipeline.build_pipeline(options, target_record), model)
     meta.write_plan(model, _plan_record(model, options, target_record, bytes_before))
     # Wall-clock facts stay out of the saved model, so outputs are byte-identical for a seed.
@@ -260,11 +260,14 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
             heldout_loss_fp32=lossless["heldout_loss_fp32"], heldout_loss_quantized=lossless["heldout_loss_quantized"],
             steps=lossless["steps"], lossless_confirmed=lossless["confirmed"],
         )
+    if allocation.get("planned_effective_bits") is not None:
+        summary["planned_effective_bits"] = allocation["planned_effective_bits"]
     record["allocation"] = {
-        key: allocation[key] for key in ("estimator", "note", "not_allocated") if allocation.get(key) is not None
+        key: allocation[key] for key in ("estimator", "note", "not_allocated", "outside_budget") if allocation.get(key)
     }
     record["allocation"]["weights"] = [
-        {key: w[key] for key in ("name", "shape", "bits", "method", "bytes", "predicted_delta_loss", "estimator", "candidates", "curvature")}
+        {key: w[key] for key in ("name", "shape", "bits", "method", "bytes", "predicted_delta_loss", "estimator",
+                                 "candidates", "curvature", "tied") if key in w}
         for w in allocation["weights"]
     ]
 
@@ -297,12 +300,24 @@ def _latency(model: ir.Model, target: str) -> dict | None:
     return latency
 
 
-def _weight_bytes(model: ir.Model) -> int:
-    return sum(
-        int(v.const_value.nbytes)
-        for v in model.graph.initializers.values()
-        if v.const_value is not None
-    )
+def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
+    """Bytes of the main graph's initializers, each stored tensor once.
+
+    Args:
+        model: the model.
+        folded_copies: count the transposed copies the front door folded from tied embedding
+            tables (``meta.TIED_KEY``). False for the model as loaded: there a copy is the table
+            itself, which the source stores once; once compiled, whatever is left is stored.
+    """
+    graph = model.graph
+    total = 0
+    for v in graph.initializers.values():
+        if v.const_value is None:
+            continue
+        if not folded_copies and v.meta.get(meta.TIED_KEY) in graph.initializers:
+            continue
+        total += int(v.const_value.nbytes)
+    return total
 
 
 def build_plan_record(model: ir.Model, target: str, bytes_before: int, scale_bytes: int = 4) -> dict:
@@ -311,12 +326,15 @@ def build_plan_record(model: ir.Model, target: str, bytes_before: int, scale_byt
 
     entries = []
     plans = model.meta.get(meta.MATERIALIZED_KEY) or {}
+    ties = model.meta.get(quantize.TIED_WEIGHTS_KEY) or {}
     quant_bytes = 0
     quant_numel = 0
     for plan in plans.values():
         nbytes = quantize.stored_bytes(plan, scale_bytes)
         entry = plan.to_json()
         entry["bytes"] = nbytes
+        if plan.name in ties:  # one table read by a lookup and a head: stored and counted once
+            entry["tied"] = dict(ties[plan.name])
         entries.append(entry)
         quant_bytes += nbytes
         quant_numel += int(np.prod(plan.shape))

@@ -644,3 +644,67 @@ def test_a_budget_is_spent_where_the_loss_is_sensitive() -> None:
     assert bits == {"W1": 8, "W2": 2}, bits
     assert plan["summary"]["effective_bits_per_weight"] > 5.0
     assert plan["summary"]["effective_bits_per_weight"] <= 5.5
+
+
+# ------------------------------------------------------------------------ tied tables and heads
+
+
+def _tied_decoder(tied: str = "transpose", budget: float | None = 4.6, **config):
+    """The tied decoder planned at 4 bits (group 16), synthetic statistics on every projection: the
+    head's (``E_T`` or the Gemm's ``E``) are the table's only ones."""
+    model = b.load_upgraded(b.decoder_model(tied=tied))
+    PlanQuantizationPass(QuantConfig(bits=4, group_size=16))(model)
+    for i, ref in enumerate(qweights.iter_weights(model)):
+        if ref.op != "Gather":
+            out, k = ref.matrix_shape
+            ref.value.meta[meta.HESSIAN_KEY] = Stats(a=_correlated_cov(k, i), g=np.eye(out))
+    return model, AllocationConfig(budget_bits=budget, group_size=16, **config)
+
+
+@pytest.mark.parametrize("tied", ["transpose", "gemm"])
+def test_a_tied_table_is_one_item_priced_once(run_pass, tied: str) -> None:
+    model, config = _tied_decoder(tied)
+    run_pass(AllocateBitsPass(config), model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    names = [w["name"] for w in record["weights"]]
+    assert names.count("E") == 1 and len(names) == 7, "six linears and the tied table, once"
+    numel = 2 * (3 * 32 * 48) + 40 * 32
+    assert record["allocated_params"] == numel and record["budget_bytes"] == math.floor(4.6 / 8 * numel)
+    (entry,) = [w for w in record["weights"] if w["name"] == "E"]
+    head = "MatMul" if tied == "transpose" else "Gemm"
+    assert entry["tied"]["uses"] == ["Gather", head] and entry["tied"]["table"] == "E"
+    assert "the Gather use is not measured" in entry["tied"]["note"]
+    refs = [r for r in qweights.iter_weights(model) if r.name == "E"]
+    (plan,) = {r.value.meta[meta.QUANT_KEY] for r in refs}
+    assert (plan.bits, plan.method) == (entry["bits"], entry["method"]), "the table follows its head's item"
+    assert entry["bytes"] == quantize.stored_bytes(plan, 4), "its bytes, stored once"
+    assert record["used_bytes"] <= record["budget_bytes"]
+    assert record["outside_budget"] == [] and record["planned_effective_bits"] == record["effective_bits"]
+    assert not run_pass(AllocateBitsPass(config), model).modified
+
+
+def test_a_tied_table_kept_in_float_is_stored_once_in_float(run_pass) -> None:
+    model, config = _tied_decoder(budget=32)
+    run_pass(AllocateBitsPass(config), model)
+    assert all(meta.QUANT_KEY not in r.value.meta for r in qweights.iter_weights(model) if r.name == "E")
+    (entry,) = [w for w in model.meta[allocate_bits.ALLOCATION_KEY]["weights"] if w["name"] == "E"]
+    assert entry["bytes"] == 4 * 40 * 32, "the float table, once"
+
+
+def test_an_embedding_table_without_a_head_is_recorded_outside_the_budget(run_pass) -> None:
+    model = b.load_upgraded(b.decoder_model())
+    PlanQuantizationPass(QuantConfig(bits=4, group_size=16))(model)
+    for i, ref in enumerate(qweights.iter_weights(model)):
+        if ref.op != "Gather":
+            out, k = ref.matrix_shape
+            ref.value.meta[meta.HESSIAN_KEY] = Stats(a=_correlated_cov(k, i), g=np.eye(out))
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=4.6, group_size=16)), model)
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    assert "E" not in [w["name"] for w in record["weights"]]
+    (outside,) = record["outside_budget"]
+    table_plan = model.graph.initializers["E"].meta[meta.QUANT_KEY]
+    assert (outside["name"], outside["op"], outside["bits"]) == ("E", "Gather", 4)
+    assert outside["bytes"] == quantize.stored_bytes(table_plan, 4) and "lookup" in outside["reason"]
+    numel = record["allocated_params"] + 40 * 32
+    assert record["planned_effective_bits"] == pytest.approx(8 * (record["used_bytes"] + outside["bytes"]) / numel,
+                                                              abs=1e-4)

@@ -9,6 +9,7 @@ clips at ``2^(b−1) − 1``), so ``|Δy_j| ≤ Σ_i |x_i| · bound_ij``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -417,3 +418,139 @@ def test_kernel_layout_stores_3_bit_codes_at_3_bits(symmetric: bool) -> None:
     assert quantize.stored_bytes(plan(3), 4, kernel_layout=True) == 3 * 24 * 13 + scales + zps
     assert quantize.stored_bytes(plan(4), 4, kernel_layout=True) == 24 * 4 * 32 // 2 + scales + zps
     assert quantize.stored_bytes(plan(3), 4) == quantize.stored_bytes(plan(4), 4), "portable: 4-bit container"
+
+
+# ------------------------------------------------------------------------ tied tables and heads
+
+
+def _tied_feed(vocab: int = 40, seed: int = 1) -> dict[str, np.ndarray]:
+    return b.ids_feed(vocab, (2, 7), seed)
+
+
+def _dequantized(model: ir.Model) -> ir.Model:
+    """A copy of a portable model with every weight DequantizeLinear replaced by the float
+    initializer it computes (numpy): the reference of an exact rewrite."""
+    copy = b.copy(model)
+    for dq in b.nodes_of(copy, "DequantizeLinear"):
+        if dq.inputs[0].const_value is None:
+            continue
+        value = ir.Value(name=f"{dq.outputs[0].name}_float")
+        value.const_value = ir.tensor(b.dequantize_linear(dq).astype(np.float32), name=value.name)
+        copy.graph.register_initializer(value)
+        ir.convenience.replace_all_uses_with(dq.outputs[0], value)
+        copy.graph.remove(dq, safe=True)
+    return copy
+
+
+@pytest.mark.parametrize("tied", ["transpose", "gemm"])
+def test_a_tied_table_and_its_head_are_planned_as_one_weight(run_pass, tied: str) -> None:
+    model = b.load_upgraded(b.decoder_model(tied=tied))
+    config = QuantConfig(bits=4, group_size=16, method_override=(("E", "gptq"),), bits_override=(("E", 8),))
+    assert run_pass(PlanQuantizationPass(config), model).modified
+    assert not run_pass(PlanQuantizationPass(config), model).modified
+    refs = [r for r in qweights.iter_weights(model) if r.name == "E"]
+    assert sorted(r.op for r in refs) == sorted(["Gather", "MatMul" if tied == "transpose" else "Gemm"])
+    plans = {id(r.value): r.value.meta[meta.QUANT_KEY] for r in refs}
+    assert len(set(plans.values())) == 1, "one plan decides the table and its head"
+    (plan,) = set(plans.values())
+    # The head decides (its curvature is the measured one): its op, the override's bits and method.
+    assert (plan.name, plan.op, plan.bits, plan.method, plan.matrix_shape) == (
+        "E", "MatMul" if tied == "transpose" else "Gemm", 8, "gptq", (40, 32))
+    (group,) = [g for g in quantize.weight_groups(refs)]
+    assert group.tied and group.stored.name == "E" and group.lead.op != "Gather"
+
+
+@pytest.mark.parametrize("tied", ["transpose", "gemm"])
+def test_a_tied_table_stays_in_float_without_embedding_quantization(run_pass, tied: str) -> None:
+    proto = b.decoder_model(tied=tied)
+    model = b.load_upgraded(proto)
+    run_pass(PlanQuantizationPass(QuantConfig(bits=4, group_size=16, quantize_embeddings=False)), model)
+    assert all(meta.QUANT_KEY not in r.value.meta for r in qweights.iter_weights(model) if r.name == "E")
+    assert model.meta[meta.SKIPPED_KEY]["E"].startswith("embedding quantization is off")
+    run_pass(InsertQDQPass(), model)
+    assert "E" in model.graph.initializers and "E_T" not in model.graph.initializers, "the float table once"
+    assert len(b.nodes_of(model, "DequantizeLinear")) == 6, "only the decoder's six linears"
+    table = model.graph.initializers["E"]
+    readers = sorted(u.node.op_type for u in table.uses())
+    assert readers == (["Gather", "Transpose"] if tied == "transpose" else ["Gather", "Gemm"])
+    if tied == "transpose":  # the folded copy is the table again: Transpose(E) → head
+        (transpose,) = b.nodes_of(model, "Transpose")
+        assert [u.node.name for u in transpose.outputs[0].uses()] == ["lm_head"]
+    assert np.array_equal(table.const_value.numpy(),
+                          numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "E")))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits, width, group", [(4, 32, 16), (2, 32, 16), (8, 32, 16), (3, 32, 16), (4, 40, 16)])
+def test_a_tied_table_is_stored_once_and_dequantized_once(run_pass, bits, width, group, symmetric) -> None:
+    """The portable form of ``Gather(E) … MatMul(h, Transpose(E))``: one DequantizeLinear of the
+    table read by the lookup and, through Transpose, by the head. It is exactly the float model
+    with ``E`` replaced by its dequantized codes."""
+    proto = b.decoder_model(width=width, tied="transpose")
+    model = b.load_upgraded(proto)
+    run_pass(PlanQuantizationPass(QuantConfig(bits=bits, group_size=group, symmetric=symmetric)), model)
+    assert run_pass(InsertQDQPass(), model).modified
+    assert not run_pass(InsertQDQPass(), model).modified
+    (dq,) = [n for n in b.nodes_of(model, "DequantizeLinear") if n.inputs[0].name == "E_q"]
+    assert tuple(dq.inputs[0].const_value.shape) == (40, width) and dq.attributes.get_int("axis") == 1
+    assert dq.inputs[0].dtype == DTYPES[(bits, symmetric)]
+    readers = sorted(u.node.op_type for u in dq.outputs[0].uses())
+    assert readers == ["Gather", "Transpose"]
+    (transpose,) = b.nodes_of(model, "Transpose")
+    assert [(u.node.op_type, u.idx) for u in transpose.outputs[0].uses()] == [("MatMul", 1)]
+    names = set(model.graph.initializers)
+    assert {"E", "E_T", "E_T_q"}.isdisjoint(names) and {"E_q", "E_scale"} <= names
+    # The codes are the table's RTN codes (the head's matrix view W = (E_T)ᵀ = E).
+    table = numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "E"))
+    expected = quantize.quantize_matrix(table, dq.meta[meta.QUANT_KEY])[0].dequantize()[:, :width]
+    np.testing.assert_allclose(b.dequantize_linear(dq), expected, rtol=1e-6, atol=1e-6)
+    feed = _tied_feed()
+    (got,) = b.run_ort(model, feed)
+    (want,) = b.run_ort(_dequantized(model), feed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert model.meta[quantize.TIED_WEIGHTS_KEY] == {
+        "E": {"table": "E", "uses": ["Gather", "MatMul"], "copies": ["E_T"], "measured": "MatMul"}}
+    assert list(model.meta[meta.MATERIALIZED_KEY]).count("E") == 1
+
+
+def test_a_gemm_tied_table_is_one_dequantize_read_by_both(run_pass, caplog) -> None:
+    proto = b.decoder_model(tied="gemm")
+    model = b.load_upgraded(proto)
+    run_pass(PlanQuantizationPass(QuantConfig(bits=4, group_size=16)), model)
+    with caplog.at_level("WARNING"):
+        run_pass(InsertQDQPass(), model)
+    assert "different layouts" not in caplog.text, "a lookup and a transB=1 head share the table's layout"
+    (dq,) = [n for n in b.nodes_of(model, "DequantizeLinear") if n.inputs[0].name == "E_q"]
+    assert sorted((u.node.op_type, u.idx) for u in dq.outputs[0].uses()) == [("Gather", 0), ("Gemm", 1)]
+    feed = b.ids_feed(40, (16,))
+    np.testing.assert_allclose(b.run_ort(model, feed)[0], b.run_ort(_dequantized(model), feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_on_a_tied_head_reads_the_heads_statistics(run_pass) -> None:
+    """GPTQ is fitted to the head's input covariance (the table has none); the lookup reads the
+    same codes."""
+    model = b.load_upgraded(b.decoder_model(tied="transpose"))
+    run_pass(PlanQuantizationPass(QuantConfig(bits=4, group_size=16, method_override=(("E", "gptq"),))), model)
+    with pytest.raises(ir.passes.PreconditionError, match="E: gptq needs Hessian statistics"):
+        InsertQDQPass()(model)
+    head = model.graph.initializers["E_T"]
+    x = np.random.default_rng(0).standard_normal((256, 32)) * np.linspace(0.1, 3.0, 32)
+    head.meta[meta.HESSIAN_KEY] = meta.HessianStats(samples=256, a=x.T @ x / 256)
+    table = model.graph.initializers["E"].const_value.numpy().copy()
+    run_pass(InsertQDQPass(), model)
+    (dq,) = [n for n in b.nodes_of(model, "DequantizeLinear") if n.inputs[0].name == "E_q"]
+    assert dq.meta[meta.QUANT_KEY].method == "gptq"
+    a = head.meta[meta.HESSIAN_KEY].a
+    rtn = quantize.quantize_matrix(table, dataclasses.replace(dq.meta[meta.QUANT_KEY], method="rtn"))[0].dequantize()
+    err = lambda w: float(np.trace((w - table) @ a @ (w - table).T))  # noqa: E731
+    assert err(b.dequantize_linear(dq)) < err(rtn), "fitted to the head's covariance"
+
+
+def test_a_head_untied_from_its_table_is_quantized_on_its_own(run_pass) -> None:
+    """A copy whose table is not looked up (or no longer marked tied) is a weight of its own."""
+    model = b.load_upgraded(b.decoder_model(tied="transpose"))
+    del model.graph.initializers["E_T"].meta[meta.TIED_KEY]
+    run_pass(PlanQuantizationPass(QuantConfig(bits=4, group_size=16)), model)
+    run_pass(InsertQDQPass(), model)
+    codes = {n.inputs[0].name for n in b.nodes_of(model, "DequantizeLinear")}
+    assert {"E_q", "E_T_q"} <= codes and not b.nodes_of(model, "Transpose")

@@ -278,3 +278,110 @@ def test_kernel_layout_bytes_match_what_the_lowered_model_stores(
         assert stored < stored_bytes(plan, scale_bytes), "3 bits cost less than the 4-bit container"
     else:
         assert stored > stored_bytes(plan, scale_bytes), "blocks padded to whole groups cost more than the portable form"
+
+
+# ------------------------------------------------------------------------ tied tables and heads
+
+
+def _tied_portable(run_pass, bits: int, symmetric: bool, width: int = 32, tied: str = "transpose",
+                   group: int = 16) -> ir.Model:
+    return _portable(run_pass, b.decoder_model(width=width, blocks=1, tied=tied), bits, symmetric, group)
+
+
+def _tie_model(vocab: int = 40, dim: int = 48) -> onnx.ModelProto:
+    """``emb = E[ids]`` and ``y = x @ Eᵀ`` as two outputs: the lookup and the head of one table."""
+    nodes = [
+        onnx.helper.make_node("Gather", ["E", "ids"], ["emb"], name="embed"),
+        onnx.helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["x", "Et"], ["y"], name="head"),
+    ]
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", dim])
+    emb = onnx.helper.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", dim])
+    return b.make_model(nodes, [ids, x], [emb, b.y_output(vocab)], {"E": b.weight((vocab, dim), 5)})
+
+
+def _flat_zero_points_differ(bits: int, symmetric: bool, width: int, group: int = 16) -> bool:
+    """Whether MatMulNBits' per-row zero points differ from zero points packed over the table."""
+    container = 4 if bits == 3 else bits
+    return not symmetric and (-(-width // group) * container) % 8 != 0
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("width", [32, 48, 40], ids=["2-blocks", "3-blocks", "partial-block"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_a_tied_table_is_lowered_onto_one_packed_table(run_pass, tmp_path, bits, symmetric, width, target) -> None:
+    """The head is MatMulNBits; the lookup reads MatMulNBits' bytes (GatherBlockQuantized through
+    Reshape views, or, where cuda's kernel reads zero points over the whole table and they differ,
+    a float table dequantized from them when the session opens). The file stores the codes once."""
+    from hessc.runtime.lower import _stored_sources, quantized_storage
+
+    model = _tied_portable(run_pass, bits, symmetric, width)
+    feed = b.ids_feed(40, (2, 7))
+    (expected,) = b.run_ort(model, feed)
+    portable_bytes, portable_numel = quantized_storage(model)
+    assert run_pass(LowerWeightsPass(LowerConfig(target=target, accuracy_level=0)), model).modified
+    (key,) = [k for k in model.meta[LOWERING_KEY] if k.startswith("tied table stored once")]
+    assert "MatMulNBits" in key
+    assert not any(n.op_type in ("DequantizeLinear", "Transpose") for n in model.graph)
+    (head,) = [n for n in model.graph if n.op_type == "MatMulNBits" and n.name == "lm_head_nbits"]
+    assert (head.attributes.get_int("N"), head.attributes.get_int("K")) == (40, width)
+    codes = {id(v) for v in _stored_sources(head.inputs[1])}
+    (embed,) = [n for n in model.graph if n.op_type in ("GatherBlockQuantized", "Gather") and n.inputs[1].name == "ids"]
+    if target == "cuda" and _flat_zero_points_differ(bits, symmetric, width):
+        assert embed.op_type == "Gather" and "float table dequantized from the same bytes" in key
+    else:
+        assert embed.op_type == "GatherBlockQuantized" and embed.attributes.get_int("bits") == (4 if bits == 3 else bits)
+        assert {id(v) for v in _stored_sources(embed.inputs[2])} == {id(v) for v in _stored_sources(head.inputs[2])}
+        assert ("sliced to" in key) == (width % 16 != 0)
+    head_operands = {id(v) for i in head.inputs[1:4] for v in _stored_sources(i)}
+    read = {id(v) for v in _stored_sources(embed.inputs[0])}
+    assert codes <= read <= head_operands, "the lookup reads the head's codes (and scales and zero points)"
+    table_inits = [v for v in model.graph.initializers.values() if v.name.startswith("E_")]
+    assert sorted(v.name for v in table_inits) == sorted(
+        ["E_nbits_scales"] + ([] if symmetric else ["E_nbits_zp"])
+        + (["E_nbits_lows", "E_nbits_highs"] if bits == 3 else ["E_nbits_B"]))
+    stored, numel = quantized_storage(ir.from_proto(ir.to_proto(model)))
+    assert numel == portable_numel, "each weight's elements once"
+    assert stored == sum(v.const_value.nbytes for v in model.graph.initializers.values() if "_nbits_" in v.name)
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    for optimize in (False, True):  # the Reshape views and the table graph run, or are folded
+        (actual,) = b.run_ort(model, feed, optimize=optimize)
+        assert actual.shape == expected.shape and _rel(actual, expected) <= 1e-4
+    assert not run_pass(LowerWeightsPass(LowerConfig(target=target, accuracy_level=0)), model).modified
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("dim", [48, 40])
+def test_the_lookup_and_the_head_read_the_same_values(run_pass, dim: int, target: str) -> None:
+    """Looked up row by row and multiplied by the identity, the lowered table is the portable one."""
+    model = _portable(run_pass, _tie_model(dim=dim), 4, symmetric=False, group=16)
+    (dq,) = b.nodes_of(model, "DequantizeLinear")
+    table = b.dequantize_linear(dq)
+    lowered, summary = lower(model, LowerConfig(target=target, accuracy_level=0))
+    assert len(summary) == 1 and next(iter(summary)).startswith("tied table stored once")
+    feed = {"ids": np.arange(40, dtype=np.int64), "x": np.eye(dim, dtype=np.float32)}
+    for optimize in (False, True):
+        emb, y = b.run_ort(lowered, feed, optimize=optimize)
+        np.testing.assert_allclose(emb, table, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(y.T, table, rtol=1e-6, atol=1e-7)
+
+
+def test_a_gemm_tied_table_is_lowered_onto_one_packed_table(run_pass) -> None:
+    model = _tied_portable(run_pass, 4, symmetric=False, width=32, tied="gemm")
+    feed = b.ids_feed(40, (16,))
+    (expected,) = b.run_ort(model, feed)
+    lowered, summary = lower(model, LowerConfig(target="cpu", accuracy_level=0))
+    assert "tied table stored once: MatMulNBits 4-bit + GatherBlockQuantized 4-bit on the same bytes" in summary
+    (head,) = [n for n in lowered.graph if n.name == "lm_head_nbits"]
+    assert head.inputs[1].name == "E_nbits_B"
+    assert _rel(b.run_ort(lowered, feed)[0], expected) <= 1e-4
+
+
+def test_a_tied_table_stays_portable_without_quantized_lookups(run_pass) -> None:
+    model = _tied_portable(run_pass, 4, symmetric=False)
+    lowered, summary = lower(model, LowerConfig(target="cpu", gather_quantized=False))
+    assert summary["kept Q/DQ: tied table (quantized lookups are off)"] == 1
+    (dq,) = [n for n in lowered.graph if n.op_type == "DequantizeLinear"]
+    assert sorted(u.node.op_type for u in dq.outputs[0].uses()) == ["Gather", "Transpose"]

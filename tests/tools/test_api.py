@@ -278,3 +278,86 @@ def test_check_output_path_refuses_to_overwrite_the_input(tmp_path) -> None:
             api.check_output_path(src, output)
     api.check_output_path(src, tmp_path / "out.onnx")
     api.check_output_path(None, src)
+
+
+# ------------------------------------------------------------------------ tied tables and heads
+
+
+def _tied_decoder(tied: str = "transpose") -> onnx.ModelProto:
+    return b.decoder_model(width=64, vocab=96, hidden=64, tied=tied)
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+
+
+def _table_names(plan: meta.QuantPlan, target: str) -> set[str]:
+    zp = set() if plan.symmetric else {"zp"}
+    if target == "onnx":
+        return {f"E_{s}" for s in {"q", "scale"} | zp}
+    codes = {"lows", "highs"} if plan.bits == 3 else {"B"}
+    return {f"E_nbits_{s}" for s in codes | {"scales"} | zp}
+
+
+@pytest.mark.parametrize("bits", [4, 3.5], ids=["4-bit", "budget-3.5"])
+@pytest.mark.parametrize("target", ["onnx", "cpu"])
+def test_a_tied_decoder_stores_its_table_once(tmp_path, target: str, bits) -> None:
+    """``Gather(E) … MatMul(h, Transpose(E))``: the saved file holds the table's codes, scales and
+    zero points once, the summary counts the float table once, and the lowered model computes
+    what its portable form computes."""
+    from hessc.passes import quantize
+    from hessc.runtime import lower, sessions
+
+    proto = _tied_decoder()
+    feeds = [b.ids_feed(96, (2, 16), seed=s) for s in range(8)]
+    model = hessc.optimize(proto, target=target, bits=bits, group_size=32, calibration=feeds)
+    record = meta.read_plan(model)
+    summary = record["summary"]
+    assert summary["bytes_before"] == _initializer_bytes(proto), "the float table counted once"
+    (entry,) = [e for e in record["weights"] if e["name"] == "E"]
+    assert entry["tied"] == {"table": "E", "uses": ["Gather", "MatMul"], "copies": ["E_T"], "measured": "MatMul"}
+    plan = meta.QuantPlan("E", "MatMul", (64, 96), entry["bits"], 32, False, entry["method"], (96, 64))
+
+    path = hessc.save(model, tmp_path / "tied.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    saved = ir.load(path)
+    sizes = {name: v.const_value.nbytes for name, v in saved.graph.initializers.items()}
+    assert sum(sizes.values()) == summary["bytes_after"]
+    table = {name for name in sizes if name.startswith("E")}
+    assert table == _table_names(plan, target), "the table's quantized bytes once, no float copy"
+    assert sum(sizes[n] for n in table) == quantize.stored_bytes(plan, 4, kernel_layout=target == "cpu")
+    stored, numel = lower.quantized_storage(saved)
+    assert numel == 6 * 64 * 64 + 96 * 64, "every weight's elements once"
+    assert summary["effective_bits_per_weight"] == pytest.approx(8 * stored / numel, abs=1e-4)
+    if isinstance(bits, float):
+        allocation = record["allocation"]
+        (allocated,) = [w for w in allocation["weights"] if w["name"] == "E"]
+        assert "the Gather use is not measured" in allocated["tied"]["note"]
+        assert "outside_budget" not in allocation, "the tied table is in the budget"
+        assert summary["allocated_effective_bits"] <= 3.5
+        assert summary["planned_effective_bits"] == summary["allocated_effective_bits"]
+
+    graph = saved.graph
+    if target == "onnx":  # one DequantizeLinear, read by the lookup and (transposed) by the head
+        (dq,) = [n for n in graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "E_q"]
+        assert sorted(u.node.op_type for u in dq.outputs[0].uses()) == ["Gather", "Transpose"]
+        return
+    assert record["verification"]["vs_portable"]["rel_error"] <= targets.get("cpu").tolerance
+    (head,) = [n for n in graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "logits"]
+    (embed,) = [n for n in graph if n.op_type == "GatherBlockQuantized"]
+    assert {v.name for v in lower._stored_sources(embed.inputs[0])} == {v.name for v in lower._stored_sources(head.inputs[1])}
+    portable = model.meta[lower.PORTABLE_KEY]
+    lowered = sessions.session(str(path), "cpu")
+    reference = sessions.session(portable, "cpu", optimize=False)
+    for feed in feeds[:2]:
+        (got,), (want,) = lowered.run(feed), reference.run(feed)
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) <= targets.get("cpu").tolerance
+
+
+def test_an_untied_decoder_keeps_its_table_and_head_apart() -> None:
+    proto = b.decoder_model(width=64, vocab=96, hidden=64)
+    model = hessc.optimize(proto, target="cpu", bits=4, group_size=32)
+    record = meta.read_plan(model)
+    assert record["summary"]["bytes_before"] == _initializer_bytes(proto)
+    assert record["lowering"] == {"GatherBlockQuantized 4-bit": 1, "MatMulNBits 4-bit": 7}
+    assert not any("tied" in e for e in record["weights"])
