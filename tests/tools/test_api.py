@@ -288,7 +288,9 @@ def _tied_decoder(tied: str = "transpose") -> onnx.ModelProto:
 
 
 def _initializer_bytes(proto: onnx.ModelProto) -> int:
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer)
+    """The bytes of the float model's initializers that some node reads (each once)."""
+    read = {name for node in proto.graph.node for name in node.input}
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer if t.name in read)
 
 
 def _table_names(plan: meta.QuantPlan, target: str) -> set[str]:
