@@ -149,9 +149,26 @@ def iter_weights(model: ir.Model) -> Iterator[WeightRef]:
     yield from find_weights(model)[0]
 
 
+def _embedding_lookup(node: ir.Node) -> bool:
+    """A row lookup in a constant 2-D table: float, its portable quantized form or its kernel."""
+    if node.op_type == "GatherBlockQuantized":
+        return node.attributes.get_int("gather_axis", 0) == 0
+    if node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0 or not node.inputs:
+        return False
+    table = node.inputs[0]
+    producer = table.producer() if table is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        table = producer.inputs[0]
+    return table is not None and table.const_value is not None and len(table.const_value.shape) == 2
+
+
 def token_ids_input(model: ir.Model) -> str | None:
-    """The graph input holding a language model's token ids (an integer ``input_ids``), or None."""
-    for v in model.graph.inputs:
-        if "input_ids" in (v.name or "") and v.dtype in (ir.DataType.INT64, ir.DataType.INT32):
-            return v.name
-    return None
+    """The graph input holding token ids, or None: an integer input that indexes the rows of a
+    constant 2-D float table (``Gather(E, ids)`` on axis 0, an embedding), or failing that one
+    called ``input_ids``."""
+    ints = [v for v in model.graph.inputs if v.dtype in (ir.DataType.INT64, ir.DataType.INT32)]
+    for v in ints:
+        for use in v.uses():
+            if use.idx == 1 and _embedding_lookup(use.node):
+                return v.name
+    return next((v.name for v in ints if "input_ids" in (v.name or "")), None)

@@ -227,6 +227,17 @@ def check_lowered_ops(
             "provider": on_target.inner.get_providers()[0]}
 
 
+def _next_token_logits(ids: np.ndarray | None, outputs: Sequence[np.ndarray]) -> bool:
+    """Whether the first output is a language model's logits for these token ids: (batch, tokens,
+    vocabulary) over at least two tokens, every id inside the vocabulary (a sentence encoder also
+    reads ``input_ids``, but its outputs are no next-token distribution)."""
+    if ids is None or not outputs:
+        return False
+    ids, logits = np.asarray(ids), np.asarray(outputs[0])
+    return (ids.ndim == 2 and ids.shape[1] > 1 and logits.ndim == 3 and logits.shape[:2] == ids.shape
+            and np.issubdtype(logits.dtype, np.floating) and int(ids.max()) < logits.shape[-1])
+
+
 def _can_run(target: targets.Target) -> bool:
     return target.name != "cuda" or sessions.cuda_available()
 
@@ -306,10 +317,11 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         reasons = []
         quality: dict[str, Any] = {"output_cosine": vs_float["cosine"], "min_output_cosine": self.min_output_cosine}
         ids = token_ids_input(model)
-        if ids is not None and all(ids in f and np.asarray(f[ids]).ndim == 2 and f[ids].shape[1] > 1 for f in feeds):
+        float_outputs = [reference.run(f) for f in feeds] if ids is not None else []
+        if ids is not None and all(_next_token_logits(f.get(ids), outs) for f, outs in zip(feeds, float_outputs)):
             from hessc.passes.allocate_bits import heldout_loss
 
-            float_loss = heldout_loss([reference.run(f) for f in feeds], feeds, "next-token", ids)
+            float_loss = heldout_loss(float_outputs, feeds, "next-token", ids)
             loss = heldout_loss([candidate.run(f) for f in feeds], feeds, "next-token", ids)
             quality.update(next_token_loss_float=float_loss, next_token_loss=loss,
                            max_loss_increase=self.max_loss_increase)

@@ -183,3 +183,28 @@ def test_cuda_embedding_with_partial_blocks_is_verified_and_the_kernel_rule_is_n
             hessc.optimize(model, target="cuda", bits=4, group_size=128, calibration=feeds)
     finally:
         targets.TARGETS["cuda"] = original
+
+
+def test_the_next_token_check_runs_on_logits_only() -> None:
+    from hessc.runtime.verification import _next_token_logits
+
+    ids = np.array([[1, 2, 3]])
+    assert _next_token_logits(ids, [np.zeros((1, 3, 10), np.float32)])
+    assert not _next_token_logits(ids, [np.zeros((1, 3, 2), np.float32)]), "ids beyond the vocabulary"
+    assert not _next_token_logits(ids, [np.zeros((1, 384), np.float32)]), "a sentence embedding"
+    assert not _next_token_logits(np.array([[1]]), [np.zeros((1, 1, 10), np.float32)]), "one token"
+
+
+@pytest.mark.torch
+def test_a_language_model_whose_loss_collapses_is_refused() -> None:
+    import hessc
+
+    model = b.load(b.decoder_model(width=64, vocab=40, hidden=64, blocks=2))
+    feeds = [b.ids_feed(40, (2, 16), seed=s) for s in range(2)]
+    with pytest.raises(VerificationError, match="next-token loss rose"):
+        hessc.optimize(model, target="onnx", bits=2, group_size=16, calibration=feeds, max_loss_increase=1e-6,
+                       min_output_cosine=-1.0)
+    out = hessc.optimize(model, target="onnx", bits=2, group_size=16, calibration=feeds, max_loss_increase=1e-6,
+                         min_output_cosine=-1.0, allow_degraded=True)
+    quality = meta.read_plan(out)["verification"]["quality"]
+    assert quality["degraded"] and quality["next_token_loss"] > quality["next_token_loss_float"]
