@@ -79,7 +79,9 @@ class QuantConfig:
         method_override: per-weight method (``rtn``, ``gptq`` or ``rtn-grad``) by user-facing
             name, for MatMul, Gemm and Conv weights (used by the bit allocator).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
-            runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run).
+            runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
+            tied to a head follows the head's plan: lowered, its lookup reads the head's
+            MatMulNBits bytes, which GatherBlockQuantized runs at 2, 4 and 8 bits.
     """
 
     bits: int = 4
@@ -427,8 +429,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         ref = group.lead
         stored = group.stored
         copy = ref.value is not stored  # the lead reads a tied copy, the table transposed
-        if not copy and any(r.value is stored and r.op != "Gather" and (r.op != ref.op or r.transposed != ref.transposed)
-                            for r in group.refs):
+        if not copy and any(r.value is stored and r.op != "Gather"
+                            and (r.op != ref.op or r.transposed != ref.transposed) for r in group.refs):
             logger.warning("%s is read by nodes of different layouts; quantizing it for %s", ref.name, ref.op)
         hessian = gradient = None
         if plan.method in ("gptq", "rtn-grad"):

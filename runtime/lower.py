@@ -175,7 +175,7 @@ class _Rewriter:
         axis = dq.attributes.get_int("axis", 1)
         bits = _BITS[q.dtype]
         ops = {(u.node.op_type, u.idx) for u in uses}
-        tie = _tie_uses(uses)
+        tie = _tie_uses(uses, dq.graph)
         if tie is not None and axis == 1 and block:
             return self._to_tied_table(dq, tie, q, scale, zp, bits, block)
         if ops == {("MatMul", 1)} and axis == 0 and block:
@@ -290,7 +290,8 @@ class _Rewriter:
             attrs["accuracy_level"] = self.config.accuracy_level
         while inputs and inputs[-1] is None:
             inputs.pop()
-        new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or weight.base}_nbits")
+        new = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS_DOMAIN,
+                      name=f"{node.name or weight.base}_nbits")
         new.meta[meta.QUANT_KEY] = weight.plan
         _replace(graph, node, new)
 
@@ -326,7 +327,8 @@ class _Rewriter:
             # The kernel indexes zero points over the flattened table, MatMulNBits packs them per row.
             table = self._dequantized_table(graph, weight, first)
             for node in lookups:
-                new = ir.node("Gather", [table, node.inputs[1]], attributes={"axis": 0}, name=f"{node.name or weight.base}_table")
+                new = ir.node("Gather", [table, node.inputs[1]], attributes={"axis": 0},
+                              name=f"{node.name or weight.base}_table")
                 _replace(graph, node, new)
             return (f"Gather of a float table dequantized from the same bytes when the session opens "
                     f"({self.config.target}'s GatherBlockQuantized reads zero points packed over the whole table)")
@@ -369,8 +371,8 @@ class _Rewriter:
             if bits == 8:
                 return packed
             mask = g.const(u8((1 << bits) - 1))
-            parts = [g.op("Unsqueeze", g.op("BitwiseAnd", g.op("BitShift", packed, g.const(u8(j * bits)), direction="RIGHT"), mask),
-                          g.const(i64(-1))) for j in range(8 // bits)]
+            shifted = [g.op("BitShift", packed, g.const(u8(j * bits)), direction="RIGHT") for j in range(8 // bits)]
+            parts = [g.op("Unsqueeze", g.op("BitwiseAnd", s, mask), g.const(i64(-1))) for s in shifted]
             return g.op("Reshape", g.op("Concat", *parts, axis=-1), g.const(i64(n, count)))
 
         rows = n_blocks * block * bits // 8
@@ -450,7 +452,8 @@ class _NBitsWeight:
     def summary(self) -> str:
         if self.three_bit:
             return f"MatMulNBits {self.bits}-bit (3-bit codes stored at 3 bits)"
-        return f"MatMulNBits {self.bits}-bit" + (f" ({self.plan_bits}-bit codes)" if self.plan_bits != self.bits else "")
+        codes = f" ({self.plan_bits}-bit codes)" if self.plan_bits != self.bits else ""
+        return f"MatMulNBits {self.bits}-bit{codes}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,12 +466,14 @@ class _TieUses:
     nodes: list[ir.Node]  # every direct reader (transposes included)
 
 
-def _tie_uses(uses) -> _TieUses | None:
+def _tie_uses(uses, graph: ir.Graph) -> _TieUses | None:
     """The uses of a DQ output as a tied table's, or None unless every use is a lookup or a head
-    and some head reads through a ``Transpose`` or beside a lookup."""
+    of ``graph`` and some head reads through a ``Transpose`` or beside a lookup."""
     lookups, heads, nodes, transposed = [], [], [], False
     for use in uses:
         node = use.node
+        if node.graph is not graph:
+            return None
         nodes.append(node)
         if node.op_type == "Gather" and use.idx == 0 and node.attributes.get_int("axis", 0) == 0:
             lookups.append(node)
@@ -477,7 +482,8 @@ def _tie_uses(uses) -> _TieUses | None:
         elif node.op_type == "Transpose" and use.idx == 0 and tuple(node.attributes.get_ints("perm", [1, 0])) == (1, 0):
             out = node.outputs[0]
             readers = list(out.uses())
-            if out.is_graph_output() or not readers or any(u.node.op_type != "MatMul" or u.idx != 1 for u in readers):
+            if out.is_graph_output() or not readers or any(
+                    u.node.op_type != "MatMul" or u.idx != 1 or u.node.graph is not graph for u in readers):
                 return None
             heads.extend(u.node for u in readers)
             transposed = True

@@ -263,8 +263,10 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
     if allocation.get("planned_effective_bits") is not None:
         summary["planned_effective_bits"] = allocation["planned_effective_bits"]
     record["allocation"] = {
-        key: allocation[key] for key in ("estimator", "note", "not_allocated", "outside_budget") if allocation.get(key)
+        key: allocation[key] for key in ("estimator", "note", "not_allocated") if allocation.get(key) is not None
     }
+    if allocation.get("outside_budget"):  # planned weights the budget does not cover, with their bytes
+        record["allocation"]["outside_budget"] = allocation["outside_budget"]
     record["allocation"]["weights"] = [
         {key: w[key] for key in ("name", "shape", "bits", "method", "bytes", "predicted_delta_loss", "estimator",
                                  "candidates", "curvature", "tied") if key in w}

@@ -347,7 +347,8 @@ def test_a_tied_decoder_stores_its_table_once(tmp_path, target: str, bits) -> No
     assert record["verification"]["vs_portable"]["rel_error"] <= targets.get("cpu").tolerance
     (head,) = [n for n in graph if n.op_type == "MatMulNBits" and n.outputs[0].name == "logits"]
     (embed,) = [n for n in graph if n.op_type == "GatherBlockQuantized"]
-    assert {v.name for v in lower._stored_sources(embed.inputs[0])} == {v.name for v in lower._stored_sources(head.inputs[1])}
+    codes = {v.name for v in lower._stored_sources(head.inputs[1])}
+    assert {v.name for v in lower._stored_sources(embed.inputs[0])} == codes, "the lookup reads the head's codes"
     portable = model.meta[lower.PORTABLE_KEY]
     lowered = sessions.session(str(path), "cpu")
     reference = sessions.session(portable, "cpu", optimize=False)
@@ -363,3 +364,26 @@ def test_an_untied_decoder_keeps_its_table_and_head_apart() -> None:
     assert record["summary"]["bytes_before"] == _initializer_bytes(proto)
     assert record["lowering"] == {"GatherBlockQuantized 4-bit": 1, "MatMulNBits 4-bit": 7}
     assert not any("tied" in e for e in record["weights"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8, 2])
+@pytest.mark.parametrize("group", [32, 64, 128], ids=["18-blocks", "9-blocks", "4.5-blocks"])
+def test_a_tied_table_on_cuda_is_stored_once_and_verified(bits: int, group: int) -> None:
+    """SmolLM2's table width (576) at three group sizes: whole, odd (zero points packed per row
+    differ from the CUDA kernel's whole-table packing: the lookup reads a float table dequantized
+    from the same bytes) and partial blocks (rows padded to whole blocks, sliced back)."""
+    from hessc.runtime import sessions
+
+    if not sessions.cuda_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    proto = b.decoder_model(width=576, vocab=2000, hidden=64, blocks=1, tied="transpose")
+    feeds = [b.ids_feed(2000, (1, 128), seed=s) for s in range(2)]
+    out = hessc.optimize(proto, target="cuda", bits=bits, group_size=group, calibration=feeds,
+                         input_shapes={"ids": [1, 128]})
+    record = meta.read_plan(out)
+    assert record["verification"]["status"] == "passed"
+    assert record["verification"]["vs_portable"]["rel_error"] < targets.get("cuda").tolerance
+    (key,) = [k for k in record["lowering"] if k.startswith("tied table stored once")]
+    blocks = -(-576 // group)
+    assert ("float table" in key) == ((blocks * bits) % 8 != 0)
