@@ -37,6 +37,8 @@ def quantized_layer_inputs(model: ir.Model) -> dict[str, list[ir.Node]]:
             continue
         weight = node.inputs[1]
         producer = weight.producer() if weight is not None else None
+        if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None:
+            producer = producer.inputs[0].producer()  # a head tied to its table reads Transpose(DQ(E))
         if producer is None or producer.op_type != "DequantizeLinear" or meta.QUANT_KEY not in producer.meta:
             continue
         x = node.inputs[0]

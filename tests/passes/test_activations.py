@@ -109,3 +109,14 @@ def test_activations_8_needs_calibration_except_on_the_cpu_kernel() -> None:
     assert {n.attributes.get_int("accuracy_level") for n in model.graph if n.op_type == "MatMulNBits"} == {4}
     with pytest.raises(InputError, match="not supported"):
         hessc.optimize(b.mlp_model(), target="cpu", activations=4)
+
+
+def test_a_head_tied_to_its_table_gets_its_input_quantized_too() -> None:
+    """The tied head reads ``Transpose(DequantizeLinear(E))``: it is a quantized layer like the others."""
+    model = b.load_upgraded(b.decoder_model(width=64, vocab=40, hidden=64, blocks=1, tied="transpose"))
+    run = lambda p: p(model)  # noqa: E731
+    run(PlanQuantizationPass(QuantConfig(bits=4, group_size=32)))
+    run(InsertQDQPass())
+    readers = quantized_layer_inputs(model)
+    heads = [n for rs in readers.values() for n in rs if n.inputs[1].producer().op_type == "Transpose"]
+    assert len(heads) == 1
