@@ -348,7 +348,7 @@ def fix_input_shapes(model: ir.Model, shapes: dict[str, Sequence[int]]) -> None:
     common_passes.ShapeInferencePass()(model)
 
 
-_IDENTITY_KEYS = (meta.WEIGHT_NAME_KEY, meta.TIED_KEY)
+_IDENTITY_KEYS = (meta.WEIGHT_NAME_KEY, meta.TIED_KEY, meta.UNTIED_FROM_KEY)
 """Value annotations that say what a weight is (its user-facing name, the table it is tied to):
 a copy must keep them, or a replayed plan would address the weight by another name."""
 

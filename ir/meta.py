@@ -24,6 +24,11 @@ HESSIAN_KEY = "hessc.hessian"
 TIED_KEY = "hessc.tied_to"
 """``value.meta`` key: the embedding table a transposed weight copy was folded from (tied weights)."""
 
+UNTIED_FROM_KEY = "hessc.untied_from"
+"""``value.meta`` key: the embedding table an output head was tied to before a rewrite untied it
+(``fold-rotation`` when the final norm's scale is folded into the head): still "the tied head"
+for ``quantize_embeddings``, but stored and quantized on its own."""
+
 WEIGHT_NAME_KEY = "hessc.weight_name"
 """``value.meta`` key: the user-facing name of a weight (the original parameter name)."""
 

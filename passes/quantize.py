@@ -156,7 +156,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
     overrides = dict(config.bits_override)
     if ref.op == "Conv" and not config.quantize_conv:
         return "Conv quantization is off for this target"
-    if not config.quantize_embeddings and (ref.op == "Gather" or lookup or meta.TIED_KEY in ref.value.meta):
+    tied_head = meta.TIED_KEY in ref.value.meta or meta.UNTIED_FROM_KEY in ref.value.meta
+    if not config.quantize_embeddings and (ref.op == "Gather" or lookup or tied_head):
         return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")
     bits = overrides.get(ref.name, config.bits)
     if bits >= 16:

@@ -846,7 +846,7 @@ def _fold(model: ir.Model, stream: _Stream, r: np.ndarray, undo: _Undo) -> _Fold
         if not survives:
             if id(value) not in keys_by_value:
                 undo.meta(value)
-            value.meta.pop(meta.TIED_KEY, None)
+            value.meta[meta.UNTIED_FROM_KEY] = value.meta.pop(meta.TIED_KEY)
             out.untied.append(value.name)
             out.untied_bytes += int(value.const_value.nbytes)
     # The scales now live in the readers: the norms get unit scales.

@@ -196,7 +196,13 @@ def test_a_tied_head_is_untied_when_the_final_scale_is_folded(run_pass) -> None:
     _assert_exact(before, after)
     plan = model.meta[rot.ROTATION_KEY]
     head = model.graph.initializers["E_T"]
-    assert meta.TIED_KEY not in head.meta
+    assert meta.TIED_KEY not in head.meta and head.meta[meta.UNTIED_FROM_KEY] == "E"
+    # Still the tied head for quantize_embeddings=False: it stays in float like the table.
+    from hessc.ir import weights as qweights
+    from hessc.passes.quantize import QuantConfig, plan_for
+
+    ref = next(r for r in qweights.iter_weights(model) if r.value is head)
+    assert "embedding quantization is off" in plan_for(ref, QuantConfig(quantize_embeddings=False, min_numel=0))
     gamma, r = arrays["norm.weight"].astype(np.float64), plan.matrix
     np.testing.assert_allclose(head.const_value.numpy(), r.T @ (gamma[:, None] * arrays["E_T"]), rtol=1e-5, atol=1e-6)
     assert plan.untied == ("E_T",) and plan.untied_bytes == 40 * 32 * 4
