@@ -62,18 +62,25 @@ class OutputComparison:
 
 
 def compare_outputs(
-    reference: sessions.Session, candidate: sessions.Session, feeds: Sequence[dict[str, np.ndarray]]
+    reference: sessions.Session, candidate: sessions.Session, feeds: Sequence[dict[str, np.ndarray]],
+    reference_outputs: Sequence[Sequence[np.ndarray]] | None = None,
+    candidate_outputs: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> tuple[dict[str, Any], list[OutputComparison]]:
     """Per-output and overall errors of ``candidate`` against ``reference``.
 
     Float outputs are compared; an output whose shape differs on some feed (a length that depends
-    on the input or on noise) is not compared on that feed and says so.
+    on the input or on noise) is not compared on that feed and says so. Outputs the caller already
+    has (per feed, in output order) are used instead of running the session again.
     """
     names = reference.output_names
+    if reference_outputs is None:
+        reference_outputs = [reference.run(feed) for feed in feeds]
+    if candidate_outputs is None:
+        candidate_outputs = [candidate.run(feed) for feed in feeds]
     sums = {n: [0.0, 0.0, 0.0, 0.0, 0.0, 0] for n in names}  # err², ref², cand², dot, max|d|, feeds
     notes: dict[str, str] = {}
-    for feed in feeds:
-        for name, r, c in zip(names, reference.run(feed), candidate.run(feed)):
+    for ref_outs, cand_outs in zip(reference_outputs, candidate_outputs):
+        for name, r, c in zip(names, ref_outs, cand_outs):
             r, c = np.asarray(r), np.asarray(c)
             if not np.issubdtype(r.dtype, np.floating):
                 notes.setdefault(name, f"not compared: {r.dtype} output")
@@ -133,15 +140,15 @@ def cut(model: ir.Model, inputs: Sequence[str], outputs: Sequence[str],
     new_inputs = []
     for name in inputs:
         old = values[name]
+        if old.is_graph_input():
+            new_inputs.append(old)
+            continue
         value_type = old.type
         if value_type is None and dtypes and name in dtypes:
             value_type = ir.TensorType(ir.DataType.from_numpy(np.dtype(dtypes[name])))
         new = ir.Value(name=name, shape=old.shape, type=value_type)
-        if old.is_graph_input():
-            new = old
-        else:
-            ir.convenience.replace_all_uses_with(old, new)
-            old.name = f"{name}__cut"
+        ir.convenience.replace_all_uses_with(old, new)
+        old.name = f"{name}__cut"
         new_inputs.append(new)
     graph.outputs.clear()
     graph.outputs.extend(values[name] for name in outputs)
@@ -291,7 +298,10 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             where = candidate.inner.get_providers()[0]
             if target.name == "cuda":
                 sessions.check_cuda_placement(model, feeds[0])
-        vs_float, per_float = compare_outputs(reference, candidate, feeds)
+        # Each session runs the feeds once; every comparison below reads these outputs.
+        float_outputs = [reference.run(f) for f in feeds]
+        outputs = [candidate.run(f) for f in feeds]
+        vs_float, per_float = compare_outputs(reference, candidate, feeds, float_outputs, outputs)
         record: dict[str, Any] = {"status": "passed", "provider": where, "vs_float": vs_float,
                                   "vs_float_outputs": [c.to_json() for c in per_float]}
         not_compared = [c.name for c in per_float if c.rel_error is None]
@@ -299,16 +309,16 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             record["not_compared"] = not_compared
         portable = model.meta.get(PORTABLE_KEY)
         if portable is not None:
-            self._check_lowering(model, portable, feeds, vs_float, record)
+            self._check_lowering(model, portable, candidate, feeds, outputs, vs_float, record)
         else:
             record["vs_portable"] = "skipped: the model was not lowered (it is its portable form)"
         model.meta[VERIFICATION_KEY] = record
         if not math.isfinite(vs_float["rel_error"]):
             raise VerificationError("the optimized model produces non-finite outputs; use more bits")
-        self._check_quality(model, reference, candidate, feeds, vs_float, record)
+        self._check_quality(model, feeds, float_outputs, outputs, vs_float, record)
         return ir.passes.PassResult(model, False)
 
-    def _check_quality(self, model, reference, candidate, feeds, vs_float, record) -> None:
+    def _check_quality(self, model, feeds, float_outputs, outputs, vs_float, record) -> None:
         """No silent collapse: a result whose next-token loss (language models) rose by more than
         ``max_loss_increase`` nats, or whose outputs' cosine to float fell below
         ``min_output_cosine``, is refused unless degraded results are allowed."""
@@ -317,12 +327,11 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         reasons = []
         quality: dict[str, Any] = {"output_cosine": vs_float["cosine"], "min_output_cosine": self.min_output_cosine}
         ids = token_ids_input(model)
-        float_outputs = [reference.run(f) for f in feeds] if ids is not None else []
         if ids is not None and all(_next_token_logits(f.get(ids), outs) for f, outs in zip(feeds, float_outputs)):
             from hessc.passes.allocate_bits import heldout_loss
 
             float_loss = heldout_loss(float_outputs, feeds, "next-token", ids)
-            loss = heldout_loss([candidate.run(f) for f in feeds], feeds, "next-token", ids)
+            loss = heldout_loss(outputs, feeds, "next-token", ids)
             quality.update(next_token_loss_float=float_loss, next_token_loss=loss,
                            max_loss_increase=self.max_loss_increase)
             if loss - float_loss > self.max_loss_increase:
@@ -345,11 +354,10 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             record["status"] = "passed (degraded, allowed)"
             logger.warning("the result is degraded: %s", "; ".join(reasons))
 
-    def _check_lowering(self, model, portable, feeds, vs_float, record) -> None:
+    def _check_lowering(self, model, portable, candidate, feeds, outputs, vs_float, record) -> None:
         target = self.target
         portable_session = sessions.session(portable, "cpu", optimize=False)
-        candidate = sessions.session(model, target.name if _can_run(target) else "cpu")
-        lowered, per_output = compare_outputs(portable_session, candidate, feeds)
+        lowered, per_output = compare_outputs(portable_session, candidate, feeds, candidate_outputs=outputs)
         record["vs_portable"] = lowered
         record["vs_portable_outputs"] = [c.to_json() for c in per_output]
         conditioned = vs_float["rel_error"] < CONDITIONED
