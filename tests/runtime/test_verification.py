@@ -88,21 +88,33 @@ def test_cut_keeps_only_what_computes_the_outputs_from_the_inputs() -> None:
     assert len(list(model.graph)) == 3, "the original is unchanged"
 
 
-def test_outputs_of_different_lengths_are_reported_not_broadcast() -> None:
-    """A model whose output length depends on the input (or on noise) is compared where it can be."""
+def test_outputs_of_different_lengths_are_compared_on_their_common_prefix_not_broadcast() -> None:
+    """A model whose output length depends on the input (or on noise) is compared where it can be:
+    on the common prefix when only lengths differ, not at all when the ranks differ."""
     from onnx import TensorProto, helper
 
     from hessc.runtime import sessions
+    from hessc.runtime.verification import NOT_COMPARABLE, PREFIX
 
-    def model(length: int) -> ir.Model:
-        nodes = [helper.make_node("Slice", ["x", "s", "e"], ["y"], name="slice")]
-        inits = {"s": np.array([0], dtype=np.int64), "e": np.array([length], dtype=np.int64)}
+    def model(length: int, rank: int = 2) -> ir.Model:
+        nodes = [helper.make_node("Slice", ["x", "s", "e"], ["t"], name="slice"),
+                 helper.make_node("Reshape", ["t", "shape"], ["y"], name="reshape")]
+        inits = {"s": np.array([0], dtype=np.int64), "e": np.array([length], dtype=np.int64),
+                 "shape": np.array([0, 8] if rank == 2 else [0, 2, 4], dtype=np.int64)}
         proto = b.make_model(nodes, [b.x_input(8)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
         return b.load(proto)
 
-    ref, cand = sessions.session(model(5), "cpu"), sessions.session(model(3), "cpu")
-    overall, per_output = compare_outputs(ref, cand, [{"x": np.ones((5, 8), dtype=np.float32)}])
-    assert per_output[0].rel_error is None and "shape" in per_output[0].note
+    feed = {"x": np.arange(40, dtype=np.float32).reshape(5, 8)}
+    ref = sessions.session(model(5), "cpu")
+    overall, (y,) = compare_outputs(ref, sessions.session(model(3), "cpu"), [feed])
+    assert y.compared == PREFIX and y.prefix_feeds == 1
+    assert y.note == "length 5 (reference) vs 3 (result) along axis 0, compared on the first 3"
+    assert y.rel_error == 0.0 and overall["rel_error"] == 0.0, "the first 3 rows are the same"
+    _, (y,) = compare_outputs(ref, sessions.session(model(3), "cpu"), [feed], align=False)
+    assert y.compared == NOT_COMPARABLE and y.rel_error is None
+    overall, (y,) = compare_outputs(ref, sessions.session(model(5, rank=3), "cpu"), [feed])
+    assert y.compared == NOT_COMPARABLE and "rank 2 (reference) vs 3 (result)" in y.note
+    assert overall["rel_error"] is None and overall["cosine"] is None
 
 
 def test_cuda_keeps_embedding_tables_whose_rows_are_not_whole_blocks_portable() -> None:
