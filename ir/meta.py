@@ -133,6 +133,8 @@ class QuantPlan:
         symmetric: no zero point when true.
         method: the quantizer that chose the codes (``rtn``, ``gptq``).
         matrix_shape: (out, in) of the normalised weight view; groups run along ``in``.
+        narrow: symmetric codes in ``[−(2^{b−1} − 1), 2^{b−1} − 1]`` with positive scales (the
+            static int8 kernels' grid) instead of MatMulNBits' signed-extreme convention.
     """
 
     name: str
@@ -143,6 +145,7 @@ class QuantPlan:
     symmetric: bool
     method: str = "rtn"
     matrix_shape: tuple[int, int] = (0, 0)
+    narrow: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -154,6 +157,8 @@ class QuantPlan:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
         d.pop("matrix_shape")
+        if not self.narrow:
+            d.pop("narrow")
         return d
 
 

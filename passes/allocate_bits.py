@@ -138,6 +138,8 @@ class AllocationConfig:
         trust_radius: the neighbourhood in which the second-order prediction is trusted, as the
             item's relative layer-output perturbation ``ρ = √(tr(Δ A Δᵀ) / tr(W A Wᵀ))``; items
             beyond it are admitted only when the budget cannot be met without them (None: all).
+        static_int8_ops: ops the target runs as static int8 kernels: their weights have one
+            form (8 bits, :func:`hessc.passes.quantize.static_int8_plan`) and are not allocated.
     """
 
     budget_bits: float | None = None
@@ -151,6 +153,7 @@ class AllocationConfig:
     scale_bytes: int = 4
     kernel_layout: bool = False
     trust_radius: float | None = TRUST_RADIUS
+    static_int8_ops: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         chosen = [self.budget_bits is not None, self.budget_bytes is not None, self.lossless]
@@ -352,11 +355,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
 
     def _targets(self, model: ir.Model) -> list[qweights.WeightRef]:
         """The allocated weights, each by the use that carries its curvature (a tie by its head)."""
-        return [g.lead for g in self._groups(model) if g.lead.op in ALLOCATED_OPS]
+        return [g.lead for g in self._groups(model)
+                if g.lead.op in ALLOCATED_OPS and g.lead.op not in self.config.static_int8_ops]
 
     def requires(self, model: ir.Model) -> None:
         refs = self._targets(model)
-        if not refs:
+        if not refs and not self._groups(model):
             raise ir.passes.PreconditionError(
                 "allocate-bits found no planned MatMul/Gemm/Conv weights; run plan-quantization first"
             )
@@ -368,7 +372,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 f"allocate-bits: the Hessian statistics of {len(stale)} weights are invalid ({name}: {why}); "
                 "run annotate-hessian again after the pass that changed them"
             )
-        if not any(_stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None for r in refs):
+        if refs and not any(_stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None for r in refs):
             raise ir.passes.PreconditionError(
                 "allocate-bits needs Hessian statistics (at least A) on the weights; run annotate-hessian "
                 "with calibration data first"
@@ -376,6 +380,15 @@ class AllocateBitsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         config = self.config
+        if not self._targets(model):
+            outside = self._outside_budget(model, set())
+            note = f"nothing to allocate: the {len(outside)} planned weights have one form each on this target"
+            logger.warning(note)
+            model.meta[ALLOCATION_KEY] = with_weights(
+                {"mode": "lossless" if config.lossless else "budget", "budget_bits": config.budget_bits,
+                 "budget_bytes": config.budget_bytes, "allocated_params": 0, "not_allocated": [],
+                 "outside_budget": outside, "note": note}, [])
+            return ir.passes.PassResult(model, False)
         refs = [r for r in self._targets(model) if _stat(r.value.meta.get(meta.HESSIAN_KEY), "a") is not None]
         allocated = {id(r.value) for r in refs}
         unallocated = [r.name for r in self._targets(model) if id(r.value) not in allocated]
@@ -481,8 +494,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             if id(group.lead.value) in allocated:
                 continue
             plan = group.plan()
-            reason = ("an embedding table: no curvature is measured for a lookup" if group.lead.op not in ALLOCATED_OPS
-                      else "no Hessian statistics")
+            if group.lead.op in self.config.static_int8_ops:
+                reason = "a static int8 kernel on this target: 8 bits is the one form it runs"
+            elif group.lead.op not in ALLOCATED_OPS:
+                reason = "an embedding table: no curvature is measured for a lookup"
+            else:
+                reason = "no Hessian statistics"
             out.append({
                 "name": group.name, "op": group.lead.op, "shape": list(group.lead.matrix_shape), "bits": plan.bits,
                 "bytes": quantize.stored_bytes(plan, self.config.scale_bytes, self.config.kernel_layout),

@@ -51,10 +51,13 @@ class PassSpec:
 def _quant_config(options, target):
     from hessc.passes import quantize
 
+    static = options.static_int8_ops(target)
     return quantize.QuantConfig(
         bits=options.uniform_bits, group_size=options.group_size, symmetric=options.symmetric,
-        quantize_conv=target.quantizes_conv, quantize_embeddings=options.quantize_embeddings,
-        method=options.method, embedding_min_bits=target.embedding_min_bits,
+        quantize_conv=target.quantizes_conv and (not target.static_int8_ops or bool(static)),
+        conv_off_reason=options.static_int8_off_reason(target),
+        quantize_embeddings=options.quantize_embeddings,
+        method=options.method, embedding_min_bits=target.embedding_min_bits, static_int8_ops=static,
     )
 
 
@@ -63,7 +66,8 @@ def allocation_config(options, target):
     from hessc.passes import allocate_bits
 
     common = dict(methods=options.allocator_methods(), group_size=options.group_size, symmetric=options.symmetric,
-                  scale_bytes=target.scale_bytes(options.fp16_for(target)), kernel_layout=target.kernel_layout)
+                  scale_bytes=target.scale_bytes(options.fp16_for(target)), kernel_layout=target.kernel_layout,
+                  static_int8_ops=options.static_int8_ops(target))
     if options.lossless:
         return allocate_bits.AllocationConfig(lossless=True, **common)
     if options.budget_bytes is not None:
@@ -131,20 +135,20 @@ def _confirm_lossless(options, target):
 def _activation_ranges(options, target):
     from hessc.passes import activations
 
-    return activations.AnnotateActivationRangesPass()
+    return activations.AnnotateActivationRangesPass(options.static_activations(target), options.static_int8_ops(target))
 
 
 def _activation_qdq(options, target):
     from hessc.passes import activations
 
-    if target.name == "cuda":
+    if target.name == "cuda" and options.static_activations(target):
         logger.warning(
             "--activations 8 on cuda: the CUDA provider has no int8-activation MatMulNBits, so the uint8 "
             "activations run as Q/DQ around fp16 kernels (measured on an H100 for SmolLM2: slower, and "
             "perplexity 63.9 against 30.7 with fp16 activations); fp16 activations are the fast path there"
         )
 
-    return activations.InsertActivationQDQPass()
+    return activations.InsertActivationQDQPass(options.static_activations(target), options.static_int8_ops(target))
 
 
 def _lower(options, target):
@@ -191,10 +195,12 @@ PASSES: tuple[PassSpec, ...] = (
              _insert_qdq, _always),
     PassSpec("confirm-lossless", "check the allocation on held-out feeds and back off until it holds",
              _confirm_lossless, lambda o, t: o.lossless),
-    PassSpec("annotate-activation-ranges", "calibrated ranges of quantized layers' inputs (analysis)",
-             _activation_ranges, lambda o, t: o.static_activations(t)),
-    PassSpec("insert-activation-qdq", "uint8 per-tensor Q/DQ on quantized layers' inputs",
-             _activation_qdq, lambda o, t: o.static_activations(t)),
+    PassSpec("annotate-activation-ranges", "calibrated ranges of the activations to quantize: quantized "
+             "layers' inputs, the static int8 region's values (analysis)",
+             _activation_ranges, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
+    PassSpec("insert-activation-qdq", "uint8 per-tensor Q/DQ on those activations (the static int8 region "
+             "in the form ORT fuses into QLinearConv, QLinearAdd, ...)",
+             _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
     PassSpec("verify-in-ort", "run the result on its target in ONNX Runtime and compare it (analysis)",

@@ -78,6 +78,10 @@ class QuantConfig:
             more keeps the weight in float.
         method_override: per-weight method (``rtn``, ``gptq`` or ``rtn-grad``) by user-facing
             name, for MatMul, Gemm and Conv weights (used by the bit allocator).
+        static_int8_ops: ops the target runs as static int8 kernels (the CPU's convs): their
+            weights are 8-bit, symmetric, one scale per output channel, whatever ``bits`` says
+            (:func:`static_int8_plan`).
+        conv_off_reason: why Conv weights stay in float when ``quantize_conv`` is off.
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
             tied to a head follows the head's plan: lowered, its lookup reads the head's
@@ -94,6 +98,8 @@ class QuantConfig:
     bits_override: tuple[tuple[str, int], ...] = ()
     embedding_min_bits: int = 2
     method_override: tuple[tuple[str, str], ...] = ()
+    static_int8_ops: frozenset[str] = frozenset()
+    conv_off_reason: str | None = None
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
@@ -151,24 +157,43 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
         lookup: the weight is also an embedding table (a head tied to it): it follows
             ``quantize_embeddings``.
     """
-    if ref.numel < config.min_numel:
+    if ref.numel < config.min_numel and ref.op not in config.static_int8_ops:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
     if ref.op == "Conv" and not config.quantize_conv:
-        return "Conv quantization is off for this target"
+        return config.conv_off_reason or "Conv quantization is off for this target"
     tied_head = meta.TIED_KEY in ref.value.meta or meta.UNTIED_FROM_KEY in ref.value.meta
     if not config.quantize_embeddings and (ref.op == "Gather" or lookup or tied_head):
         return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")
     bits = overrides.get(ref.name, config.bits)
     if bits >= 16:
         return "kept in float by the plan"
+    method = dict(config.method_override).get(ref.name, config.method) if ref.op != "Gather" else "rtn"
+    if ref.op in config.static_int8_ops:
+        return static_int8_plan(ref, method)
     if ref.op == "Gather":
         bits = max(bits, config.embedding_min_bits)
-    method = dict(config.method_override).get(ref.name, config.method) if ref.op != "Gather" else "rtn"
     return meta.QuantPlan(
         ref.name, ref.op, ref.stored_shape, bits, group_size_for(ref, config.group_size), config.symmetric, method,
         ref.matrix_shape,
     )
+
+
+STATIC_INT8_BITS = 8
+
+
+def static_int8_plan(ref: qweights.WeightRef, method: str) -> meta.QuantPlan | str:
+    """The plan of a weight the target runs as a static int8 kernel, or why it stays in float.
+
+    ONNX Runtime fuses ``DequantizeLinear → Conv → QuantizeLinear`` into ``QLinearConv`` only for
+    8-bit weights with one scale per output channel (``axis=0``, no blocks) and zero point 0, so
+    that is the plan whatever bit width was asked for. A layer whose output is a model output
+    stays in float: quantizing it would put the model's own output on an 8-bit grid.
+    """
+    if any(out.is_graph_output() for out in ref.node.outputs):
+        return "the model's output layer stays in float on the static int8 path"
+    return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
+                          narrow=True)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -291,16 +316,17 @@ def quantize_matrix(
     if plan.method == "gptq":
         if hessian is None:
             raise InputError(f"{plan.name}: GPTQ needs Hessian statistics; pass calibration data")
-        q = quantizers.gptq(matrix, hessian, plan.bits, plan.group_size, plan.symmetric)
+        q = quantizers.gptq(matrix, hessian, plan.bits, plan.group_size, plan.symmetric, narrow=plan.narrow)
     elif plan.method == "rtn-grad":
         if gradient is None:
             raise InputError(f"{plan.name}: gradient-directed rounding needs the loss gradient; pass calibration data")
         if plan.bits not in DIRECTED_MARGIN:
             raise InputError(f"{plan.name}: gradient-directed rounding is offered at {sorted(DIRECTED_MARGIN)} bits, "
                              f"not {plan.bits}")
-        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric, gradient, DIRECTED_MARGIN[plan.bits])
+        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric, gradient, DIRECTED_MARGIN[plan.bits],
+                           narrow=plan.narrow)
     else:
-        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric)
+        q = quantizers.rtn(matrix, plan.bits, plan.group_size, plan.symmetric, narrow=plan.narrow)
     return q, in_dim
 
 
@@ -466,7 +492,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
             axis, block = 1, plan.group_size
         dtype = storage_type(plan.bits, plan.symmetric)
         base = stored.name
-        graph = ref.graph
+        # Before the If or Loop holding the readers, where they are in subgraphs: a branch cannot
+        # read a value of its sibling, and a loop body would dequantize on every iteration. The
+        # codes go beside the DequantizeLinear: ONNX Runtime's DQ → MatMul fusion looks for them
+        # in the node's own graph, not in the outer scope.
+        graph, first = qweights.definition_point(group.refs)
         inputs = [
             _initializer(graph, f"{base}_q", np.ascontiguousarray(codes).astype(dtype.numpy())),
             _initializer(graph, f"{base}_scale", np.ascontiguousarray(scale_np)),
@@ -481,8 +511,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         dq.outputs[0].shape = ir.Shape(stored_shape)
         dq.outputs[0].type = ir.TensorType(scale_type)
         dq.meta[meta.QUANT_KEY] = plan
-        nodes = [r.node for r in group.refs if r.node.graph is graph]
-        first = min(nodes, key=list(graph).index) if len(nodes) > 1 else ref.node
         graph.insert_before(first, dq)
         transpose = None
         for r in group.refs:

@@ -13,6 +13,11 @@ columns (``g = 0``: one group per output row, i.e. per channel). Per group, with
 
       q = clip(round(w · (1/s) + 2^{b−1}), 0, qmax) − 2^{b−1},  ŵ = q s
 
+* symmetric narrow (the static int8 kernels' grid): ``s = max |w| / (2^{b−1} − 1) > 0`` and
+  codes in ``[−(2^{b−1} − 1), 2^{b−1} − 1]``, as ONNX Runtime's own quantizer stores int8 conv
+  weights; leaving −128 out keeps u8·s8 products clear of the saturating pairwise adds of
+  x86 CPUs without VNNI.
+
 These are ONNX Runtime's MLAS ``BlockwiseQuantizer`` formulas (``range2scalezp`` / ``range2scale``
 and ``quantizeAndTranspose``, used by ``MatMulNBitsQuantizer`` for ``MatMulNBits``), evaluated in
 float32 in the same order: the reciprocal ``1/s`` is formed first and multiplied, the symmetric
@@ -162,10 +167,13 @@ def _roundf(t: torch.Tensor) -> torch.Tensor:
     return torch.copysign(f + (a - f >= 0.5).to(t.dtype), t)
 
 
-def _params(wg: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(wg: torch.Tensor, bits: int, symmetric: bool, narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float) zero point per row of ``wg`` (rows, g), as ORT's range2scale[zp]."""
     qmax = float(2**bits - 1)
-    if symmetric:
+    if narrow:
+        scale = wg.abs().amax(dim=1) / torch.tensor(float(2 ** (bits - 1) - 1), dtype=wg.dtype)
+        zp = torch.full_like(scale, float(2 ** (bits - 1)))
+    elif symmetric:
         mx, mn = wg.amax(dim=1), wg.amin(dim=1)
         m = torch.where(mx.abs() > mn.abs(), mx, mn)
         scale = m / torch.tensor(-float(2 ** (bits - 1)), dtype=wg.dtype)
@@ -186,9 +194,10 @@ def _position(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.T
     return w * (torch.tensor(1.0, dtype=w.dtype) / scale) + zp
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes ``clip(roundf(w·(1/s) + z), 0, qmax)``, broadcasting scale/zp."""
-    return _roundf(_position(w, scale, zp)).clamp_(0.0, float(2**bits - 1))
+def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, narrow: bool = False) -> torch.Tensor:
+    """Unsigned codes ``clip(roundf(w·(1/s) + z), 0, qmax)`` (from 1 on the narrow grid),
+    broadcasting scale/zp."""
+    return _roundf(_position(w, scale, zp)).clamp_(1.0 if narrow else 0.0, float(2**bits - 1))
 
 
 def _pack(
@@ -222,6 +231,7 @@ def rtn(
     symmetric: bool = False,
     gradient: np.ndarray | None = None,
     margin: float = 0.0,
+    narrow: bool = False,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization, bit-identical to ORT's MatMulNBits blockwise quantizer.
 
@@ -239,6 +249,7 @@ def rtn(
         symmetric: signed codes, no zero point.
         gradient: ``∂L/∂W`` (out, in) that directs rounding near the boundary; None: nearest.
         margin: half-width of the band around the boundary, in ``[0, 0.5]``.
+        narrow: the symmetric narrow grid (implies ``symmetric``).
 
     Returns:
         The quantized weight.
@@ -252,9 +263,10 @@ def rtn(
     w = _as_f32(W)
     out, n_in = w.shape
     wg = w.reshape(out * (n_in // g), g)
-    scale, zp = _params(wg, bits, symmetric)
+    symmetric = symmetric or narrow
+    scale, zp = _params(wg, bits, symmetric, narrow)
     x = _position(wg, scale[:, None], zp[:, None])
-    codes_u = _roundf(x).clamp_(0.0, float(2**bits - 1))
+    codes_u = _roundf(x).clamp_(1.0 if narrow else 0.0, float(2**bits - 1))
     if gradient is not None and margin > 0:
         near = ((x - x.floor()) - 0.5).abs() < margin
         codes_u = torch.where(near, _directed(x, scale, bits, gradient), codes_u)
@@ -316,6 +328,7 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    narrow: bool = False,
 ) -> QuantizedWeight:
     """GPTQ quantization with inverse-Hessian error feedback (IST-DASLab ``fasterquant``).
 
@@ -330,6 +343,7 @@ def gptq(
         block_size: columns per lazy-update block (rounded to whole groups).
         act_order: quantize columns in order of decreasing ``diag H``.
         static_groups: fix every group's scale from the original (not error-updated) weights.
+        narrow: the symmetric narrow grid (implies ``symmetric``).
 
     Returns:
         The quantized weight, with scales in the original column order.
@@ -339,6 +353,7 @@ def gptq(
             ``H`` that cannot be made positive definite.
     """
     g = _check(tuple(W.shape), bits, group_size)
+    symmetric = symmetric or narrow
     w = _as_f32(W).clone()
     out, n_in = w.shape
     h = (H.detach() if isinstance(H, torch.Tensor) else torch.from_numpy(np.asarray(H)))
@@ -369,7 +384,7 @@ def gptq(
     zps_t = torch.empty(n_groups, out, dtype=torch.float32)
     fixed = static_groups or not group_size
     if fixed:
-        s, z = _params(w.reshape(out * n_groups, g), bits, symmetric)
+        s, z = _params(w.reshape(out * n_groups, g), bits, symmetric, narrow)
         scales_t.copy_(s.reshape(out, n_groups).T)
         zps_t.copy_(z.reshape(out, n_groups).T)
 
@@ -396,12 +411,12 @@ def gptq(
             for i in range(i2 - i1):
                 j = i1 + i
                 if not fixed and j % g == 0:
-                    s, z = _params(w1[i : i + g].T, bits, symmetric)
+                    s, z = _params(w1[i : i + g].T, bits, symmetric, narrow)
                     scales_t[j // g] = s
                     zps_t[j // g] = z
                 s, z = scales_t[groups[j]], zps_t[groups[j]]
                 col = w1[i]
-                c = _codes(col, s, z, bits)
+                c = _codes(col, s, z, bits, narrow)
                 codes_t[j] = c
                 e = (col - (c - z) * s) / u1[i, i]
                 w1[i:].addr_(u1[i, i:], e, alpha=-1.0)

@@ -435,6 +435,24 @@ class ValueTaps:
             self._keepalive = None
 
 
+def interleaved_latency_ms(runs_fns: Sequence, feed: dict[str, np.ndarray], rounds: int = 20) -> list[float]:
+    """Median wall time in milliseconds of each ``run(feed)``, the runs interleaved: every round
+    calls each once, in turn (after one warm-up call each), so drift on a shared machine falls on
+    all of them alike."""
+    import statistics
+    import time
+
+    for run in runs_fns:
+        run(feed)
+    times: list[list[float]] = [[] for _ in runs_fns]
+    for _ in range(rounds):
+        for i, run in enumerate(runs_fns):
+            start = time.perf_counter()
+            run(feed)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
 def median_latency_ms(run, feed: dict[str, np.ndarray], runs: int = 20) -> float:
     """Median wall time of ``run(feed)`` in milliseconds, after one warm-up run."""
     import statistics

@@ -137,6 +137,23 @@ class CompileOptions:
         """8-bit activations as calibrated Q/DQ (where the kernel has no dynamic int8 path)."""
         return self.activations == 8 and not target.dynamic_int8_activations
 
+    def static_int8_ops(self, target: targets.Target) -> frozenset[str]:
+        """The ops run as static int8 kernels: the target's, given calibration data for their
+        activation ranges and unless float activations were asked for (``--activations 16``)."""
+        if not target.static_int8_ops or not self.has_calibration or self.activations == 16:
+            return frozenset()
+        return target.static_int8_ops
+
+    def static_int8_off_reason(self, target: targets.Target) -> str | None:
+        """Why the target's static int8 ops stay in float, when they do."""
+        if not target.static_int8_ops or self.static_int8_ops(target):
+            return None
+        ops = "/".join(sorted(target.static_int8_ops))
+        if self.activations == 16:
+            return f"{ops} runs as a static int8 kernel on {target.name}, and --activations 16 keeps activations in float"
+        return (f"{ops} runs as a static int8 kernel on {target.name}, which needs calibration data for its "
+                "activation ranges; pass --calibration")
+
     def allocator_methods(self) -> tuple[str, ...]:
         methods = ("rtn", "gptq") if self.method == "gptq" else ("rtn",)
         return (*methods, "rtn-grad") if self.rounding == "gradient" else methods

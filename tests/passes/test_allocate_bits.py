@@ -498,7 +498,7 @@ def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
 def test_optimize_allocates_conv_weights_on_the_portable_target() -> None:
     """End to end on an inverted-residual block: curvature through the torch executor for convs,
     GPTQ and RTN items for the 1×1 and depthwise weights, and the budget met in the bytes the saved
-    Q/DQ graph stores; on the cpu target convs stay float, so a conv-only model has nothing to do."""
+    Q/DQ graph stores; on the cpu target convs are static int8, with nothing to allocate."""
     import hessc
 
     feeds = [{"x": b.images(2, 64, 6, seed)} for seed in range(6)]
@@ -509,8 +509,14 @@ def test_optimize_allocates_conv_weights_on_the_portable_target() -> None:
     assert {w["name"] for w in record["allocation"]["weights"]} == {"W1", "W2", "W3"}
     assert s["effective_bits_per_weight"] == s["allocated_effective_bits"] <= 3.5
     assert record["verification"]["status"] == "passed"
-    with pytest.raises(InputError, match="Conv quantization is off for this target"):
-        hessc.optimize(b.load(_mbconv()), target="cpu", bits=3.5, group_size=32, calibration=feeds)
+    # On the cpu target convs are static int8 kernels: 8 bits, outside the budget, said so.
+    out = hessc.optimize(b.load(_mbconv()), target="cpu", bits=3.5, group_size=32, calibration=feeds)
+    record = meta.read_plan(out)
+    outside = record["allocation"]["outside_budget"]
+    assert outside and all(w["bits"] == 8 and "static int8" in w["reason"] for w in outside)
+    assert record["allocation"]["weights"] == []
+    assert {w["bits"] for w in record["weights"]} == {8}
+    assert record["verification"]["status"] == "passed"
 
 
 @pytest.mark.torch

@@ -25,7 +25,12 @@ def _names(**kwargs) -> list[str]:
 
 
 def test_default_pipelines_read_in_execution_order() -> None:
-    assert _names() == ["upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu", "verify-in-ort"]
+    # With calibration data the CPU runs its convs as static int8: activation ranges and Q/DQ.
+    assert _names() == ["upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges",
+                        "insert-activation-qdq", "lower-cpu", "verify-in-ort"]
+    assert _names(has_calibration=False) == ["upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu",
+                                             "verify-in-ort"]
+    assert _names(activations=16) == ["upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu", "verify-in-ort"]
     assert _names(target="onnx", bits="lossless", method="gptq") == [
         "upgrade-opset", "annotate-hessian", "plan-quantization", "allocate-bits", "insert-qdq",
         "confirm-lossless", "lower-onnx", "verify-in-ort",
@@ -34,8 +39,11 @@ def test_default_pipelines_read_in_execution_order() -> None:
         "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "insert-activation-qdq",
         "lower-onnx",
     ]
-    # On the CPU 8-bit activations are the kernel's dynamic int8 path: no activation Q/DQ passes.
-    assert "insert-activation-qdq" not in _names(target="cpu", activations=8)
+    # On the CPU 8-bit MatMul activations are the kernel's dynamic int8 path: Q/DQ only for convs.
+    options = CompileOptions(has_calibration=True, activations=8)
+    steps = {p.name: p.inner for p in pipeline.build_pipeline(options, targets.get("cpu")).passes}
+    assert not steps["insert-activation-qdq"].matmul_inputs
+    assert steps["insert-activation-qdq"].static_int8_ops == frozenset({"Conv"})
     # The order of the full list is the order of every default pipeline.
     order = [pipeline.spec_name(s, targets.get("cpu")) for s in pipeline.PASSES]
     for names in (_names(), _names(bits=3.5, method="gptq"), _names(bits="lossless")):

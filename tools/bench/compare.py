@@ -50,7 +50,11 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     "hessc-gptq-hadamard": {"quantize_embeddings": False, "method": "gptq", "rotate": "hadamard"},
 }
 """hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
-METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant")
+METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant", "ort-static", "ort-dynamic")
+INT8_PEERS = ("ort-static", "ort-dynamic")
+"""ONNX Runtime's int8 quantizers (every op they quantize; the ``bits`` setting does not apply):
+``quantize_static`` in QDQ form, uint8 activations, int8 per-channel weights, after
+``quant_pre_process``; ``quantize_dynamic`` (``MatMulInteger``/``ConvInteger``)."""
 
 CALIBRATION_SAMPLES = {"efficientnet": 64, "minilm": 64}
 """Calibration feeds per zoo model (others: 8). An EfficientNet feed is one image, i.e. one row of
@@ -80,7 +84,8 @@ def effective_bits(path: Path) -> tuple[float | None, int]:
 def _ort_quantize(
     src: Path, dst: Path, method: str, bits: int, group: int, external: bool, calibration: list | None = None
 ) -> None:
-    """ONNX Runtime's own MatMulNBitsQuantizer with the named algorithm (MatMul weights only)."""
+    """ONNX Runtime's own MatMulNBitsQuantizer with the named algorithm (MatMul weights only), or
+    one of its int8 quantizers (:data:`INT8_PEERS`)."""
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
@@ -95,6 +100,19 @@ def _ort_quantize(
             self.index += 1
             return self.feeds[self.index - 1]
 
+    if method in INT8_PEERS:
+        from onnxruntime import quantization as q
+
+        pre = dst.with_name(dst.stem + "-pre.onnx")
+        q.shape_inference.quant_pre_process(str(src), str(pre))
+        if method == "ort-static":
+            q.quantize_static(str(pre), str(dst), Reader(calibration or []), quant_format=q.QuantFormat.QDQ,
+                              per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              use_external_data_format=external)
+        else:
+            q.quantize_dynamic(str(pre), str(dst), weight_type=q.QuantType.QInt8, use_external_data_format=external)
+        pre.unlink()
+        return
     if method == "ort-rtn":
         algo = mnq.RTNWeightOnlyQuantConfig()
     elif method == "ort-kquant":
@@ -167,6 +185,7 @@ def run_bench(
     external = src.with_name(src.name + ".data").exists() or src.stat().st_size > (1 << 30)
     feed = _latency_feed(zm, name, calibration)
     rows: list[dict[str, Any]] = []
+    timed: list[tuple[dict[str, Any], Any]] = []
 
     def measure(method: str, path: Path, b: int | None, g: int | None, seconds: float, extra: dict | None = None) -> None:
         sess = sessions.session(path, target, threads=threads)
@@ -179,9 +198,9 @@ def run_bench(
         row["quantized_params"] = numel
         if evaluate is not None:
             row.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in evaluate(sess.run).items()})
-        row["latency_ms"] = sessions.median_latency_ms(sess.run, feed, latency_runs)
         row.update(extra or {})
         rows.append(row)
+        timed.append((row, sess))
         if not quiet:
             logger.info("%s", {k: v for k, v in row.items() if k not in ("model", "target")})
 
@@ -191,6 +210,8 @@ def run_bench(
             for method in methods:
                 if not method.startswith("hessc") and not isinstance(b, int):
                     continue  # ONNX Runtime's quantizers take whole bits only
+                if method in INT8_PEERS and (b, g) != (bits[0], group_sizes[0]):
+                    continue  # one int8 model, whatever the setting
                 dst = work / f"{name}-{method}-b{b}-g{g}.onnx"
                 start = time.perf_counter()
                 extra: dict[str, Any] = {}
@@ -217,6 +238,12 @@ def run_bench(
                                  "error": f"{type(e).__name__}: {str(e)[:160]}"})
                     continue
                 measure(method, dst, b, g, time.perf_counter() - start, extra)
+    # Latency on a shared machine drifts: every model runs once per round, in turn, and each
+    # reports its median over the rounds and its ratio to fp32's.
+    for (row, _), ms in zip(timed, sessions.interleaved_latency_ms([s.run for _, s in timed], feed, latency_runs)):
+        row["latency_ms"] = round(ms, 3)
+        row["latency_vs_fp32"] = round(ms / timed[0][0]["latency_ms"], 3) if timed[0][0].get("latency_ms") else None
+    timed.clear()
     results = {"model": name, "target": target, "machine": _machine(), "calibration_samples": len(calibration),
                "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -276,11 +303,11 @@ def results_markdown(results: dict) -> str:
     metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
     heldout = any("heldout_loss_quantized" in r for r in rows)
     headers = ["method", "bits", "group", *metrics, *(["held-out loss fp32 / quantized"] if heldout else []),
-               "eff. bits/weight", "quantized M params", "file MiB", "latency ms", "optimize s"]
+               "eff. bits/weight", "quantized M params", "file MiB", "latency ms", "x fp32", "optimize s"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout)), "-", "-", "-", "-",
+            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout)), "-", "-", "-", "-", "-",
                          r["error"]])
             continue
         loss = []
@@ -292,7 +319,8 @@ def results_markdown(results: dict) -> str:
             r["method"], r["bits"] or "-", r["group_size"] or "-",
             *[_fmt(r.get(m)) for m in metrics], *loss,
             _fmt(r.get("effective_bits_per_weight")), "-" if numel is None else f"{numel / 1e6:.2f}",
-            f"{r['file_bytes'] / 2**20:.1f}", _fmt(r.get("latency_ms")), _fmt(r.get("optimize_seconds")),
+            f"{r['file_bytes'] / 2**20:.1f}", _fmt(r.get("latency_ms")), _fmt(r.get("latency_vs_fp32")),
+            _fmt(r.get("optimize_seconds")),
         ])
     head = (f"{results['model']} on {results['target']} ({results['machine']['cpu_count']} cores, "
             f"onnxruntime {results['machine']['onnxruntime']})")
