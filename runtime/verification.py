@@ -61,7 +61,7 @@ LOWERED_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                         "Bernoulli", "Dropout"})
-"""ONNX ops that draw from a generator (``seed`` attribute; Dropout only with ``training_mode``)."""
+"""ONNX ops that draw from a generator (``seed`` attribute; Dropout only in training mode)."""
 
 WHOLE, PREFIX, SOME_FEEDS, NOT_COMPARABLE = "whole", "on a common prefix", "on some feeds", "not comparable"
 """How an output was compared: its whole value on every feed, on the common prefix of differing
@@ -77,7 +77,8 @@ class OutputComparison:
         how: ``"values"`` (floats: relative error, cosine, max abs error) or ``"agreement"``
             (integers and bools: the fraction of equal elements).
         feeds: feeds compared (whole or on a prefix); ``prefix_feeds`` of them on a prefix.
-        non_finite: the candidate has non-finite values on a feed where the reference has none.
+        non_finite: the candidate has non-finite values where the reference's are finite (the
+            errors are over the elements finite in both).
     """
 
     name: str
@@ -126,14 +127,17 @@ class _Tally:
     skip_note: str | None = None
 
 
-def _shape_note(r: np.ndarray, c: np.ndarray, common: tuple[int, ...]) -> str:
+def _mismatch(r: np.ndarray, c: np.ndarray, common: tuple[int, ...] | None = None) -> str:
+    """How the shapes of ``r`` (the reference's) and ``c`` (the result's) differ, and what was
+    compared given their ``common`` prefix."""
     axes = [i for i, (a, b) in enumerate(zip(r.shape, c.shape)) if a != b]
     if len(axes) == 1:
         (axis,) = axes
         where = f" along axis {axis}" if r.ndim > 1 else ""
-        return (f"length {r.shape[axis]} (reference) vs {c.shape[axis]} (result){where}, "
-                f"compared on the first {common[axis]}")
-    return f"shape {list(r.shape)} (reference) vs {list(c.shape)} (result), compared on the common {list(common)}"
+        text = f"length {r.shape[axis]} (reference) vs {c.shape[axis]} (result){where}"
+        return text if common is None else f"{text}, compared on the first {common[axis]}"
+    text = f"shape {list(r.shape)} (reference) vs {list(c.shape)} (result)"
+    return text if common is None else f"{text}, compared on the common {list(common)}"
 
 
 def _tally(s: _Tally, r: Any, c: Any, align: bool) -> None:
@@ -154,28 +158,26 @@ def _tally(s: _Tally, r: Any, c: Any, align: bool) -> None:
         return
     if r.shape != c.shape:
         common = tuple(min(a, b) for a, b in zip(r.shape, c.shape))
-        note = _shape_note(r, c, common)
-        if not align:
+        if not align or math.prod(common) == 0:
             s.skipped += 1
-            s.skip_note = s.skip_note or note.split(", compared")[0]
+            s.skip_note = s.skip_note or _mismatch(r, c) + ("" if not align else ": nothing in common")
             return
-        if math.prod(common) == 0:
-            s.skipped += 1
-            s.skip_note = s.skip_note or note.split(", compared")[0] + ": nothing in common"
-            return
+        s.prefix_note = s.prefix_note or _mismatch(r, c, common)
+        s.prefix += 1
         index = tuple(slice(0, n) for n in common)
         r, c = r[index], c[index]
-        s.prefix += 1
-        s.prefix_note = s.prefix_note or note
     else:
         s.whole += 1
     s.elements += r.size
     if not floating:
         s.equal += int(np.count_nonzero(r == c))
         return
-    if not np.all(np.isfinite(c)) and np.all(np.isfinite(r)):
-        s.non_finite = True
-    r64, c64 = r.astype(np.float64).ravel(), c.astype(np.float64).ravel()
+    # Elements the reference leaves non-finite say nothing about the result; those the result
+    # alone makes non-finite fail it.
+    r_finite, c_finite = np.isfinite(r), np.isfinite(c)
+    s.non_finite = s.non_finite or bool(np.any(r_finite & ~c_finite))
+    both = r_finite & c_finite
+    r64, c64 = r[both].astype(np.float64), c[both].astype(np.float64)
     d = c64 - r64
     s.err2 += float(d @ d)
     s.ref2 += float(r64 @ r64)
@@ -280,9 +282,19 @@ def _all_nodes(model: ir.Model):
         yield from ir.traversal.RecursiveGraphIterator(function)
 
 
+def _is_random(node: ir.Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or node.op_type not in RANDOM_OPS:
+        return False
+    if node.op_type != "Dropout":
+        return True
+    # Dropout draws only in training mode: a third input that is not a constant false.
+    mode = node.inputs[2] if len(node.inputs) > 2 else None
+    return mode is not None and (mode.const_value is None or bool(mode.const_value.numpy()))
+
+
 def random_nodes(model: ir.Model) -> list[ir.Node]:
     """The nodes of ``model`` (subgraphs and functions included) that draw random numbers, in order."""
-    return [n for n in _all_nodes(model) if n.domain in ("", "ai.onnx") and n.op_type in RANDOM_OPS]
+    return [n for n in _all_nodes(model) if _is_random(n)]
 
 
 def seed_random_nodes(models: Sequence[ir.Model], seed: int = 0) -> dict[str, Any]:
@@ -327,13 +339,11 @@ def noisy_outputs(model: ir.Model) -> set[str]:
     """The graph outputs that depend on a random node: directly, or through a node whose
     subgraphs or function hold one or read a noisy value of the outer graph."""
     random_functions = {key for key, f in model.functions.items()
-                        if any(n.domain in ("", "ai.onnx") and n.op_type in RANDOM_OPS
-                               for n in ir.traversal.RecursiveGraphIterator(f))}
+                        if any(_is_random(n) for n in ir.traversal.RecursiveGraphIterator(f))}
     noisy: set[str] = set()
     for node in model.graph:
         inner = [node, *_subgraph_nodes(node)]
-        if any((n.domain in ("", "ai.onnx") and n.op_type in RANDOM_OPS)
-               or (n.domain, n.op_type, n.overload or "") in random_functions
+        if any(_is_random(n) or (n.domain, n.op_type, n.overload or "") in random_functions
                or any(v is not None and v.name in noisy for v in n.inputs) for n in inner):
             noisy.update(v.name for v in node.outputs)
     return {v.name for v in model.graph.outputs if v.name in noisy}
@@ -590,7 +600,8 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             if c.compared != WHOLE:
                 logger.info("output %r: %s", c.name, c.note)
         if portable is not None:
-            self._check_lowering(model, result, portable, candidate, feeds, outputs, vs_float, unstable, record)
+            self._check_lowering(result, portable, reference_model, candidate, feeds, outputs, vs_float, unstable,
+                                 record)
         else:
             record["vs_portable"] = "skipped: the model was not lowered (it is its portable form)"
         model.meta[VERIFICATION_KEY] = record
@@ -607,7 +618,8 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         reference session (generators restart per session) disagrees with the first, and, where the
         result runs on another provider than the reference, those that depend on random nodes
         (each provider has its own generator)."""
-        custom = any(n.domain not in STANDARD_DOMAINS for n in _all_nodes(model))
+        custom = any(n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type, n.overload or "") not in model.functions
+                     for n in _all_nodes(model))
         if randomness is None and not custom:
             return {}
         again = sessions.session(reference_path, "cpu", custom_op_libraries=libraries)
@@ -644,8 +656,7 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             logger.warning("the result's quality was not checked: %s", why)
             return
         ids = token_ids_input(model)
-        first = next((c for c in per_float), None)
-        if (ids is not None and first is not None and first.compared == WHOLE
+        if (ids is not None and per_float and per_float[0].compared == WHOLE
                 and all(_next_token_logits(f.get(ids), outs) for f, outs in zip(feeds, float_outputs))):
             from hessc.passes.allocate_bits import heldout_loss
 
@@ -674,7 +685,8 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             record["status"] = "passed (degraded, allowed)"
             logger.warning("the result is degraded: %s", "; ".join(reasons))
 
-    def _check_lowering(self, model, result, portable, candidate, feeds, outputs, vs_float, unstable, record) -> None:
+    def _check_lowering(self, result, portable, reference, candidate, feeds, outputs, vs_float, unstable,
+                        record) -> None:
         """The lowered model against its portable form: end to end on the float outputs of the same
         shape on every feed (a length that moves with the kernels' rounding says nothing about
         them), and op by op when the outputs are far from float's or not all compared whole."""
@@ -705,9 +717,8 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             if decided and not open_:
                 record["lowered_ops"] = "checked end to end"
                 return
-        reference = model.meta[REFERENCE_KEY]
         if isinstance(reference, Path):
-            reference = frontend.load(reference, custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()))
+            reference = frontend.load(reference, custom_op_libraries=result.meta.get(meta.CUSTOM_OPS_KEY, ()))
         ops = check_lowered_ops(result, portable, feeds[0], target, reference)
         if open_ or not decided:
             ops["why"] = ("not every float output was compared whole end to end: " + ", ".join(map(repr, open_))
