@@ -18,8 +18,8 @@ which is ONNX's ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)``. Two uses:
   the activations stay uint8 from layer to layer. A ``Relu``/``Clip`` after a layer is absorbed
   into the following ``QuantizeLinear`` when the grid saturates exactly where it clips, and the
   conv's float bias becomes the int32 ``DequantizeLinear`` the fused kernel needs (scale
-  ``s_x · s_w``). Ranges are chosen per tensor by the quantization error they cause on the
-  calibration data (:func:`hessc.runtime.calibration.activation_ranges`, ``method="mse"``).
+  ``s_x · s_w``). Ranges are the calibrated min/max
+  (:func:`hessc.runtime.calibration.activation_ranges` says why not a clipped range).
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ class AnnotateActivationRangesPass(ir.passes.InPlacePass):
     """Annotates the activations to quantize with their calibrated range.
 
     An analysis: streams the calibration feeds (``model.meta[meta.CALIBRATION_KEY]``) through
-    ORT and stores each range under :data:`ACT_RANGE_KEY` on the activation value: min/max for
-    the inputs of quantized MatMul/Gemm layers (``matmul_inputs``), the range of least
-    quantization error for the points of the static int8 region (``static_int8_ops``).
+    ORT and stores each range (min, max) under :data:`ACT_RANGE_KEY` on the activation value: the
+    inputs of quantized MatMul/Gemm layers (``matmul_inputs``) and the points of the static int8
+    region (``static_int8_ops``).
     """
 
     def __init__(self, matmul_inputs: bool = True, static_int8_ops: frozenset[str] = frozenset()) -> None:
@@ -213,7 +213,7 @@ class AnnotateActivationRangesPass(ir.passes.InPlacePass):
         region = static_region(model, self.static_int8_ops) if self.static_int8_ops else None
         if region is not None and region.points:
             names = [n for n in region.points if n not in region.same_grid]
-            ranges = calibration.activation_ranges(model, names, feeds, method="mse")
+            ranges = calibration.activation_ranges(model, names, feeds)
             for name in names:
                 meta.set_annotation(region.points[name], ACT_RANGE_KEY, tuple(float(v) for v in ranges[name]))
             logger.info("static int8 region: %d layers and glue ops, %d activations", len(region.nodes),
@@ -331,7 +331,7 @@ def _absorbs(node: ir.Node, grid: tuple[np.float32, np.uint8]) -> bool:
         lo = -np.inf if bounds[0] is None else bounds[0]
         hi = np.inf if bounds[1] is None else bounds[1]
     code = lambda t: np.round(np.float32(t) / np.float32(scale)) + zero  # noqa: E731
-    return (lo == -np.inf or code(lo) <= 0) and (hi == np.inf or code(hi) >= 255)
+    return bool((lo == -np.inf or code(lo) <= 0) and (hi == np.inf or code(hi) >= 255))
 
 
 def _quantize_bias(graph: ir.Graph, node: ir.Node) -> int:

@@ -157,11 +157,11 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
         lookup: the weight is also an embedding table (a head tied to it): it follows
             ``quantize_embeddings``.
     """
+    if ref.op == "Conv" and not config.quantize_conv:
+        return config.conv_off_reason or "Conv quantization is off for this target"
     if ref.numel < config.min_numel and ref.op not in config.static_int8_ops:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
-    if ref.op == "Conv" and not config.quantize_conv:
-        return config.conv_off_reason or "Conv quantization is off for this target"
     tied_head = meta.TIED_KEY in ref.value.meta or meta.UNTIED_FROM_KEY in ref.value.meta
     if not config.quantize_embeddings and (ref.op == "Gather" or lookup or tied_head):
         return "embedding quantization is off" + (" (tied to the embedding table)" if ref.op != "Gather" else "")

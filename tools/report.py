@@ -59,11 +59,15 @@ def plan_markdown(
     if ver:
         out += ["## Verification", ""]
         rows = []
+        skipped = []
         for key in ("vs_float", "vs_portable"):
-            if key in ver:
-                v = ver[key]
+            v = ver.get(key)
+            if isinstance(v, dict) and all(k in v for k in ("samples", "rel_error", "cosine", "max_abs_error")):
                 rows.append([key.replace("_", " "), v["samples"], f"{v['rel_error']:.4g}", f"{v['cosine']:.6f}", f"{v['max_abs_error']:.4g}"])
+            elif v is not None:
+                skipped.append(f"{key.replace('_', ' ')}: {v}")
         out.append(f"Ran on {ver.get('provider', '?')}: {ver.get('status')}.")
+        out += [f"- {line}" for line in skipped]
         if rows:
             out += ["", table(["outputs", "samples", "relative error", "cosine", "max abs error"], rows)]
         out.append("")

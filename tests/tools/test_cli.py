@@ -46,6 +46,15 @@ def test_optimize_writes_model_report_and_json(model_path: Path, tmp_path: Path,
     assert "| W1 | MatMul | 64×64 | 4 |" in text and "## Verification" in text and "## Latency" in text
 
 
+def test_report_of_a_portable_result_says_what_was_not_compared(model_path: Path, tmp_path: Path) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "report.md"
+    code = cli.main(["optimize", str(model_path), "-o", str(out), "--target", "onnx", "--report", str(report),
+                     "--quiet"])
+    assert code == 0
+    text = report.read_text()
+    assert "| vs float |" in text and "- vs portable: skipped" in text
+
+
 def test_calibration_npz(model_path: Path, tmp_path: Path) -> None:
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((6, 1, 64)).astype(np.float32))
