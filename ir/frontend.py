@@ -7,9 +7,11 @@
 
 Then the model is checked (its opset, and ops from domains ONNX Runtime does not implement, which
 need a custom-op library) and normalised for the passes: weights held in ``Constant`` nodes are
-lifted to initializers, and ``Transpose`` of a weight initializer is folded into a transposed
-initializer that keeps the original parameter name, so graph queries see ``MatMul(x, Wᵀ)`` as a
-weight.
+lifted to initializers, in every graph; initializers of ``If``/``Loop``/``Scan`` bodies move to the
+main graph (renamed where a name is taken there), which their nodes then read from the outer
+scope, so every weight is a main-graph initializer wherever it is read; and ``Transpose`` of a
+weight initializer is folded into a transposed initializer that keeps the original parameter name,
+so graph queries see ``MatMul(x, Wᵀ)`` as a weight.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -268,29 +270,43 @@ def original_name(value: ir.Value) -> str:
 
 
 def normalize(model: ir.Model) -> None:
-    """Lifts constant weights to initializers and folds weight transposes, in every graph."""
+    """Lifts constant weights to main-graph initializers and folds weight transposes, in every graph."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    common_passes.LiftSubgraphInitializersToMainGraphPass()(model)
     for graph in graphs(model):
         _fold_weight_transposes(graph)
     common_passes.RemoveUnusedNodesPass()(model)
 
 
-def graphs(model: ir.Model):
+def graphs(model: ir.Model) -> Iterator[ir.Graph]:
     """The main graph and every subgraph (``If``/``Loop``/``Scan`` bodies), each once."""
-    yield model.graph
+    for graph, _ in scoped_graphs(model):
+        yield graph
+
+
+def scoped_graphs(model: ir.Model) -> Iterator[tuple[ir.Graph, tuple[ir.Node, ...]]]:
+    """Each graph once, in the order of :func:`graphs`, with its scope: the nodes whose graph
+    attributes hold it, outermost first (``()`` for the main graph; ``(If,)`` for a branch of a
+    main-graph ``If``)."""
     seen = {id(model.graph)}
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                graphs = [attr.value]
-            elif attr.type == ir.AttributeType.GRAPHS:
-                graphs = list(attr.value)
-            else:
-                continue
-            for g in graphs:
-                if id(g) not in seen:
-                    seen.add(id(g))
-                    yield g
+
+    def walk(graph: ir.Graph, scope: tuple[ir.Node, ...]):
+        for node in graph:
+            inner = []
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    inner.append(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    inner.extend(attr.value)
+            inner = [g for g in inner if id(g) not in seen]
+            seen.update(id(g) for g in inner)
+            for g in inner:  # a node's graphs as it is reached, then what they hold
+                yield g, (*scope, node)
+            for g in inner:
+                yield from walk(g, (*scope, node))
+
+    yield model.graph, ()
+    yield from walk(model.graph, ())
 
 
 def _fold_weight_transposes(graph: ir.Graph) -> None:
@@ -315,7 +331,7 @@ def _fold_weight_transposes(graph: ir.Graph) -> None:
         new_value.meta[meta.WEIGHT_NAME_KEY] = original_name(src)
         if any(use.node.op_type == "Gather" for use in src.uses()):
             new_value.meta[meta.TIED_KEY] = src.name  # an output projection tied to an embedding
-        graph.register_initializer(new_value)
+        (src.graph or graph).register_initializer(new_value)  # beside the weight: the main graph
         ir.convenience.replace_all_uses_with(out, new_value)
         graph.remove(node, safe=True)
         logger.debug("folded Transpose of %s into %s", src.name, new_value.name)

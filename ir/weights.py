@@ -8,13 +8,19 @@ A weight is a constant, float, initializer operand of
 * ``Gather(E, ids)`` on axis 0 (an embedding table of shape (vocab, dim)): ``W = E``.
 
 ``W`` has shape (out, in) and quantization groups run along ``in`` (``dim`` for embeddings).
-Weights are found in every graph, subgraphs of ``If``/``Loop``/``Scan`` included.
+Weights are found in every graph, subgraphs of ``If``/``Loop``/``Scan`` included; the front door
+makes each one a main-graph initializer that a subgraph node reads from the outer scope.
+
+A value computed from a weight (its ``DequantizeLinear``) for readers in several graphs is placed
+by :func:`definition_point`: ONNX lets a node read values of its own graph and of the graphs that
+enclose it, never those of a sibling branch, so the value goes in the innermost graph enclosing
+every reader, and out of any ``Loop``/``Scan`` body, whose nodes run once per iteration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +28,8 @@ import onnx_ir as ir
 from hessc.ir import frontend
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+LOOP_OPS = ("Loop", "Scan")
+"""Ops whose body runs once per iteration."""
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 
 
@@ -36,6 +44,7 @@ class WeightRef:
         value: the weight value (an initializer).
         op: ``MatMul``, ``Gemm``, ``Conv`` or ``Gather``.
         transposed: the stored tensor is ``Wᵀ`` (in, out).
+        scope: the nodes whose subgraphs hold ``node``, outermost first (``()`` in the main graph).
     """
 
     name: str
@@ -44,6 +53,11 @@ class WeightRef:
     value: ir.Value
     op: str
     transposed: bool
+    scope: tuple[ir.Node, ...] = ()
+
+    @property
+    def in_subgraph(self) -> bool:
+        return bool(self.scope)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -92,8 +106,19 @@ def _const_float(value: ir.Value | None) -> bool:
     )
 
 
-def classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
-    """A node's weight, the reason it is skipped, or None when it holds no weight."""
+def classify(node: ir.Node, graph: ir.Graph, scope: tuple[ir.Node, ...] = ()) -> WeightRef | Skipped | None:
+    """A node's weight, the reason it is skipped, or None when it holds no weight.
+
+    Args:
+        node: the node.
+        graph: the graph holding it.
+        scope: the nodes whose subgraphs hold ``graph``, outermost first (:attr:`WeightRef.scope`).
+    """
+    item = _classify(node, graph)
+    return dataclasses.replace(item, scope=scope) if isinstance(item, WeightRef) and scope else item
+
+
+def _classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
         return None
     op = node.op_type
@@ -135,9 +160,9 @@ def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
     """Every weight-bearing node of the model (subgraphs included), and the skipped ones."""
     found: list[WeightRef] = []
     skipped: list[Skipped] = []
-    for graph in frontend.graphs(model):
+    for graph, scope in frontend.scoped_graphs(model):
         for node in graph:
-            item = classify(node, graph)
+            item = classify(node, graph, scope)
             if isinstance(item, WeightRef):
                 found.append(item)
             elif isinstance(item, Skipped):
@@ -147,6 +172,31 @@ def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
 
 def iter_weights(model: ir.Model) -> Iterator[WeightRef]:
     yield from find_weights(model)[0]
+
+
+def definition_point(refs: Sequence[WeightRef]) -> tuple[ir.Graph, ir.Node]:
+    """Where one value read by every ref's node can be defined, and the node to insert it before.
+
+    The graph is the innermost one enclosing every reader, moved out of ``Loop``/``Scan`` bodies
+    (:data:`LOOP_OPS`); the node is the first of that graph that reads the value or holds a
+    subgraph that does. A weight read by both branches of an ``If`` is defined once, before the
+    ``If``; one read by a single branch stays in that branch, which runs only when taken.
+
+    Raises:
+        ValueError: no refs.
+    """
+    if not refs:
+        raise ValueError("definition_point needs at least one weight use")
+    chains = [(*r.scope, r.node) for r in refs]  # chain[i] is a node of the graph at depth i
+    depth = 0
+    while all(len(c) > depth + 1 for c in chains) and len({id(c[depth + 1].graph) for c in chains}) == 1:
+        depth += 1
+    while depth > 0 and chains[0][depth - 1].op_type in LOOP_OPS:
+        depth -= 1
+    graph = chains[0][depth].graph
+    order = {id(n): i for i, n in enumerate(graph)}
+    first = min((c[depth] for c in chains), key=lambda n: order[id(n)])
+    return graph, first
 
 
 def _embedding_lookup(node: ir.Node) -> bool:

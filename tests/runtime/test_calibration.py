@@ -284,6 +284,46 @@ def test_generated_feeds_of_a_scalar_input_are_0d_arrays(with_scalar) -> None:
     assert type(feed["x"]) is np.ndarray and feed["x"].shape == () and feed["x"].dtype == np.float32
 
 
+def _switch_model() -> ir.Model:
+    """``y = cond ? x : −x`` with ``cond`` bool [], ``mask`` bool [B, 4] and ``k`` int64 [] beside
+    the token ids ``ids`` [B, 5] of a table of 100 rows (``y2 = E[ids] · k``, masked)."""
+    then_g = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B", 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["B", 4])])
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        helper.make_node("Gather", ["E", "ids"], ["g"]),
+        helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["g", "kf"], ["gk"]),
+        helper.make_node("Cast", ["mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", ["mf"], ["y2"], keepdims=0),
+    ]
+    inputs = [b.x_input(4), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("mask", TensorProto.BOOL, ["B", 4]),
+              helper.make_tensor_value_info("k", TensorProto.INT64, []),
+              helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", 5])]
+    outputs = [b.y_output(4), helper.make_tensor_value_info("gk", TensorProto.FLOAT, ["B", 5, 8]),
+               helper.make_tensor_value_info("y2", TensorProto.FLOAT, [])]
+    return b.load(b.make_model(nodes, inputs, outputs, {"E": b.weight((100, 8))}))
+
+
+def test_generated_scalar_switches_take_both_branches_and_counts_are_positive() -> None:
+    """Without calibration, a bool scalar (an ``If`` condition) alternates so that both branches
+    run, and an integer scalar (a trip count, a scale) is at least 1; tensors keep their fill."""
+    model = _switch_model()
+    feeds = calib.generated_feeds(model, count=4, seed=0)
+    assert [bool(f["cond"]) for f in feeds] == [True, False, True, False]
+    for feed in feeds:
+        calib.check_feed(feed, model, "generated")
+        assert feed["cond"].shape == () and feed["k"].shape == () and feed["mask"].all()
+        assert 0 <= feed["ids"].min() and feed["ids"].max() < 100
+        y, _, _ = b.run_ort(model, feed)
+        np.testing.assert_array_equal(y, feed["x"] if feed["cond"] else -feed["x"])
+    ks = [int(f["k"]) for seed in range(20) for f in calib.generated_feeds(model, count=2, seed=seed)]
+    assert min(ks) >= 1 and max(ks) < 100 and len(set(ks)) > 1
+
+
 def test_npz_with_unknown_names_is_an_input_error(two_inputs, tmp_path) -> None:
     path = tmp_path / "calib.npz"
     np.savez(path, input_ids=np.zeros((2, 5), np.int64))
