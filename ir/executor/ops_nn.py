@@ -285,3 +285,38 @@ def _avg_pool(ctx, x):
     ones = torch.ones((1, 1, *x.shape[2:]), dtype=x.dtype, device=x.device)
     count = pool(F.pad(ones, torch_pads), kernel, strides, 0, ceil, True)
     return total / count
+
+
+@register_op("", "Resize", 11)
+def _resize(ctx, x, roi=None, scales=None, sizes=None):
+    """Resize of the spatial axes (N and C kept) in the modes torch's ``interpolate`` computes
+    exactly: ``nearest`` (asymmetric coordinates with ``floor``, or any coordinates at integer
+    scales), ``linear`` with ``half_pixel``/``pytorch_half_pixel`` or ``align_corners``."""
+    mode = ctx.attr("mode", "nearest")
+    coords = ctx.attr("coordinate_transformation_mode", "half_pixel")
+    spatial = x.dim() - 2
+    if sizes is not None and sizes.numel():
+        size = [int(v) for v in sizes.reshape(-1).tolist()]
+        if size[:2] != list(x.shape[:2]):
+            raise UnsupportedError("Resize of the batch or channel axis")
+        factors = [size[2 + i] / x.shape[2 + i] for i in range(spatial)]
+        target = {"size": size[2:]}
+    elif scales is not None and scales.numel():
+        factors = [float(v) for v in scales.reshape(-1).tolist()]
+        if factors[:2] != [1.0, 1.0]:
+            raise UnsupportedError("Resize of the batch or channel axis")
+        factors = factors[2:]
+        target = {"scale_factor": factors}
+    else:
+        raise UnsupportedError("Resize without scales or sizes")
+    if spatial < 1 or spatial > 3:
+        raise UnsupportedError(f"Resize of {spatial} spatial axes")
+    if mode == "nearest":
+        whole = all(float(f).is_integer() and f >= 1 for f in factors)
+        if not whole and (coords != "asymmetric" or ctx.attr("nearest_mode", "round_prefer_floor") != "floor"):
+            raise UnsupportedError("Resize nearest at non-integer scales other than asymmetric/floor")
+        return F.interpolate(x, mode="nearest", **target)
+    if mode == "linear" and coords in ("half_pixel", "pytorch_half_pixel", "align_corners"):
+        kind = ("linear", "bilinear", "trilinear")[spatial - 1]
+        return F.interpolate(x, mode=kind, align_corners=coords == "align_corners", **target)
+    raise UnsupportedError(f"Resize mode {mode!r} with {coords!r} coordinates")

@@ -946,3 +946,27 @@ def test_registry_picks_highest_version_not_above_opset():
     assert lookup_op("test.hessc", "Twice", 0) is None
     assert lookup_op("ai.onnx", "Softmax", 11) is not lookup_op("", "Softmax", 13)
     assert "com.microsoft::MatMulNBits" in supported_ops()
+
+
+@pytest.mark.parametrize("attrs, scales, sizes", [
+    ({"mode": "nearest"}, [1, 1, 2, 2], None),                                   # YOLO-style upsampling
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+     [1, 1, 1.5, 2.5], None),
+    ({"mode": "linear"}, [1, 1, 2, 3], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [2, 3, 9, 5]),
+])
+def test_resize_matches_ort(attrs, scales, sizes) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.array(scales or [], np.float32)}
+    if sizes is not None:
+        inits["sizes"] = np.array(sizes, np.int64)
+    model = _single_node("Resize", [("x", onnx.TensorProto.FLOAT, [2, 3, 4, 5])], [("y", onnx.TensorProto.FLOAT)], attrs, inits)
+    _assert_matches_ort(model, {"x": x})
+
+
+def test_resize_modes_it_cannot_compute_exactly_are_refused() -> None:
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)}
+    model = _single_node("Resize", [("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4])], [("y", onnx.TensorProto.FLOAT)],
+                         {"mode": "cubic"}, inits)
+    with pytest.raises(UnsupportedError, match="Resize mode 'cubic'"):
+        TorchExecutor(model).run({"x": np.zeros((1, 1, 4, 4), np.float32)})
