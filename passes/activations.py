@@ -97,6 +97,22 @@ class StaticRegion:
     same_grid: dict[str, str]
 
 
+HEAVY_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def output_tail(graph: ir.Graph) -> set[int]:
+    """Ids of the nodes downstream of which no Conv/MatMul/Gemm runs: the model's output layers
+    (a detector's box and score heads, a segmenter's last conv) and what they feed into the
+    outputs. Quantizing them would put the model's own outputs on an 8-bit grid for little speed."""
+    heavy_below: dict[int, bool] = {}
+    for node in reversed(list(graph)):
+        heavy_below[id(node)] = any(
+            use.node.op_type in HEAVY_OPS or heavy_below.get(id(use.node), True)
+            for out in node.outputs for use in out.uses()
+        )
+    return {i for i, below in heavy_below.items() if not below}
+
+
 def _static_layer(node: ir.Node, ops: frozenset[str]) -> bool:
     if node.op_type not in ops or len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
         return False
@@ -117,6 +133,7 @@ def static_region(model: ir.Model, ops: frozenset[str]) -> StaticRegion:
     graph = model.graph
     inside: set[int] = set()
     nodes: list[ir.Node] = []
+    tail = output_tail(graph)
 
     def produced(v: ir.Value) -> bool:
         while True:
@@ -136,7 +153,7 @@ def static_region(model: ir.Model, ops: frozenset[str]) -> StaticRegion:
             acts = _activation_inputs(node)
             if not acts or any(v.const_value is not None or not produced(v) for v in acts):
                 continue
-            if any(out.is_graph_output() for out in node.outputs):
+            if id(node) in tail or any(out.is_graph_output() for out in node.outputs):
                 continue
         else:
             continue

@@ -356,7 +356,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
     def _targets(self, model: ir.Model) -> list[qweights.WeightRef]:
         """The allocated weights, each by the use that carries its curvature (a tie by its head)."""
         return [g.lead for g in self._groups(model)
-                if g.lead.op in ALLOCATED_OPS and g.lead.op not in self.config.static_int8_ops]
+                if g.lead.op in ALLOCATED_OPS and g.lead.op not in self.config.static_int8_ops
+                and not g.lead.in_subgraph]
 
     def requires(self, model: ir.Model) -> None:
         refs = self._targets(model)
@@ -382,7 +383,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         config = self.config
         if not self._targets(model):
             outside = self._outside_budget(model, set())
-            note = f"nothing to allocate: the {len(outside)} planned weights have one form each on this target"
+            note = (f"nothing to allocate: the allocator prices none of the {len(outside)} planned weights; "
+                    "each keeps its uniform plan (outside_budget says why)")
             logger.warning(note)
             model.meta[ALLOCATION_KEY] = with_weights(
                 {"mode": "lossless" if config.lossless else "budget", "budget_bits": config.budget_bits,
@@ -498,6 +500,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 reason = "a static int8 kernel on this target: 8 bits is the one form it runs"
             elif group.lead.op not in ALLOCATED_OPS:
                 reason = "an embedding table: no curvature is measured for a lookup"
+            elif group.lead.in_subgraph:
+                reason = "read inside an If/Loop/Scan body, where no curvature is measured"
             else:
                 reason = "no Hessian statistics"
             out.append({

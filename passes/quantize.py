@@ -169,6 +169,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
     if bits >= 16:
         return "kept in float by the plan"
     method = dict(config.method_override).get(ref.name, config.method) if ref.op != "Gather" else "rtn"
+    if ref.in_subgraph:
+        method = "rtn"  # GPTQ and gradient rounding read curvature, measured in the main graph only
     if ref.op in config.static_int8_ops:
         return static_int8_plan(ref, method)
     if ref.op == "Gather":
@@ -188,10 +190,14 @@ def static_int8_plan(ref: qweights.WeightRef, method: str) -> meta.QuantPlan | s
     ONNX Runtime fuses ``DequantizeLinear → Conv → QuantizeLinear`` into ``QLinearConv`` only for
     8-bit weights with one scale per output channel (``axis=0``, no blocks) and zero point 0, so
     that is the plan whatever bit width was asked for. A layer whose output is a model output
-    stays in float: quantizing it would put the model's own output on an 8-bit grid.
+    stays in float, and so does every layer of the output tail
+    (:func:`hessc.passes.activations.output_tail`): quantizing them would put the model's own
+    outputs on an 8-bit grid.
     """
-    if any(out.is_graph_output() for out in ref.node.outputs):
-        return "the model's output layer stays in float on the static int8 path"
+    from hessc.passes import activations
+
+    if any(out.is_graph_output() for out in ref.node.outputs) or id(ref.node) in activations.output_tail(ref.graph):
+        return "an output layer (no conv or matmul after it) stays in float on the static int8 path"
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
                           narrow=True)
 

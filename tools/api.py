@@ -303,7 +303,8 @@ def _latency(model: ir.Model, target: str) -> dict | None:
 
 
 def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
-    """Bytes of the main graph's initializers, each stored tensor once.
+    """Bytes of the initializers of every graph (subgraphs keep the codes their readers alone
+    dequantize), each stored tensor once.
 
     Args:
         model: the model.
@@ -311,14 +312,14 @@ def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
             tables (``meta.TIED_KEY``). False for the model as loaded: there a copy is the table
             itself, which the source stores once; once compiled, whatever is left is stored.
     """
-    graph = model.graph
     total = 0
-    for v in graph.initializers.values():
-        if v.const_value is None:
-            continue
-        if not folded_copies and v.meta.get(meta.TIED_KEY) in graph.initializers:
-            continue
-        total += int(v.const_value.nbytes)
+    for graph in frontend.graphs(model):
+        for v in graph.initializers.values():
+            if v.const_value is None:
+                continue
+            if not folded_copies and v.meta.get(meta.TIED_KEY) in graph.initializers:
+                continue
+            total += int(v.const_value.nbytes)
     return total
 
 

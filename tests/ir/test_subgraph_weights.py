@@ -373,7 +373,7 @@ def test_budget_keeps_subgraph_weights_on_the_uniform_plan(tmp_path: Path, capsy
     assert code == 0
     record = _record(out)
     outside = {w["name"]: w for w in record["allocation"]["outside_budget"]}
-    assert set(outside) == {"Wt", "We", "Ws"} and all("no Hessian statistics" in w["reason"] for w in outside.values())
+    assert set(outside) == {"Wt", "We", "Ws"} and all("If/Loop/Scan body" in w["reason"] for w in outside.values())
     plans = {w["name"]: (w["bits"], w["method"]) for w in record["weights"]}
     assert {plans[n] for n in outside} == {(4, "rtn")} and "W0" in plans
     assert [w["name"] for w in record["allocation"]["weights"]] == ["W0"]

@@ -104,7 +104,12 @@ def _ort_quantize(
         from onnxruntime import quantization as q
 
         pre = dst.with_name(dst.stem + "-pre.onnx")
-        q.shape_inference.quant_pre_process(str(src), str(pre))
+        source = onnx.load(str(src))
+        if next((o.version for o in source.opset_import if o.domain in ("", "ai.onnx")), 21) < 13:
+            # per-channel DequantizeLinear (axis) needs opset 13; ORT's quantizer writes it regardless
+            source = onnx.version_converter.convert_version(source, 13)
+        onnx.save(source, str(pre))
+        q.shape_inference.quant_pre_process(str(pre), str(pre))
         if method == "ort-static":
             q.quantize_static(str(pre), str(dst), Reader(calibration or []), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
