@@ -284,6 +284,26 @@ def graphs(model: ir.Model) -> Iterator[ir.Graph]:
         yield graph
 
 
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds as attributes (an ``If``'s branches, a ``Loop``'s body)."""
+    out: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            out.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            out.extend(attr.value)
+    return out
+
+
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Registers ``array`` as an initializer of ``graph`` called ``name``; returns its value."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
 def scoped_graphs(model: ir.Model) -> Iterator[tuple[ir.Graph, tuple[ir.Node, ...]]]:
     """Each graph once, in the order of :func:`graphs`, with its scope: the nodes whose graph
     attributes hold it, outermost first (``()`` for the main graph; ``(If,)`` for a branch of a
@@ -292,13 +312,7 @@ def scoped_graphs(model: ir.Model) -> Iterator[tuple[ir.Graph, tuple[ir.Node, ..
 
     def walk(graph: ir.Graph, scope: tuple[ir.Node, ...]):
         for node in graph:
-            inner = []
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    inner.append(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    inner.extend(attr.value)
-            inner = [g for g in inner if id(g) not in seen]
+            inner = [g for g in subgraphs(node) if id(g) not in seen]
             seen.update(id(g) for g in inner)
             for g in inner:  # a node's graphs as it is reached, then what they hold
                 yield g, (*scope, node)

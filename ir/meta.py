@@ -133,8 +133,10 @@ class QuantPlan:
         symmetric: no zero point when true.
         method: the quantizer that chose the codes (``rtn``, ``gptq``).
         matrix_shape: (out, in) of the normalised weight view; groups run along ``in``.
-        narrow: symmetric codes in ``[−(2^{b−1} − 1), 2^{b−1} − 1]`` with positive scales (the
-            static int8 kernels' grid) instead of MatMulNBits' signed-extreme convention.
+        narrow: the code limit ``n`` of the static int8 kernels' grid: symmetric codes in
+            ``[−n, n]`` with positive scales, instead of MatMulNBits' signed-extreme convention
+            (127; 63 where x86 CPUs without VNNI would saturate, see
+            :func:`hessc.runtime.targets.saturating_int8_products`). 0: not narrow.
     """
 
     name: str
@@ -145,7 +147,7 @@ class QuantPlan:
     symmetric: bool
     method: str = "rtn"
     matrix_shape: tuple[int, int] = (0, 0)
-    narrow: bool = False
+    narrow: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

@@ -30,7 +30,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _static_layer(node: ir.Node, ops: frozenset[str]) -> bool:
         return False
     producer = node.inputs[1].producer()
     plan = producer.meta.get(meta.QUANT_KEY) if producer is not None and producer.op_type == "DequantizeLinear" else None
-    return plan is not None and plan.narrow and node.inputs[0].const_value is None
+    return plan is not None and bool(plan.narrow) and node.inputs[0].const_value is None
 
 
 def _activation_inputs(node: ir.Node) -> list[ir.Value]:
@@ -317,8 +317,8 @@ def _insert_pair(graph: ir.Graph, value: ir.Value, x: ir.Value, rng, grid, reade
     the start of the ``Relu``/``Clip`` chain the pair absorbs)."""
     scale, zero = grid
     name = value.name
-    s_val = _scalar(graph, f"{name}_act_scale", np.array(scale, dtype=np.float32))
-    z_val = _scalar(graph, f"{name}_act_zp", np.array(zero, dtype=np.uint8))
+    s_val = frontend.new_initializer(graph, f"{name}_act_scale", np.array(scale, dtype=np.float32))
+    z_val = frontend.new_initializer(graph, f"{name}_act_zp", np.array(zero, dtype=np.uint8))
     q = ir.node("QuantizeLinear", [x, s_val, z_val], name=f"{name}_act_q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}_act_dq")
     q.outputs[0].name, dq.outputs[0].name = f"{name}_act_q", f"{name}_act_dq"
@@ -380,8 +380,8 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node) -> int:
     safe = np.where(scale != 0, scale, 1.0)
     codes = np.clip(np.round(bias / safe), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
     base = node.inputs[2].name or f"{node.name}_bias"
-    q = _initializer(graph, f"{base}_q", codes)
-    s = _initializer(graph, f"{base}_scale", scale)
+    q = frontend.new_initializer(graph, f"{base}_q", codes)
+    s = frontend.new_initializer(graph, f"{base}_scale", scale)
     dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=f"{base}_dq")
     dq.outputs[0].name = f"{base}_dq"
     dq.outputs[0].shape, dq.outputs[0].type = node.inputs[2].shape, node.inputs[2].type
@@ -397,22 +397,8 @@ def _quantized_use(node: ir.Node) -> bool:
     return node.op_type == "QuantizeLinear"
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
-
-
 def _quantized(x: ir.Value) -> bool:
     producer = x.producer()
     return producer is not None and ACT_QUANT_KEY in producer.meta
 
 
-def _scalar(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape([]), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value

@@ -50,6 +50,7 @@ class PassSpec:
 
 def _quant_config(options, target):
     from hessc.passes import quantize
+    from hessc.runtime.targets import int8_code_limit
 
     static = options.static_int8_ops(target)
     return quantize.QuantConfig(
@@ -58,6 +59,7 @@ def _quant_config(options, target):
         conv_off_reason=options.static_int8_off_reason(target),
         quantize_embeddings=options.quantize_embeddings,
         method=options.method, embedding_min_bits=target.embedding_min_bits, static_int8_ops=static,
+        static_int8_limit=int8_code_limit(options.int8_range) if static else 127,
     )
 
 

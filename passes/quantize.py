@@ -81,6 +81,8 @@ class QuantConfig:
         static_int8_ops: ops the target runs as static int8 kernels (the CPU's convs): their
             weights are 8-bit, symmetric, one scale per output channel, whatever ``bits`` says
             (:func:`static_int8_plan`).
+        static_int8_limit: their code limit: 127, or 63 for CPUs whose int8 kernels saturate
+            (:func:`hessc.runtime.targets.int8_code_limit`).
         conv_off_reason: why Conv weights stay in float when ``quantize_conv`` is off.
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
@@ -99,6 +101,7 @@ class QuantConfig:
     embedding_min_bits: int = 2
     method_override: tuple[tuple[str, str], ...] = ()
     static_int8_ops: frozenset[str] = frozenset()
+    static_int8_limit: int = 127
     conv_off_reason: str | None = None
 
     def __post_init__(self) -> None:
@@ -172,7 +175,7 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
     if ref.in_subgraph:
         method = "rtn"  # GPTQ and gradient rounding read curvature, measured in the main graph only
     if ref.op in config.static_int8_ops:
-        return static_int8_plan(ref, method)
+        return static_int8_plan(ref, method, config.static_int8_limit)
     if ref.op == "Gather":
         bits = max(bits, config.embedding_min_bits)
     return meta.QuantPlan(
@@ -184,12 +187,12 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
 STATIC_INT8_BITS = 8
 
 
-def static_int8_plan(ref: qweights.WeightRef, method: str) -> meta.QuantPlan | str:
+def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> meta.QuantPlan | str:
     """The plan of a weight the target runs as a static int8 kernel, or why it stays in float.
 
     ONNX Runtime fuses ``DequantizeLinear → Conv → QuantizeLinear`` into ``QLinearConv`` only for
     8-bit weights with one scale per output channel (``axis=0``, no blocks) and zero point 0, so
-    that is the plan whatever bit width was asked for. A layer whose output is a model output
+    that is the plan whatever bit width was asked for, on the narrow grid ``[−limit, limit]``. A layer whose output is a model output
     stays in float, and so does every layer of the output tail
     (:func:`hessc.passes.activations.output_tail`): quantizing them would put the model's own
     outputs on an 8-bit grid.
@@ -199,7 +202,7 @@ def static_int8_plan(ref: qweights.WeightRef, method: str) -> meta.QuantPlan | s
     if any(out.is_graph_output() for out in ref.node.outputs) or id(ref.node) in activations.output_tail(ref.graph):
         return "an output layer (no conv or matmul after it) stays in float on the static int8 path"
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
-                          narrow=True)
+                          narrow=limit)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -504,11 +507,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
         # in the node's own graph, not in the outer scope.
         graph, first = qweights.definition_point(group.refs)
         inputs = [
-            _initializer(graph, f"{base}_q", np.ascontiguousarray(codes).astype(dtype.numpy())),
-            _initializer(graph, f"{base}_scale", np.ascontiguousarray(scale_np)),
+            frontend.new_initializer(graph, f"{base}_q", np.ascontiguousarray(codes).astype(dtype.numpy())),
+            frontend.new_initializer(graph, f"{base}_scale", np.ascontiguousarray(scale_np)),
         ]
         if zps is not None:
-            inputs.append(_initializer(graph, f"{base}_zp", np.ascontiguousarray(zps).astype(dtype.numpy())))
+            zp_codes = np.ascontiguousarray(zps).astype(dtype.numpy())
+            inputs.append(frontend.new_initializer(graph, f"{base}_zp", zp_codes))
         attrs: dict = {"axis": axis}
         if block:
             attrs["block_size"] = block
@@ -568,14 +572,6 @@ def _retie_float_copies(model: ir.Model) -> int:
         graph.initializers.pop(value.name)
         count += 1
     return count
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
 
 
 def _require_portable_opset(model: ir.Model) -> None:

@@ -13,10 +13,11 @@ columns (``g = 0``: one group per output row, i.e. per channel). Per group, with
 
       q = clip(round(w · (1/s) + 2^{b−1}), 0, qmax) − 2^{b−1},  ŵ = q s
 
-* symmetric narrow (the static int8 kernels' grid): ``s = max |w| / (2^{b−1} − 1) > 0`` and
-  codes in ``[−(2^{b−1} − 1), 2^{b−1} − 1]``, as ONNX Runtime's own quantizer stores int8 conv
-  weights; leaving −128 out keeps u8·s8 products clear of the saturating pairwise adds of
-  x86 CPUs without VNNI.
+* symmetric narrow (the static int8 kernels' grid), with a code limit ``n`` (``narrow=n``):
+  ``s = max |w| / n > 0`` and codes in ``[−n, n]``. ``n = 127`` is how ONNX Runtime's own
+  quantizer stores int8 conv weights; ``n = 63`` is its ``reduce_range``: x86 CPUs without VNNI
+  multiply u8·s8 with ``vpmaddubsw``, whose pairwise sums saturate at int16 (255·127·2 > 32767),
+  and 7-bit weights keep every pair exact (255·63·2 < 32767).
 
 These are ONNX Runtime's MLAS ``BlockwiseQuantizer`` formulas (``range2scalezp`` / ``range2scale``
 and ``quantizeAndTranspose``, used by ``MatMulNBitsQuantizer`` for ``MatMulNBits``), evaluated in
@@ -167,11 +168,11 @@ def _roundf(t: torch.Tensor) -> torch.Tensor:
     return torch.copysign(f + (a - f >= 0.5).to(t.dtype), t)
 
 
-def _params(wg: torch.Tensor, bits: int, symmetric: bool, narrow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _params(wg: torch.Tensor, bits: int, symmetric: bool, narrow: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and (float) zero point per row of ``wg`` (rows, g), as ORT's range2scale[zp]."""
     qmax = float(2**bits - 1)
     if narrow:
-        scale = wg.abs().amax(dim=1) / torch.tensor(float(2 ** (bits - 1) - 1), dtype=wg.dtype)
+        scale = wg.abs().amax(dim=1) / torch.tensor(float(narrow), dtype=wg.dtype)
         zp = torch.full_like(scale, float(2 ** (bits - 1)))
     elif symmetric:
         mx, mn = wg.amax(dim=1), wg.amin(dim=1)
@@ -194,10 +195,19 @@ def _position(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.T
     return w * (torch.tensor(1.0, dtype=w.dtype) / scale) + zp
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, narrow: bool = False) -> torch.Tensor:
-    """Unsigned codes ``clip(roundf(w·(1/s) + z), 0, qmax)`` (from 1 on the narrow grid),
-    broadcasting scale/zp."""
-    return _roundf(_position(w, scale, zp)).clamp_(1.0 if narrow else 0.0, float(2**bits - 1))
+def _code_range(bits: int, narrow: int) -> tuple[float, float]:
+    """The unsigned codes' range: ``[0, 2^b − 1]``, or ``2^{b−1} ± n`` on the narrow grid."""
+    if narrow:
+        if not 0 < narrow < 2 ** (bits - 1):
+            raise ValueError(f"a narrow {bits}-bit grid's code limit must be in [1, {2 ** (bits - 1) - 1}], got {narrow}")
+        return float(2 ** (bits - 1) - narrow), float(2 ** (bits - 1) + narrow)
+    return 0.0, float(2**bits - 1)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int, narrow: int = 0) -> torch.Tensor:
+    """Unsigned codes ``clip(roundf(w·(1/s) + z), 0, qmax)`` (within ``z ± n`` on the narrow
+    grid), broadcasting scale/zp."""
+    return _roundf(_position(w, scale, zp)).clamp_(*_code_range(bits, narrow))
 
 
 def _pack(
@@ -231,7 +241,7 @@ def rtn(
     symmetric: bool = False,
     gradient: np.ndarray | None = None,
     margin: float = 0.0,
-    narrow: bool = False,
+    narrow: int = 0,
 ) -> QuantizedWeight:
     """Round-to-nearest quantization, bit-identical to ORT's MatMulNBits blockwise quantizer.
 
@@ -249,7 +259,7 @@ def rtn(
         symmetric: signed codes, no zero point.
         gradient: ``∂L/∂W`` (out, in) that directs rounding near the boundary; None: nearest.
         margin: half-width of the band around the boundary, in ``[0, 0.5]``.
-        narrow: the symmetric narrow grid (implies ``symmetric``).
+        narrow: the code limit ``n`` of the symmetric narrow grid (implies ``symmetric``); 0: off.
 
     Returns:
         The quantized weight.
@@ -263,10 +273,10 @@ def rtn(
     w = _as_f32(W)
     out, n_in = w.shape
     wg = w.reshape(out * (n_in // g), g)
-    symmetric = symmetric or narrow
+    symmetric = symmetric or bool(narrow)
     scale, zp = _params(wg, bits, symmetric, narrow)
     x = _position(wg, scale[:, None], zp[:, None])
-    codes_u = _roundf(x).clamp_(1.0 if narrow else 0.0, float(2**bits - 1))
+    codes_u = _roundf(x).clamp_(*_code_range(bits, narrow))
     if gradient is not None and margin > 0:
         near = ((x - x.floor()) - 0.5).abs() < margin
         codes_u = torch.where(near, _directed(x, scale, bits, gradient), codes_u)
@@ -328,7 +338,7 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
-    narrow: bool = False,
+    narrow: int = 0,
 ) -> QuantizedWeight:
     """GPTQ quantization with inverse-Hessian error feedback (IST-DASLab ``fasterquant``).
 
@@ -343,7 +353,7 @@ def gptq(
         block_size: columns per lazy-update block (rounded to whole groups).
         act_order: quantize columns in order of decreasing ``diag H``.
         static_groups: fix every group's scale from the original (not error-updated) weights.
-        narrow: the symmetric narrow grid (implies ``symmetric``).
+        narrow: the code limit ``n`` of the symmetric narrow grid (implies ``symmetric``); 0: off.
 
     Returns:
         The quantized weight, with scales in the original column order.
@@ -353,7 +363,7 @@ def gptq(
             ``H`` that cannot be made positive definite.
     """
     g = _check(tuple(W.shape), bits, group_size)
-    symmetric = symmetric or narrow
+    symmetric = symmetric or bool(narrow)
     w = _as_f32(W).clone()
     out, n_in = w.shape
     h = (H.detach() if isinstance(H, torch.Tensor) else torch.from_numpy(np.asarray(H)))

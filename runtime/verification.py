@@ -326,13 +326,7 @@ def seed_random_nodes(models: Sequence[ir.Model], seed: int = 0) -> dict[str, An
 
 
 def _subgraph_nodes(node: ir.Node) -> list[ir.Node]:
-    graphs = []
-    for attr in node.attributes.values():
-        if attr.type == ir.AttributeType.GRAPH:
-            graphs.append(attr.value)
-        elif attr.type == ir.AttributeType.GRAPHS:
-            graphs.extend(attr.value)
-    return [n for g in graphs for n in ir.traversal.RecursiveGraphIterator(g)]
+    return [n for g in frontend.subgraphs(node) for n in ir.traversal.RecursiveGraphIterator(g)]
 
 
 def noisy_outputs(model: ir.Model) -> set[str]:

@@ -79,6 +79,7 @@ def optimize(
     min_output_cosine: float = 0.5,
     allow_degraded: bool = False,
     rotate: str | None = None,
+    int8_range: str = "auto",
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -140,6 +141,12 @@ def optimize(
         rotate: ``"hadamard"`` folds a random-sign Hadamard rotation of the residual stream into
             the weights of a pre-norm decoder before quantization (``"random"``: a random
             orthogonal matrix); the plan records what was folded, or why nothing was.
+        int8_range: the grid of the CPU's static int8 weights (convs): ``"full"`` codes in
+            [−127, 127], ``"reduced"`` in [−63, 63] (exact on x86 CPUs without VNNI, whose u8·s8
+            kernels saturate at full range: 3% output error per conv measured on such a CPU),
+            ``"auto"``: reduced where the compiling machine's CPU saturates
+            (:func:`hessc.runtime.targets.saturating_int8_products`). Compile for the machine
+            that serves the model.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -158,7 +165,7 @@ def optimize(
         passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
-        rotate=rotate,
+        rotate=rotate, int8_range=int8_range,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline

@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--rotate", choices=["none", "hadamard", "random", "learned"], default="none",
                    help="fold an orthogonal rotation of the residual stream into a pre-norm decoder's weights "
                         "before quantizing (exact; makes low-bit codes fit better)")
+    o.add_argument("--int8-range", choices=["auto", "full", "reduced"], default="auto",
+                   help="static int8 conv weights on [-127,127] (full: CPUs with VNNI, ARM) or [-63,63] (reduced: "
+                        "x86 without VNNI, whose u8*s8 kernels saturate); auto: as this machine's CPU needs")
     o.add_argument("--max-loss-increase", type=float, default=1.0, metavar="NATS",
                    help="a language model whose next-token loss rises by more is degraded (default 1.0)")
     o.add_argument("--min-output-cosine", type=float, default=0.5,
@@ -189,7 +192,7 @@ def _cmd_optimize(args) -> int:
         input_shapes=_input_shapes(args.input_shape), measure_latency=True,
         passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
-        allow_degraded=args.allow_degraded, rotate=args.rotate,
+        allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)

@@ -73,6 +73,7 @@ class CompileOptions:
     min_output_cosine: float = 0.5
     allow_degraded: bool = False
     rotate: str | None = None
+    int8_range: str = "auto"
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -83,6 +84,8 @@ class CompileOptions:
             raise InputError(f"unknown rounding {self.rounding!r}; use 'nearest' or 'gradient'")
         if self.activations not in (None, 8, 16):
             raise InputError(f"--activations {self.activations} is not supported; use 8 or 16")
+        if self.int8_range not in targets.INT8_RANGES:
+            raise InputError(f"unknown int8 range {self.int8_range!r}; use one of {', '.join(targets.INT8_RANGES)}")
         if self.rotate in ("none", ""):
             object.__setattr__(self, "rotate", None)
         if self.rotate == "learned":

@@ -325,3 +325,18 @@ def test_gptq_dead_columns_and_singular_h() -> None:
 def test_gptq_rejects_mismatched_h() -> None:
     with pytest.raises(ValueError, match="expected"):
         gptq(_weight(4, 32, seed=0), np.eye(16), 4, 0)
+
+
+@pytest.mark.parametrize("limit", [127, 63])
+def test_the_narrow_grid_keeps_codes_within_its_limit_for_rtn_and_gptq(limit: int) -> None:
+    """``narrow=n``: positive per-channel scales ``max|w| / n`` and signed codes in [−n, n] (the
+    channel's extreme weight on ±n); GPTQ rounds onto the same grid."""
+    W = _weight(16, 64, 7)
+    _, A = _correlated_inputs(64, 256, 7)
+    q = rtn(W, 8, 0, narrow=limit)
+    np.testing.assert_allclose(q.scales[:, 0], np.abs(W).max(axis=1) / limit, rtol=1e-6)
+    assert np.abs(q.codes.astype(np.int32)).max(axis=1).tolist() == [limit] * 16
+    g = gptq(W, A, 8, 0, narrow=limit)
+    assert np.all(g.scales > 0) and np.abs(g.codes.astype(np.int32)).max() <= limit
+    with pytest.raises(ValueError, match="code limit"):
+        rtn(W, 8, 0, narrow=128)

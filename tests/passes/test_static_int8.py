@@ -16,6 +16,7 @@ import hessc
 from hessc.ir import meta
 from hessc.passes import activations
 from hessc.runtime import calibration as calib
+from hessc.runtime import targets
 
 CONV = frozenset({"Conv"})
 
@@ -93,6 +94,26 @@ def test_convs_become_fused_int8_kernels_on_the_cpu() -> None:
         portable, lowered = b.run_ort(out, feed)[0], b.run_ort(out, feed, optimize=True)[0]
         assert _rel(portable, ref) < 0.05
         assert _rel(lowered, portable) < 0.02, "the fused kernels compute the portable form"
+
+
+def test_the_int8_range_sets_the_weight_grid_and_auto_follows_this_cpu() -> None:
+    """``int8_range`` picks the code limit of every static int8 weight; ``auto`` is the reduced
+    grid exactly where this machine's kernels saturate, and the fused kernels then agree with
+    the portable form whichever CPU runs the test."""
+    proto, feeds = _residual_net(), _feeds()
+    limits = {}
+    for choice in ("full", "reduced", "auto"):
+        out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range=choice)
+        weights = meta.read_plan(out)["weights"]
+        limits[choice] = {w["narrow"] for w in weights if w.get("narrow")}
+        if choice == "auto":
+            for feed in _feeds(2, seed=200):
+                portable, lowered = b.run_ort(out, feed)[0], b.run_ort(out, feed, optimize=True)[0]
+                assert _rel(lowered, portable) < 0.01
+    assert limits["full"] == {127} and limits["reduced"] == {63}
+    assert limits["auto"] == ({63} if targets.saturating_int8_products() else {127})
+    with pytest.raises(hessc.InputError, match="int8 range"):
+        hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range="7")
 
 
 def test_a_dead_channel_bias_fits_int32_and_the_kernel_agrees() -> None:

@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from hessc.errors import InputError
 from hessc.runtime import lower as lowering
+from hessc.runtime import targets
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "or
 INT8_PEERS = ("ort-static", "ort-dynamic")
 """ONNX Runtime's int8 quantizers (every op they quantize; the ``bits`` setting does not apply):
 ``quantize_static`` in QDQ form, uint8 activations, int8 per-channel weights, after
-``quant_pre_process``; ``quantize_dynamic`` (``MatMulInteger``/``ConvInteger``)."""
+``quant_pre_process``, with ``reduce_range`` (7-bit weights) where this CPU's u8·s8 kernels saturate
+(ORT's own advice for x86 without VNNI; hessc's ``int8_range="auto"`` does the same);
+``quantize_dynamic`` (``MatMulInteger``/``ConvInteger``)."""
 
 CALIBRATION_SAMPLES = {"efficientnet": 64, "minilm": 64}
 """Calibration feeds per zoo model (others: 8). An EfficientNet feed is one image, i.e. one row of
@@ -113,7 +116,7 @@ def _ort_quantize(
         if method == "ort-static":
             q.quantize_static(str(pre), str(dst), Reader(calibration or []), quant_format=q.QuantFormat.QDQ,
                               per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              use_external_data_format=external)
+                              reduce_range=targets.saturating_int8_products(), use_external_data_format=external)
         else:
             q.quantize_dynamic(str(pre), str(dst), weight_type=q.QuantType.QInt8, use_external_data_format=external)
         pre.unlink()
