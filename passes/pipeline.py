@@ -162,6 +162,12 @@ def _lower(options, target):
     ))
 
 
+def _tune(options, target):
+    from hessc.runtime import tune
+
+    return tune.TuneKernelsPass()
+
+
 def _verify(options, target):
     from hessc.runtime import verification
 
@@ -205,6 +211,9 @@ PASSES: tuple[PassSpec, ...] = (
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
+    PassSpec("tune-kernels", "time each MatMulNBits layer at the serving shape at int8 and fp32 compute "
+             "(cached per machine) and keep the faster; not where --activations fixes the compute",
+             _tune, lambda o, t: o.tune and t.name == "cpu" and o.activations is None),
     PassSpec("verify-in-ort", "run the result on its target in ONNX Runtime and compare it (analysis)",
              _verify, lambda o, t: o.verify),
 )

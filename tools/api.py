@@ -80,6 +80,7 @@ def optimize(
     allow_degraded: bool = False,
     rotate: str | None = None,
     int8_range: str = "auto",
+    tune: bool = True,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -147,6 +148,11 @@ def optimize(
             ``"auto"``: reduced where the compiling machine's CPU saturates
             (:func:`hessc.runtime.targets.saturating_int8_products`). Compile for the machine
             that serves the model.
+        tune: on ``cpu``, time each MatMulNBits layer at the serving shape (the first calibration
+            feed's, else a generated one) with int8 and with fp32 compute and keep the faster
+            (:mod:`hessc.runtime.tune`; timings cached per machine, so a second compile measures
+            nothing and chooses the same). Off where ``activations`` fixes the compute (8: int8,
+            16: fp32).
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -165,7 +171,7 @@ def optimize(
         passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
-        rotate=rotate, int8_range=int8_range,
+        rotate=rotate, int8_range=int8_range, tune=tune,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline
@@ -238,6 +244,10 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
 
     if model.meta.get(ROTATION_KEY) is not None:
         record["rotation"] = model.meta[ROTATION_KEY].to_json()
+    from hessc.runtime.tune import TUNE_KEY
+
+    if model.meta.get(TUNE_KEY) is not None:
+        record["tuning"] = model.meta[TUNE_KEY]
     if VERIFICATION_KEY in model.meta:
         record["verification"] = model.meta[VERIFICATION_KEY]
     else:
@@ -281,32 +291,50 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
     ]
 
 
+LATENCY_ROUNDS = 15
+"""Interleaved rounds of the float-vs-optimized latency check."""
+
+
 def _latency(model: ir.Model, target: str) -> dict | None:
-    """Median latency of the float and the optimized model on the first verification input (not
-    saved: wall-clock values would make outputs differ run to run)."""
-    from hessc.runtime import sessions
+    """Median latency of the float and the optimized model at the serving shape (the first
+    calibration feed's, else a generated one), interleaved; a warning names what runs slower.
+    Not saved: wall-clock values would make outputs differ run to run."""
+    from hessc.runtime import sessions, tune
     from hessc.runtime.verification import REFERENCE_KEY
 
     if target == "cuda" and not sessions.cuda_available():
         return None
-    calibration = model.meta.get(meta.CALIBRATION_KEY)
     reference_source = model.meta[REFERENCE_KEY]
     reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu",
-                                 custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()))
-    feed = calibration.feeds[0] if calibration is not None else calib.generated_feeds(model, count=1)[0]
-    candidate = sessions.session(model, "cpu" if target == "onnx" else target)
+                                 custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()), spinning=False)
+    feed = tune.serving_feed(model)
+    candidate = sessions.session(model, "cpu" if target == "onnx" else target, spinning=False)
+    fp, opt = sessions.interleaved_latency_ms([reference.run, candidate.run], feed, LATENCY_ROUNDS)
     latency = {
-        "float": sessions.median_latency_ms(reference.run, feed, 5),
-        "optimized": sessions.median_latency_ms(candidate.run, feed, 5),
+        "float": round(fp, 3), "optimized": round(opt, 3), "rounds": LATENCY_ROUNDS,
         "input": {k: list(v.shape) for k, v in feed.items()}, "provider": candidate.inner.get_providers()[0],
     }
     if latency["optimized"] > 1.05 * latency["float"]:
-        logger.warning(
-            "the optimized model runs slower than the float model on this input (%.2f ms vs %.2f ms): "
-            "low-bit kernels pay off at small batch x sequence; measure at your serving shape",
-            latency["optimized"], latency["float"],
-        )
+        latency["slower"] = _slower_reason(model, target)
+        logger.warning("the optimized model runs slower than the float model at this input (%.2f ms vs %.2f ms): %s",
+                       latency["optimized"], latency["float"], latency["slower"])
     return latency
+
+
+def _slower_reason(model: ir.Model, target: str) -> str:
+    """Why a result may run slower than float, from what the plan knows."""
+    from hessc.runtime.tune import TUNE_KEY
+
+    reasons = []
+    tuning = model.meta.get(TUNE_KEY)
+    if tuning and tuning.get("slower_than_fp32"):
+        reasons.append(tuning["slower_than_fp32"] + " (the plan's `tuning` lists each layer)")
+    if target == "onnx":
+        reasons.append("the portable form dequantizes its weights on every run; use --target cpu for kernels")
+    if any(n.op_type == "QuantizeLinear" for g in frontend.graphs(model) for n in g):
+        reasons.append("static int8 layers pay a quantize/dequantize at every boundary of the int8 region, which "
+                       "small convs do not earn back; --activations 16 keeps them in float")
+    return "; ".join(reasons) or "low-bit kernels pay off at small batch x sequence; measure at your serving shape"
 
 
 def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:

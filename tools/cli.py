@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--int8-range", choices=["auto", "full", "reduced"], default="auto",
                    help="static int8 conv weights on [-127,127] (full: CPUs with VNNI, ARM) or [-63,63] (reduced: "
                         "x86 without VNNI, whose u8*s8 kernels saturate); auto: as this machine's CPU needs")
+    o.add_argument("--no-tune", action="store_true",
+                   help="on cpu, keep int8 compute for every MatMulNBits instead of timing each layer at the serving "
+                        "shape and keeping the faster of int8 and fp32 compute")
     o.add_argument("--max-loss-increase", type=float, default=1.0, metavar="NATS",
                    help="a language model whose next-token loss rises by more is degraded (default 1.0)")
     o.add_argument("--min-output-cosine", type=float, default=0.5,
@@ -193,6 +196,7 @@ def _cmd_optimize(args) -> int:
         passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
+        tune=not args.no_tune,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
@@ -212,7 +216,7 @@ def _cmd_optimize(args) -> int:
         extra = f", output cosine to fp32 {ver['cosine']:.4f}" if ver else ""
         latency = model.meta.get(meta.LATENCY_KEY)
         if latency:
-            extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms"
+            extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms at {latency['input']}"
         print(
             f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
             f"{s['effective_bits_per_weight']} effective bits/weight{extra}"

@@ -74,6 +74,7 @@ class CompileOptions:
     allow_degraded: bool = False
     rotate: str | None = None
     int8_range: str = "auto"
+    tune: bool = True
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)

@@ -73,9 +73,20 @@ def plan_markdown(
         out.append("")
     if latency:
         shape = ", ".join(f"{k} {v}" for k, v in latency["input"].items())
-        out += ["## Latency", "", f"Median of 5 runs on {latency['provider']}, input {shape}.", "",
+        out += ["## Latency", "", f"Median of {latency.get('rounds', 5)} interleaved runs on {latency['provider']}, "
+                f"input {shape}.", "",
                 table(["float ms", "optimized ms", "speed-up"],
                       [[latency["float"], latency["optimized"], f"{latency['float'] / latency['optimized']:.2f}x"]]), ""]
+        if latency.get("slower"):
+            out += [f"Slower than float: {latency['slower']}.", ""]
+    if record.get("tuning"):
+        tuning = record["tuning"]
+        shape = ", ".join(f"{k} {v}" for k, v in tuning["serving_input"].items())
+        rows = [[t["layer"], t["nodes"], *(t["ms"].get(f, "") for f in ("level-4", "level-1")), t["fp32_matmul_ms"],
+                 t["chosen"], t["vs_fp32"]] for t in tuning["layers"]]
+        out += ["## Kernel tuning", "", f"Each MatMulNBits layer timed at input {shape} on {tuning['machine']}.", "",
+                table(["layer", "nodes", "int8 compute ms", "fp32 compute ms", "fp32 MatMul ms", "chosen", "vs fp32"],
+                      rows), ""]
     if record.get("lowering"):
         out += ["## Lowering", "", table(["rewrite", "count"], [[k, v] for k, v in record["lowering"].items()]), ""]
     out += ["## Weights", ""]

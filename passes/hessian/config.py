@@ -8,7 +8,6 @@ config says which to pay for.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Union
@@ -163,12 +162,10 @@ class HessianConfig:
 
 
 def default_cache_dir() -> Path:
-    """``$HESSC_CACHE/hessian``, else ``$XDG_CACHE_HOME/hessc/hessian``, else ``~/.cache/hessc/hessian``."""
-    env = os.environ.get("HESSC_CACHE")
-    if env:
-        return Path(env).expanduser() / "hessian"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "hessc" / "hessian"
+    """``hessian`` in hessc's cache (:func:`hessc.cache.cache_dir`), not created here."""
+    from hessc import cache
+
+    return cache.cache_dir("hessian", create=False)
 
 
 def _torch_dtype(config: HessianConfig) -> torch.dtype:

@@ -164,7 +164,8 @@ def test_a_reference_that_disagrees_with_itself_makes_that_output_not_comparable
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_a_length_that_quantization_changes_is_compared_on_the_common_prefix(target: str) -> None:
-    out = hessc.optimize(_range_model(), calibration=_feeds(), target=target)
+    # Int8 compute on the CPU (no tuning): its rounding moves the length against the portable form too.
+    out = hessc.optimize(_range_model(), calibration=_feeds(), target=target, tune=False)
     ver = _verification(out)
     assert ver["status"] == "passed" and ver["compared_on_prefix"] == ["steps"]
     outputs = _by_name(ver["vs_float_outputs"])

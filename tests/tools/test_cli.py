@@ -141,11 +141,11 @@ def test_passes_lists_the_pipeline_in_order(capsys) -> None:
     rows = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in rows]
     assert names.index("upgrade-opset") < names.index("plan-quantization") < names.index("insert-qdq") \
-        < names.index("lower-cpu") < names.index("verify-in-ort")
+        < names.index("lower-cpu") < names.index("tune-kernels") < names.index("verify-in-ort")
     # With calibration data (as `hessc passes` assumes) the CPU's convs are static int8.
     assert {r["name"] for r in rows if r["default"]} == {
         "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "insert-activation-qdq",
-        "lower-cpu", "verify-in-ort"}
+        "lower-cpu", "tune-kernels", "verify-in-ort"}
     assert not next(r for r in rows if r["name"] == "share-weights")["available"]
     assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
     text = capsys.readouterr().out
@@ -156,7 +156,8 @@ def test_passes_and_disable_pass_choose_the_steps(model_path: Path, tmp_path: Pa
     out = tmp_path / "out.onnx"
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--disable-pass", "insert-qdq", "--json", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "lower-cpu", "verify-in-ort"]
+    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "lower-cpu", "tune-kernels",
+                                                      "verify-in-ort"]
     assert printed["verification"]["status"] == "passed"
     assert {n.op_type for n in onnx.load(out).graph.node} == {"MatMul", "Relu"}, "a float model"
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--passes", "upgrade-opset,plan-quantization,insert-qdq",

@@ -196,7 +196,7 @@ def run_bench(
     timed: list[tuple[dict[str, Any], Any]] = []
 
     def measure(method: str, path: Path, b: int | None, g: int | None, seconds: float, extra: dict | None = None) -> None:
-        sess = sessions.session(path, target, threads=threads)
+        sess = sessions.session(path, target, threads=threads, spinning=False)
         row: dict[str, Any] = {
             "model": name, "method": method, "bits": b, "group_size": g, "target": target,
             "file_bytes": _dir_size(path), "optimize_seconds": round(seconds, 2),

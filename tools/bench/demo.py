@@ -36,16 +36,24 @@ def run(bits: int = 4, group_size: int = 32, quiet: bool = False) -> dict:
         plan = meta.read_plan(model)
         rows = []
         results = {}
-        for label, path in (("fp32", Path(zm.onnx_path)), (f"hessc {bits}-bit", out)):
-            sess = sessions.session(path, "cpu")
-            quality = zm.evaluate(sess.run)
+        labelled = (("fp32", Path(zm.onnx_path)), (f"hessc {bits}-bit", out))
+        runs = {label: sessions.session(path, "cpu", spinning=False).run for label, path in labelled}
+        latencies = dict(zip(runs, sessions.interleaved_latency_ms(list(runs.values()), feed, 30)))
+        for label, path in labelled:
+            quality = zm.evaluate(runs[label])
             ebits = 32.0 if label == "fp32" else plan["summary"]["effective_bits_per_weight"]
-            latency = sessions.median_latency_ms(sess.run, feed, 20)
             size = path.stat().st_size
-            results[label] = {**quality, "bytes": size, "effective_bits_per_weight": ebits, "latency_ms": latency}
+            results[label] = {**quality, "bytes": size, "effective_bits_per_weight": ebits, "latency_ms": latencies[label]}
             rows.append([label, f"{size / 2**20:.1f} MiB", ebits, f"{quality['cosine_to_fp32']:.4f}",
-                         f"{quality['lee_pearson']:.4f}", f"{latency:.1f}"])
-    print(table(["model", "file", "eff. bits/weight", "cosine to fp32", "Lee Pearson", "latency ms (one sequence)"], rows))
+                         f"{quality['lee_pearson']:.4f}", f"{latencies[label]:.1f}"])
+    tokens = feed["input_ids"].shape[1]
+    print(table(["model", "file", "eff. bits/weight", "cosine to fp32", "Lee Pearson",
+                 f"latency ms (one sequence of {tokens} tokens)"], rows))
+    tuning = plan.get("tuning")
+    if tuning:
+        chosen = ", ".join(f"{t['layer'].split()[2]}x{t['layer'].split()[3]}: {t['chosen']} ({t['vs_fp32']}x fp32)"
+                           for t in tuning["layers"])
+        print(f"\nkernels tuned at {tokens} tokens on this CPU (accuracy level 4 = int8 compute, 1 = fp32): {chosen}")
     print(f"\noptimize took {seconds:.1f} s; the output was verified in ONNX Runtime against the fp32 model "
           f"(relative output error {plan['verification']['vs_float']['rel_error']:.3f}).")
     return results

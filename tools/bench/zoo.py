@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hessc import cache
 from hessc.errors import InputError
 
 if TYPE_CHECKING:
@@ -135,18 +136,8 @@ class ZooModel:
 
 
 def cache_dir() -> Path:
-    """Directory for exported models and reference outputs, created if missing.
-
-    ``$HESSC_CACHE`` if set, else ``$XDG_CACHE_HOME/hessc``, else ``~/.cache/hessc``.
-    """
-    env = os.environ.get("HESSC_CACHE")
-    if env:
-        path = Path(env).expanduser()
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = Path(base) / "hessc"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """Directory for exported models and reference outputs, created if missing (:func:`hessc.cache.cache_dir`)."""
+    return cache.cache_dir()
 
 
 def _require(module: str, package: str) -> ModuleType:
