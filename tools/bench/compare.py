@@ -49,6 +49,8 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # An exact Hadamard rotation of the residual stream folded in first (pre-norm decoders).
     "hessc-hadamard": {"quantize_embeddings": False, "rotate": "hadamard"},
     "hessc-gptq-hadamard": {"quantize_embeddings": False, "method": "gptq", "rotate": "hadamard"},
+    "hessc-int8-full": {"int8_range": "full"},
+    "hessc-int8-reduced": {"int8_range": "reduced"},
 }
 """hessc variants; a float ``--bits`` (3.0, 2.5) is an average-bits budget for the allocator."""
 METHODS = (*HESSC_VARIANTS, "ort-rtn", "ort-default", "ort-hqq", "ort-gptq", "ort-kquant", "ort-static", "ort-dynamic")
