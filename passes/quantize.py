@@ -192,7 +192,11 @@ def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> 
 
     ONNX Runtime fuses ``DequantizeLinear → Conv → QuantizeLinear`` into ``QLinearConv`` only for
     8-bit weights with one scale per output channel (``axis=0``, no blocks) and zero point 0, so
-    that is the plan whatever bit width was asked for, on the narrow grid ``[−limit, limit]``. A layer whose output is a model output
+    that is the plan whatever bit width was asked for, on the narrow grid ``[−limit, limit]``
+    (``limit`` < 127 guards the GEMM kernels of CPUs whose u8·s8 products saturate; a depthwise
+    conv, one input channel per group and one output channel per group, runs ORT's depthwise
+    kernel, which accumulates in int32, so it keeps the full grid: measured exact at 127 on such a
+    CPU, where 1×1 and 3×3 dense convs drifted 3–6%). A layer whose output is a model output
     stays in float, and so does every layer of the output tail
     (:func:`hessc.passes.activations.output_tail`): quantizing them would put the model's own
     outputs on an 8-bit grid.
@@ -201,8 +205,16 @@ def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> 
 
     if any(out.is_graph_output() for out in ref.node.outputs) or id(ref.node) in activations.output_tail(ref.graph):
         return "an output layer (no conv or matmul after it) stays in float on the static int8 path"
+    if _depthwise(ref):
+        limit = 127
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
                           narrow=limit)
+
+
+def _depthwise(ref: qweights.WeightRef) -> bool:
+    """A conv with one input and one output channel per group."""
+    group = ref.node.attributes.get_int("group", 1) if ref.op == "Conv" else 1
+    return ref.op == "Conv" and group > 1 and ref.stored_shape[1] == 1 and ref.stored_shape[0] == group
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -142,9 +142,10 @@ def optimize(
         rotate: ``"hadamard"`` folds a random-sign Hadamard rotation of the residual stream into
             the weights of a pre-norm decoder before quantization (``"random"``: a random
             orthogonal matrix); the plan records what was folded, or why nothing was.
-        int8_range: the grid of the CPU's static int8 weights (convs): ``"full"`` codes in
-            [−127, 127], ``"reduced"`` in [−63, 63] (exact on x86 CPUs without VNNI, whose u8·s8
-            kernels saturate at full range: 3% output error per conv measured on such a CPU),
+        int8_range: the grid of the CPU's static int8 weights (dense convs; depthwise convs
+            run an int32 kernel and keep the full grid): ``"full"`` codes in [−127, 127],
+            ``"reduced"`` in [−63, 63] (exact on x86 CPUs without VNNI, whose u8·s8 kernels
+            saturate at full range: 3–6% output error per conv measured on such a CPU),
             ``"auto"``: reduced where the compiling machine's CPU saturates
             (:func:`hessc.runtime.targets.saturating_int8_products`). Compile for the machine
             that serves the model.

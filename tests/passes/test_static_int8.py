@@ -97,21 +97,24 @@ def test_convs_become_fused_int8_kernels_on_the_cpu() -> None:
 
 
 def test_the_int8_range_sets_the_weight_grid_and_auto_follows_this_cpu() -> None:
-    """``int8_range`` picks the code limit of every static int8 weight; ``auto`` is the reduced
-    grid exactly where this machine's kernels saturate, and the fused kernels then agree with
-    the portable form whichever CPU runs the test."""
+    """``int8_range`` picks the code limit of the GEMM convs' weights (the depthwise W2 runs an
+    int32 kernel and keeps 127); ``auto`` is the reduced grid exactly where this machine's
+    kernels saturate, and the fused kernels then agree with the portable form whichever CPU
+    runs the test."""
     proto, feeds = _residual_net(), _feeds()
     limits = {}
     for choice in ("full", "reduced", "auto"):
         out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range=choice)
         weights = meta.read_plan(out)["weights"]
-        limits[choice] = {w["narrow"] for w in weights if w.get("narrow")}
+        limits[choice] = {w["name"]: w["narrow"] for w in weights if w.get("narrow")}
         if choice == "auto":
             for feed in _feeds(2, seed=200):
                 portable, lowered = b.run_ort(out, feed)[0], b.run_ort(out, feed, optimize=True)[0]
                 assert _rel(lowered, portable) < 0.01
-    assert limits["full"] == {127} and limits["reduced"] == {63}
-    assert limits["auto"] == ({63} if targets.saturating_int8_products() else {127})
+    dense = 63 if targets.saturating_int8_products() else 127
+    assert limits["full"] == {"W0": 127, "W1": 127, "W2": 127, "W3": 127}
+    assert limits["reduced"] == {"W0": 63, "W1": 63, "W2": 127, "W3": 63}
+    assert limits["auto"] == {"W0": dense, "W1": dense, "W2": 127, "W3": dense}
     with pytest.raises(hessc.InputError, match="int8 range"):
         hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range="7")
 
