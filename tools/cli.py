@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead: correlate predicted per-layer loss changes of a BITS-bit RTN "
                         "perturbation with measured held-out loss changes (Spearman)")
     b.add_argument("--layers", type=int, help="with --sensitivity: only the first N layers")
+    b.add_argument("--serving-tokens", type=_int_list, metavar="N,M",
+                   help="minilm/smollm2: 4-bit hessc (tuned at each length) vs fp32 and ORT's 4-bit RTN, latency at "
+                        "these sequence lengths")
     b.add_argument("--quiet", action="store_true")
     b.add_argument("--json", action="store_true")
 
@@ -289,6 +292,13 @@ def _cmd_bench(args) -> int:
         )
         summary = {k: result[k] for k in ("model", "bits", "group_size", "metric", "spearman", "best_estimator")}
         print(json.dumps(summary if not args.json else result, indent=2))
+        return 0
+
+    if args.serving_tokens:
+        from hessc.bench import serving
+
+        serving.run_serving(args.model, args.serving_tokens, Path(args.out), group_size=args.group_size[0],
+                            runs=args.latency_runs)
         return 0
 
     results = bench.run_bench(

@@ -48,3 +48,18 @@ def test_results_table_shows_sizes_scope_and_the_lossless_check() -> None:
     assert cells[2][col["quantized M params"]] == "0.00" and cells[2][col["eff. bits/weight"]] == "-"
     assert cells[3][col["held-out loss fp32 / quantized"]] == "1.737 / 1.708"
     assert cells[4][-1] == "ValueError: no"
+
+
+def test_serving_lengths_are_for_language_models_and_repeat_the_feed(tmp_path) -> None:
+    import numpy as np
+    import pytest
+
+    from hessc.bench import serving
+    from hessc.errors import InputError
+
+    with pytest.raises(InputError, match="language models"):
+        serving.run_serving("efficientnet", [1], tmp_path)
+    feed = {"input_ids": np.arange(5)[None], "attention_mask": np.ones((1, 5), np.int64)}
+    long, one = serving._at_length(feed, 12), serving._at_length(feed, 1)
+    assert long["input_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]] and one["input_ids"].tolist() == [[0]]
+    assert long["attention_mask"].shape == (1, 12)
