@@ -182,3 +182,18 @@ def test_a_degraded_result_exits_3_unless_allowed(model_path: Path, tmp_path: Pa
     assert plan["verification"]["quality"]["degraded"]
     assert "cosine" in plan["verification"]["quality"]["reasons"][0]
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--max-loss-increase", "0", "--quiet"]) == 2
+
+
+def test_no_tune_and_int8_range_reach_the_compile(model_path: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out.onnx"
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--no-tune", "--int8-range", "reduced",
+                     "--json", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert "tune-kernels" not in [p["name"] for p in printed["passes"]]
+    levels = {a.i for n in onnx.load(out).graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert cli.main(["optimize", str(model_path), "-o", str(out), "--json", "--quiet"]) == 0
+    assert "tune-kernels" in [p["name"] for p in json.loads(capsys.readouterr().out)["passes"]]
+    with pytest.raises(SystemExit):
+        cli.main(["optimize", str(model_path), "-o", str(out), "--int8-range", "7bit"])
