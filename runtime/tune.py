@@ -50,6 +50,10 @@ LEVELS = (4, 1)
 TIE = 0.03
 """Levels within 3% of the fastest count as tied; the exact fp32 path (level 1) wins a tie."""
 
+FP32_REFERENCE_LIMIT = 1 << 26
+"""Layers of more weights than this (256 MiB in fp32: a large vocabulary's head) are not timed
+as an fp32 MatMul for the record; their ``fp32_matmul_ms`` is None."""
+
 TIMINGS_FILE = "kernel-timings.json"
 MS_DOMAIN = "com.microsoft"
 
@@ -225,17 +229,19 @@ class TuneKernelsPass(ir.passes.InPlacePass):
             layer = _nbits_layer(node, rows[node.inputs[0].name])
             entry = layers.get(layer.key)
             if entry is None:
+                wanted = (*forms, "fp32") if layer.k * layer.n <= FP32_REFERENCE_LIMIT else forms
                 timings = cache.entries.get(layer.key)
-                if timings is None or not all(f in timings for f in (*forms, "fp32")):
-                    timings = time_layer(layer, (*forms, "fp32"))
+                if timings is None or not all(f in timings for f in wanted):
+                    timings = time_layer(layer, wanted)
                     cache.entries[layer.key] = timings
                     measured += 1
                 best = min(timings[f] for f in forms)
                 tied = [f for f in forms if timings[f] <= best * (1 + TIE)]
                 chosen = "level-1" if "level-1" in tied else min(tied, key=lambda f: timings[f])
+                fp32 = timings.get("fp32")
                 entry = layers[layer.key] = {
-                    "layer": layer.key, "ms": {f: timings[f] for f in forms}, "fp32_matmul_ms": timings["fp32"],
-                    "chosen": chosen, "vs_fp32": round(timings[chosen] / timings["fp32"], 3), "nodes": 0,
+                    "layer": layer.key, "ms": {f: timings[f] for f in forms}, "fp32_matmul_ms": fp32,
+                    "chosen": chosen, "vs_fp32": round(timings[chosen] / fp32, 3) if fp32 else None, "nodes": 0,
                 }
             entry["nodes"] += 1
             level = int(entry["chosen"].split("-")[1])
@@ -250,13 +256,13 @@ class TuneKernelsPass(ir.passes.InPlacePass):
         }
         if inner:
             record["not_tuned"] = f"{inner} MatMulNBits in subgraph bodies keep accuracy_level 4"
-        slower = [e["layer"] for e in layers.values() if e["vs_fp32"] > 1.0 + TIE]
+        slower = [e["layer"] for e in layers.values() if e["vs_fp32"] is not None and e["vs_fp32"] > 1.0 + TIE]
         if slower:
             record["slower_than_fp32"] = (
                 f"{len(slower)} of {len(layers)} layer shapes run slower than the fp32 MatMul they replace in "
                 "every form measured at this shape (the float form would cost 32 bits per weight)"
             )
         model.meta[TUNE_KEY] = record
-        logger.info("tune-kernels: %s", ", ".join(f"{e['layer']}: {e['chosen']} ({e['vs_fp32']}x fp32)"
+        logger.info("tune-kernels: %s", ", ".join(f"{e['layer']}: {e['chosen']} ({e['vs_fp32'] or '?'}x fp32)"
                                                   for e in layers.values()))
         return ir.passes.PassResult(model, modified)

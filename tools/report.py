@@ -82,8 +82,8 @@ def plan_markdown(
     if record.get("tuning"):
         tuning = record["tuning"]
         shape = ", ".join(f"{k} {v}" for k, v in tuning["serving_input"].items())
-        rows = [[t["layer"], t["nodes"], *(t["ms"].get(f, "") for f in ("level-4", "level-1")), t["fp32_matmul_ms"],
-                 t["chosen"], t["vs_fp32"]] for t in tuning["layers"]]
+        rows = [[t["layer"], t["nodes"], *(t["ms"].get(f, "-") for f in ("level-4", "level-1")),
+                 t["fp32_matmul_ms"] or "-", t["chosen"], t["vs_fp32"] or "-"] for t in tuning["layers"]]
         out += ["## Kernel tuning", "", f"Each MatMulNBits layer timed at input {shape} on {tuning['machine']}.", "",
                 table(["layer", "nodes", "int8 compute ms", "fp32 compute ms", "fp32 MatMul ms", "chosen", "vs fp32"],
                       rows), ""]

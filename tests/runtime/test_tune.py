@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import hessc
+from hessc import report
 from hessc.ir import meta
 from hessc.runtime import sessions, tune
 
@@ -69,6 +70,20 @@ def test_a_new_shape_is_measured_and_cached_and_a_second_compile_chooses_the_sam
     assert all(key.split()[1] == "m7" for key in cached)
     second = hessc.optimize(b.load(b.mlp_model()), target="cpu", bits=4, calibration=feeds)
     assert b.to_bytes(first) == b.to_bytes(second)
+    text = report.plan_markdown(meta.read_plan(first))
+    assert "## Kernel tuning" in text and all(key in text for key in cached)
+
+
+def test_a_huge_layer_is_not_timed_as_fp32(tmp_path, monkeypatch) -> None:
+    """Above the limit the fp32 reference (a 256 MiB weight and more) is skipped, not allocated."""
+    monkeypatch.setattr(tune, "FP32_REFERENCE_LIMIT", 64 * 32)
+    cache = tune.TimingCache(tmp_path / "t.json")
+    model = hessc.optimize(b.load(b.mlp_model()), target="cpu", bits=4, calibration=[b.x_feed(64)], tune=False)
+    tune.TuneKernelsPass(cache=cache)(model)
+    layers = {t["layer"].split()[3]: t for t in model.meta[tune.TUNE_KEY]["layers"]}
+    assert layers["n64"]["fp32_matmul_ms"] is None and layers["n64"]["vs_fp32"] is None
+    assert layers["n32"]["fp32_matmul_ms"] > 0
+    assert "fp32" not in cache.entries[layers["n64"]["layer"]]
 
 
 def test_no_tune_keeps_int8_compute_and_an_unreadable_cache_is_ignored(tmp_path, monkeypatch, caplog) -> None:
