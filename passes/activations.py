@@ -40,6 +40,10 @@ ACT_QUANT_KEY = "hessc.act_quant"
 ACT_RANGE_KEY = "hessc.act_range"
 """``value.meta`` key on an activation: its calibrated (lo, hi) range."""
 
+FLOAT_KEY = "hessc.int8_float"
+"""``node.meta`` key on a static int8 layer that keeps float activations: why
+(:mod:`hessc.runtime.tune_regions` sets it where the int8 form measured slower)."""
+
 
 def quantized_layer_inputs(model: ir.Model) -> dict[str, list[ir.Node]]:
     """Activation value name → the MatMul/Gemm nodes that read it with a quantized weight."""
@@ -115,6 +119,8 @@ def output_tail(graph: ir.Graph) -> set[int]:
 
 def _static_layer(node: ir.Node, ops: frozenset[str]) -> bool:
     if node.op_type not in ops or len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return False
+    if FLOAT_KEY in node.meta:
         return False
     producer = node.inputs[1].producer()
     plan = producer.meta.get(meta.QUANT_KEY) if producer is not None and producer.op_type == "DequantizeLinear" else None

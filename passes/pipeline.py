@@ -140,6 +140,12 @@ def _activation_ranges(options, target):
     return activations.AnnotateActivationRangesPass(options.static_activations(target), options.static_int8_ops(target))
 
 
+def _tune_regions(options, target):
+    from hessc.runtime import tune_regions
+
+    return tune_regions.TuneStaticRegionsPass(options.static_int8_ops(target))
+
+
 def _activation_qdq(options, target):
     from hessc.passes import activations
 
@@ -206,6 +212,9 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("annotate-activation-ranges", "calibrated ranges of the activations to quantize: quantized "
              "layers' inputs, the static int8 region's values (analysis)",
              _activation_ranges, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
+    PassSpec("tune-int8-regions", "time each connected part of the static int8 region at the serving shape "
+             "against float activations (cached per machine) and keep int8 only where it is faster",
+             _tune_regions, lambda o, t: o.tune and bool(o.static_int8_ops(t)) and not o.static_activations(t)),
     PassSpec("insert-activation-qdq", "uint8 per-tensor Q/DQ on those activations (the static int8 region "
              "in the form ORT fuses into QLinearConv, QLinearAdd, ...)",
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),

@@ -445,17 +445,25 @@ class ValueTaps:
             self._keepalive = None
 
 
-def interleaved_latency_ms(runs_fns: Sequence, feed: dict[str, np.ndarray], rounds: int = 20) -> list[float]:
+def interleaved_latency_ms(runs_fns: Sequence, feed: dict[str, np.ndarray], rounds: int | None = 20, *,
+                           target_ms: float = 300.0, max_rounds: int = 500) -> list[float]:
     """Median wall time in milliseconds of each ``run(feed)``, the runs interleaved: every round
     calls each once, in turn (after one warm-up call each), so drift on a shared machine falls on
     all of them alike. Open their sessions with ``spinning=False``: after a run, ORT's intra-op
     threads spin for work and take the cores from the next session (MiniLM at 101 tokens on
-    2 cores: 75 ms per run interleaved with spinning pools, 28 ms without, 27 ms alone)."""
+    2 cores: 75 ms per run interleaved with spinning pools, 28 ms without, 27 ms alone).
+
+    ``rounds=None`` picks enough rounds for about ``target_ms`` per run, between 5 and
+    ``max_rounds`` (from two probe rounds): a sub-millisecond model needs hundreds of rounds for
+    a median that holds to a few percent on a shared machine, a large one a few."""
     import statistics
     import time
 
     for run in runs_fns:
         run(feed)
+    if rounds is None:
+        probe = interleaved_latency_ms(runs_fns, feed, 2)
+        rounds = int(np.clip(target_ms / max(max(probe), 1e-3), 5, max_rounds))
     times: list[list[float]] = [[] for _ in runs_fns]
     for _ in range(rounds):
         for i, run in enumerate(runs_fns):

@@ -161,10 +161,8 @@ def time_layer(layer: NBitsLayer, forms: Sequence[str], rounds: int = 0) -> dict
 
     runs = [sessions.session(_layer_model(layer, form), "cpu", spinning=False).run for form in forms]
     feed = {"x": np.random.default_rng(1).standard_normal((layer.m, layer.k)).astype(np.float32)}
-    if not rounds:
-        probe = sessions.interleaved_latency_ms(runs, feed, 2)
-        rounds = int(np.clip(300.0 / max(max(probe), 1e-3), 5, 50))
-    return {form: round(ms, 4) for form, ms in zip(forms, sessions.interleaved_latency_ms(runs, feed, rounds))}
+    timed = sessions.interleaved_latency_ms(runs, feed, rounds or None, max_rounds=50)
+    return {form: round(ms, 4) for form, ms in zip(forms, timed)}
 
 
 def _nbits_layer(node: ir.Node, rows: int) -> NBitsLayer:

@@ -152,8 +152,10 @@ def optimize(
         tune: on ``cpu``, time each MatMulNBits layer at the serving shape (the first calibration
             feed's, else a generated one) with int8 and with fp32 compute and keep the faster
             (:mod:`hessc.runtime.tune`; timings cached per machine, so a second compile measures
-            nothing and chooses the same). Off where ``activations`` fixes the compute (8: int8,
-            16: fp32).
+            nothing and chooses the same), and each connected part of the static int8 conv region
+            in the whole model against the same part with float activations, keeping int8 only
+            where it is faster (:mod:`hessc.runtime.tune_regions`). Off where ``activations``
+            fixes the compute (8: int8, 16: fp32).
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -246,9 +248,12 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     if model.meta.get(ROTATION_KEY) is not None:
         record["rotation"] = model.meta[ROTATION_KEY].to_json()
     from hessc.runtime.tune import TUNE_KEY
+    from hessc.runtime.tune_regions import REGIONS_KEY
 
     if model.meta.get(TUNE_KEY) is not None:
         record["tuning"] = model.meta[TUNE_KEY]
+    if model.meta.get(REGIONS_KEY) is not None:
+        record["int8_regions"] = model.meta[REGIONS_KEY]
     if VERIFICATION_KEY in model.meta:
         record["verification"] = model.meta[VERIFICATION_KEY]
     else:
@@ -292,8 +297,8 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
     ]
 
 
-LATENCY_ROUNDS = 15
-"""Interleaved rounds of the float-vs-optimized latency check."""
+LATENCY_MS = 300.0
+"""Time per model of the float-vs-optimized latency check (interleaved rounds, 5 to 500)."""
 
 
 def _latency(model: ir.Model, target: str) -> dict | None:
@@ -310,9 +315,9 @@ def _latency(model: ir.Model, target: str) -> dict | None:
                                  custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()), spinning=False)
     feed = tune.serving_feed(model)
     candidate = sessions.session(model, "cpu" if target == "onnx" else target, spinning=False)
-    fp, opt = sessions.interleaved_latency_ms([reference.run, candidate.run], feed, LATENCY_ROUNDS)
+    fp, opt = sessions.interleaved_latency_ms([reference.run, candidate.run], feed, None, target_ms=LATENCY_MS)
     latency = {
-        "float": round(fp, 3), "optimized": round(opt, 3), "rounds": LATENCY_ROUNDS,
+        "float": round(fp, 3), "optimized": round(opt, 3),
         "input": {k: list(v.shape) for k, v in feed.items()}, "provider": candidate.inner.get_providers()[0],
     }
     if latency["optimized"] > 1.05 * latency["float"]:
@@ -332,6 +337,12 @@ def _slower_reason(model: ir.Model, target: str) -> str:
         reasons.append(tuning["slower_than_fp32"] + " (the plan's `tuning` lists each layer)")
     if target == "onnx":
         reasons.append("the portable form dequantizes its weights on every run; use --target cpu for kernels")
+    from hessc.runtime.tune_regions import REGIONS_KEY
+
+    regions = model.meta.get(REGIONS_KEY)
+    if regions and regions["float_layers"]:
+        reasons.append(f"{regions['float_layers']} convs keep float activations (their static int8 form measured "
+                       "slower: the plan's `int8_regions`) and dequantize their 8-bit weights on every run")
     if any(n.op_type == "QuantizeLinear" for g in frontend.graphs(model) for n in g):
         reasons.append("static int8 layers pay a quantize/dequantize at every boundary of the int8 region, which "
                        "small convs do not earn back; --activations 16 keeps them in float")

@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="static int8 conv weights on [-127,127] (full: CPUs with VNNI, ARM) or [-63,63] (reduced: "
                         "x86 without VNNI, whose u8*s8 kernels saturate); auto: as this machine's CPU needs")
     o.add_argument("--no-tune", action="store_true",
-                   help="on cpu, keep int8 compute for every MatMulNBits instead of timing each layer at the serving "
-                        "shape and keeping the faster of int8 and fp32 compute")
+                   help="on cpu, keep int8 compute for every MatMulNBits and every static int8 conv instead of timing "
+                        "them at the serving shape and keeping the faster of int8 and float compute")
     o.add_argument("--max-loss-increase", type=float, default=1.0, metavar="NATS",
                    help="a language model whose next-token loss rises by more is degraded (default 1.0)")
     o.add_argument("--min-output-cosine", type=float, default=0.5,

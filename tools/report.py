@@ -73,7 +73,7 @@ def plan_markdown(
         out.append("")
     if latency:
         shape = ", ".join(f"{k} {v}" for k, v in latency["input"].items())
-        out += ["## Latency", "", f"Median of {latency.get('rounds', 5)} interleaved runs on {latency['provider']}, "
+        out += ["## Latency", "", f"Median of interleaved runs (about 0.3 s each) on {latency['provider']}, "
                 f"input {shape}.", "",
                 table(["float ms", "optimized ms", "speed-up"],
                       [[latency["float"], latency["optimized"], f"{latency['float'] / latency['optimized']:.2f}x"]]), ""]
@@ -87,6 +87,14 @@ def plan_markdown(
         out += ["## Kernel tuning", "", f"Each MatMulNBits layer timed at input {shape} on {tuning['machine']}.", "",
                 table(["layer", "nodes", "int8 compute ms", "fp32 compute ms", "fp32 MatMul ms", "chosen", "vs fp32"],
                       rows), ""]
+    if record.get("int8_regions"):
+        regions = record["int8_regions"]
+        shape = ", ".join(f"{k} {v}" for k, v in regions["serving_input"].items())
+        rows = [[", ".join(g["layers"]), g["int8_ms"], g["float_ms"], g["chosen"]] for g in regions["groups"]]
+        out += ["## Static int8 regions", "", f"Each connected part of the static int8 region timed in the whole model "
+                f"at input {shape} on {regions['machine']}, against the same part with float activations (8-bit "
+                "weights either way).", "",
+                table(["layers", "int8 ms", "float activations ms", "chosen"], rows), ""]
     if record.get("lowering"):
         out += ["## Lowering", "", table(["rewrite", "count"], [[k, v] for k, v in record["lowering"].items()]), ""]
     out += ["## Weights", ""]

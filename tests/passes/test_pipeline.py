@@ -27,7 +27,8 @@ def _names(**kwargs) -> list[str]:
 def test_default_pipelines_read_in_execution_order() -> None:
     # With calibration data the CPU runs its convs as static int8: activation ranges and Q/DQ.
     assert _names() == ["upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges",
-                        "insert-activation-qdq", "lower-cpu", "tune-kernels", "verify-in-ort"]
+                        "tune-int8-regions", "insert-activation-qdq", "lower-cpu", "tune-kernels", "verify-in-ort"]
+    assert "tune-int8-regions" not in _names(tune=False)
     assert _names(has_calibration=False) == ["upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu",
                                              "tune-kernels", "verify-in-ort"]
     # --activations fixes the compute: nothing to tune.

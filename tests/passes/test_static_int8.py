@@ -76,7 +76,7 @@ def _rel(a: np.ndarray, ref: np.ndarray) -> float:
 def test_convs_become_fused_int8_kernels_on_the_cpu() -> None:
     proto = _residual_net()
     feeds = _feeds()
-    out = hessc.optimize(b.load(proto), target="cpu", bits=4, calibration=feeds)
+    out = hessc.optimize(b.load(proto), target="cpu", bits=4, calibration=feeds, tune=False)
     record = meta.read_plan(out)
     plans = {w["name"]: w for w in record["weights"]}
     # Four static int8 convs (8 bits whatever --bits said, narrow per-channel grid, even the
@@ -104,7 +104,7 @@ def test_the_int8_range_sets_the_weight_grid_and_auto_follows_this_cpu() -> None
     proto, feeds = _residual_net(), _feeds()
     limits = {}
     for choice in ("full", "reduced", "auto"):
-        out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range=choice)
+        out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds, int8_range=choice, tune=False)
         weights = meta.read_plan(out)["weights"]
         limits[choice] = {w["name"]: w["narrow"] for w in weights if w.get("narrow")}
         if choice == "auto":
@@ -123,7 +123,7 @@ def test_a_dead_channel_bias_fits_int32_and_the_kernel_agrees() -> None:
     """A channel of ~1e-9 weights with a 0.5-sized bias: in units of s_x · s_w the bias is beyond
     int32; the channel's weight scale is widened so the fused kernel agrees with the Q/DQ form."""
     proto = _residual_net(tiny_channel=True)
-    out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=_feeds())
+    out = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=_feeds(), tune=False)
     biases = [n for n in out.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == onnx.TensorProto.INT32]
     assert len(biases) == 4
     for dq in biases:

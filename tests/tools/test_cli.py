@@ -144,8 +144,8 @@ def test_passes_lists_the_pipeline_in_order(capsys) -> None:
         < names.index("lower-cpu") < names.index("tune-kernels") < names.index("verify-in-ort")
     # With calibration data (as `hessc passes` assumes) the CPU's convs are static int8.
     assert {r["name"] for r in rows if r["default"]} == {
-        "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "insert-activation-qdq",
-        "lower-cpu", "tune-kernels", "verify-in-ort"}
+        "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "tune-int8-regions",
+        "insert-activation-qdq", "lower-cpu", "tune-kernels", "verify-in-ort"}
     assert not next(r for r in rows if r["name"] == "share-weights")["available"]
     assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
     text = capsys.readouterr().out

@@ -1,0 +1,195 @@
+"""Static int8 regions, kept only where they run faster: each connected part of the region timed
+in ONNX Runtime at the serving shape against the same part with float activations.
+
+A static int8 conv pays a ``QuantizeLinear`` on every activation entering its region and a
+``DequantizeLinear`` on every one leaving it, and ORT's int8 conv kernels beat its fp32 ones
+only where the convs are wide enough. A region broken up by ops that have no int8 kernel
+(``PRelu``, ``Softmax``, ...) may therefore run slower than float: MTCNN's P-Net (three small
+convs, each between ``PRelu``\\ s) took 0.65 ms per 48×48 image as static int8 against 0.55 ms
+with the same 8-bit weights dequantized in front of float convs (fp32: 0.51 ms), and 12.3 ms
+against 8.9 ms at 240×320. So it is measured:
+
+* the region (:func:`hessc.passes.activations.static_region`) splits into its connected parts:
+  layers and glue ops linked through the activations they quantize. Beyond :data:`MAX_GROUPS`
+  parts, neighbouring parts are timed together;
+* in graph order, each part is timed as the whole model with and without that part's Q/DQ
+  (the weights keep their 8-bit codes either way: both forms cost the same bytes), the sessions
+  interleaved at the serving shape; the int8 form stays only where it is faster by more than
+  :data:`~hessc.runtime.tune.TIE` (the float form is the more exact);
+* a part that stays float has its layers marked (:data:`FLOAT_KEY` on the node), so
+  ``insert-activation-qdq`` leaves it out, and the plan lists every part with its times;
+* the timings are cached per machine beside the kernel timings, keyed by the graph's structure
+  and the serving shape, so a second compile on the machine measures nothing and makes the same
+  choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from hessc.ir import frontend, meta
+from hessc.passes import activations
+from hessc.runtime import tune
+
+logger = logging.getLogger(__name__)
+
+REGIONS_KEY = "hessc.int8_regions"
+"""``model.meta`` key: the record of :class:`TuneStaticRegionsPass` (also saved in the plan)."""
+
+FLOAT_KEY = activations.FLOAT_KEY
+
+MAX_GROUPS = 16
+"""At most this many parts of the region are timed one by one (each costs two sessions)."""
+
+TARGET_MS = 300.0
+"""Each form is timed for about this long per comparison (between 5 and 500 rounds: sub-millisecond
+models need many rounds for a stable median on a shared machine)."""
+
+
+def region_parts(region: activations.StaticRegion) -> list[list[ir.Node]]:
+    """The region's connected parts, in graph order: nodes linked through a quantized activation
+    (a producer in the region, through an absorbed ``Relu``/``Clip`` chain, and the region's
+    readers of it are one part; so are region nodes reading the same outside value)."""
+    order = {id(n): i for i, n in enumerate(region.nodes)}
+    parent = list(range(len(region.nodes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    for name, point in region.points.items():
+        start = region.chains[name][0].inputs[0] if name in region.chains else point
+        touching = [order[id(u.node)] for u in point.uses() if id(u.node) in order]
+        producer = start.producer()
+        if producer is not None and id(producer) in order:
+            touching.append(order[id(producer)])
+        for other in touching[1:]:
+            union(touching[0], other)
+    parts: dict[int, list[ir.Node]] = {}
+    for i, node in enumerate(region.nodes):
+        parts.setdefault(find(i), []).append(node)
+    return [parts[k] for k in sorted(parts)]
+
+
+def _groups(parts: list[list[ir.Node]], ops: frozenset[str], limit: int) -> list[list[ir.Node]]:
+    """The layers of each part (glue follows its layers), neighbouring parts merged into at most
+    ``limit`` groups."""
+    layers = [[n for n in part if n.op_type in ops] for part in parts]
+    layers = [group for group in layers if group]
+    if len(layers) <= limit:
+        return layers
+    bounds = np.linspace(0, len(layers), limit + 1).round().astype(int)
+    return [[n for group in layers[a:b] for n in group] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def structure_digest(model: ir.Model, feed: dict[str, np.ndarray]) -> str:
+    """A digest of what the model's speed depends on: ops, attributes, weight shapes and types,
+    and the serving shape; not the weight values or the calibrated ranges."""
+    h = hashlib.sha1()
+    for name, value in sorted(feed.items()):
+        h.update(f"{name}{value.shape}{value.dtype}".encode())
+    for graph in frontend.graphs(model):
+        for node in graph:
+            attrs = sorted((k, a.value if a.type in (ir.AttributeType.INT, ir.AttributeType.FLOAT,
+                                                     ir.AttributeType.INTS, ir.AttributeType.FLOATS,
+                                                     ir.AttributeType.STRING) else a.type.name)
+                           for k, a in node.attributes.items())
+            inputs = [None if v is None else (v.const_value.shape if v.const_value is not None else v.name, v.dtype)
+                      for v in node.inputs]
+            h.update(repr((node.domain, node.op_type, attrs, inputs)).encode())
+    return h.hexdigest()[:16]
+
+
+class TuneStaticRegionsPass(ir.passes.InPlacePass):
+    """Marks the parts of the static int8 region that run slower than float at the serving shape,
+    measured, so that ``insert-activation-qdq`` keeps them in float.
+
+    Args:
+        static_int8_ops: the ops the target runs as static int8 kernels.
+        cache: the timing cache (default: the machine's, :func:`hessc.runtime.tune.default_cache`).
+    """
+
+    def __init__(self, static_int8_ops: frozenset[str], cache: tune.TimingCache | None = None) -> None:
+        super().__init__()
+        self.static_int8_ops = static_int8_ops
+        self.cache = cache
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        region = activations.static_region(model, self.static_int8_ops)
+        groups = _groups(region_parts(region), self.static_int8_ops, MAX_GROUPS)
+        if not groups:
+            return ir.passes.PassResult(model, False)
+        cache = self.cache if self.cache is not None else tune.default_cache()
+        feed = tune.serving_feed(model)
+        entries = cache.entries.setdefault(f"static-int8 regions {structure_digest(model, feed)}", {})
+        position = {id(n): i for i, n in enumerate(model.graph)}
+        floated: list[int] = []
+        record_groups = []
+        measured = False
+        current = None  # a session of the model with the ``floated`` groups left out
+        for index, group in enumerate(groups):
+            key = f"float {floated} + {index}"
+            timing = entries.get(key)
+            variant = None
+            if timing is None:
+                current = current or self._session(model, floated, groups, position)
+                variant = self._session(model, [*floated, index], groups, position)
+                timing = entries[key] = _time_pair(current.run, variant.run, feed)
+                measured = True
+            int8_ms, float_ms = timing
+            chosen = "float" if int8_ms >= float_ms * (1 - tune.TIE) else "int8"
+            if chosen == "float":
+                floated.append(index)
+                current = variant  # None when the timing came from the cache: opened when needed
+            record_groups.append({"layers": [n.name for n in group], "int8_ms": int8_ms, "float_ms": float_ms,
+                                  "chosen": chosen})
+        if measured:
+            cache.save()
+        for index in floated:
+            for node in groups[index]:
+                node.meta[FLOAT_KEY] = "its static int8 form measured slower than float activations at the serving shape"
+        record = {"serving_input": {k: list(v.shape) for k, v in feed.items()}, "machine": cache.machine,
+                  "groups": record_groups, "float_layers": sum(len(groups[i]) for i in floated),
+                  "int8_layers": sum(len(g) for i, g in enumerate(groups) if i not in floated)}
+        model.meta[REGIONS_KEY] = record
+        logger.info("tune-int8-regions: %d of %d parts of the static int8 region stay int8 (%s)",
+                    len(groups) - len(floated), len(groups),
+                    ", ".join(f"{g['int8_ms']} vs {g['float_ms']} ms" for g in record_groups))
+        return ir.passes.PassResult(model, bool(floated))
+
+    def _session(self, model: ir.Model, floated: Sequence[int], groups, position):
+        """A session on a copy of the model with the static int8 region's Q/DQ in place, the
+        ``floated`` groups left out."""
+        from hessc.runtime import sessions
+
+        copy = frontend.clone(model)
+        nodes = list(copy.graph)
+        for index in floated:
+            for node in groups[index]:
+                nodes[position[id(node)]].meta[FLOAT_KEY] = "timed in float"
+        quiet = logging.getLogger(activations.__name__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # the trial copies' insertion is not the compile's
+        try:
+            activations.InsertActivationQDQPass(False, self.static_int8_ops)(copy)
+        finally:
+            quiet.setLevel(level)
+        return sessions.session(copy, "cpu", spinning=False)
+
+
+def _time_pair(run_a, run_b, feed: dict[str, np.ndarray]) -> list[float]:
+    from hessc.runtime import sessions
+
+    return [round(ms, 4) for ms in sessions.interleaved_latency_ms([run_a, run_b], feed, None, target_ms=TARGET_MS)]
