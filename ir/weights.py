@@ -5,7 +5,10 @@ A weight is a constant, float, initializer operand of
 * ``MatMul(x, B)`` with ``B`` of shape (in, out): ``W = Bᵀ``;
 * ``Gemm(x, B)`` with ``transA = 0``: ``W = B`` when ``transB = 1``, else ``Bᵀ``;
 * ``Conv(x, W)``: ``W`` of shape (out, in/groups, *kernel), viewed as (out, in/groups · prod(kernel));
-* ``Gather(E, ids)`` on axis 0 (an embedding table of shape (vocab, dim)): ``W = E``.
+* ``Gather(E, ids)`` on axis 0 (an embedding table of shape (vocab, dim)): ``W = E``;
+* ``LSTM``/``GRU``/``RNN(X, W, R)``: two weights, the input weights ``W`` (directions, gates ·
+  hidden, input) and the recurrent weights ``R`` (directions, gates · hidden, hidden), each
+  viewed as (directions · gates · hidden, input or hidden): one row per gate unit.
 
 ``W`` has shape (out, in) and quantization groups run along ``in`` (``dim`` for embeddings).
 Weights are found in every graph, subgraphs of ``If``/``Loop``/``Scan`` included; the front door
@@ -27,7 +30,8 @@ import onnx_ir as ir
 
 from hessc.ir import frontend
 
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather", *RECURRENT_OPS)
 LOOP_OPS = ("Loop", "Scan")
 """Ops whose body runs once per iteration."""
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -42,9 +46,10 @@ class WeightRef:
         node: the consuming node.
         graph: the graph holding the node (the main graph or a subgraph).
         value: the weight value (an initializer).
-        op: ``MatMul``, ``Gemm``, ``Conv`` or ``Gather``.
+        op: ``MatMul``, ``Gemm``, ``Conv``, ``Gather``, ``LSTM``, ``GRU`` or ``RNN``.
         transposed: the stored tensor is ``Wᵀ`` (in, out).
         scope: the nodes whose subgraphs hold ``node``, outermost first (``()`` in the main graph).
+        index: the node input holding the weight (:attr:`position` when None).
     """
 
     name: str
@@ -54,6 +59,19 @@ class WeightRef:
     op: str
     transposed: bool
     scope: tuple[ir.Node, ...] = ()
+    index: int | None = None
+
+    @property
+    def position(self) -> int:
+        """The node input holding the weight: 0 for a lookup, 1 for a layer's weight, 1 or 2 for a
+        recurrent op's input or recurrent weights."""
+        if self.index is not None:
+            return self.index
+        return 0 if self.op == "Gather" else 1
+
+    @property
+    def recurrent(self) -> bool:
+        return self.op in RECURRENT_OPS
 
     @property
     def in_subgraph(self) -> bool:
@@ -69,12 +87,17 @@ class WeightRef:
         shape = self.stored_shape
         if self.op == "Conv":
             return shape[0], int(np.prod(shape[1:]))
+        if self.recurrent:
+            return shape[0] * shape[1], shape[2]
         return (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
 
     @property
     def activation(self) -> ir.Value | None:
-        """The value multiplied by the weight (None for an embedding)."""
-        return None if self.op == "Gather" else self.node.inputs[0]
+        """The value multiplied by the weight (None for an embedding, and for recurrent weights,
+        which multiply the op's hidden state)."""
+        if self.op == "Gather" or (self.recurrent and self.position != 1):
+            return None
+        return self.node.inputs[0]
 
     @property
     def numel(self) -> int:
@@ -85,6 +108,8 @@ class WeightRef:
         array = frontend.ensure_float_array(self.value.const_value)
         if self.op == "Conv":
             return array.reshape(array.shape[0], -1)
+        if self.recurrent:
+            return array.reshape(-1, array.shape[2])
         return array.T if self.transposed else array
 
 
@@ -106,21 +131,39 @@ def _const_float(value: ir.Value | None) -> bool:
     )
 
 
-def classify(node: ir.Node, graph: ir.Graph, scope: tuple[ir.Node, ...] = ()) -> WeightRef | Skipped | None:
-    """A node's weight, the reason it is skipped, or None when it holds no weight.
+def classify(node: ir.Node, graph: ir.Graph, scope: tuple[ir.Node, ...] = ()) -> list[WeightRef | Skipped]:
+    """A node's weights and the reasons some are skipped (empty when it holds no weight): one for
+    a layer or a lookup, two for a recurrent op (``W``, then ``R``).
 
     Args:
         node: the node.
         graph: the graph holding it.
         scope: the nodes whose subgraphs hold ``graph``, outermost first (:attr:`WeightRef.scope`).
     """
-    item = _classify(node, graph)
-    return dataclasses.replace(item, scope=scope) if isinstance(item, WeightRef) and scope else item
+    if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
+        return []
+    items = _recurrent(node, graph) if node.op_type in RECURRENT_OPS else [_classify(node, graph)]
+    return [dataclasses.replace(item, scope=scope) if isinstance(item, WeightRef) and scope else item
+            for item in items if item is not None]
+
+
+def _recurrent(node: ir.Node, graph: ir.Graph) -> list[WeightRef | Skipped | None]:
+    items: list[WeightRef | Skipped | None] = []
+    for index in (1, 2):
+        value = node.inputs[index] if len(node.inputs) > index else None
+        if value is None or value.const_value is None:
+            continue
+        name = frontend.original_name(value)
+        if not _const_float(value):
+            items.append(Skipped(name, node.op_type, f"weight type {value.dtype} is not a float type"))
+        elif len(value.const_value.shape) != 3:
+            items.append(Skipped(name, node.op_type, f"{len(value.const_value.shape)}-D {node.op_type} weight"))
+        else:
+            items.append(WeightRef(name, node, graph, value, node.op_type, transposed=False, index=index))
+    return items
 
 
 def _classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
-        return None
     op = node.op_type
     index = 0 if op == "Gather" else 1
     if len(node.inputs) <= index:
@@ -162,11 +205,8 @@ def find_weights(model: ir.Model) -> tuple[list[WeightRef], list[Skipped]]:
     skipped: list[Skipped] = []
     for graph, scope in frontend.scoped_graphs(model):
         for node in graph:
-            item = classify(node, graph, scope)
-            if isinstance(item, WeightRef):
-                found.append(item)
-            elif isinstance(item, Skipped):
-                skipped.append(item)
+            for item in classify(node, graph, scope):
+                (found if isinstance(item, WeightRef) else skipped).append(item)
     return found, skipped
 
 

@@ -60,6 +60,8 @@ def _quant_config(options, target):
         quantize_embeddings=options.quantize_embeddings,
         method=options.method, embedding_min_bits=target.embedding_min_bits, static_int8_ops=static,
         static_int8_limit=int8_code_limit(options.int8_range) if static else 127,
+        recurrent_ops=target.recurrent_ops, recurrent_off_reason=target.recurrent_off_reason,
+        recurrent_limit=int8_code_limit(options.int8_range) if target.name == "cpu" else 127,
     )
 
 

@@ -84,6 +84,10 @@ class QuantConfig:
         static_int8_limit: their code limit: 127, or 63 for CPUs whose int8 kernels saturate
             (:func:`hessc.runtime.targets.int8_code_limit`).
         conv_off_reason: why Conv weights stay in float when ``quantize_conv`` is off.
+        recurrent_ops: the recurrent ops (``LSTM``, ``GRU``, ``RNN``) whose weights are quantized
+            (:func:`recurrent_plan`); the others keep float weights, for ``recurrent_off_reason``.
+        recurrent_limit: their code limit (as ``static_int8_limit``: the CPU's LSTM kernel
+            multiplies u8·s8).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
             tied to a head follows the head's plan: lowered, its lookup reads the head's
@@ -103,6 +107,9 @@ class QuantConfig:
     static_int8_ops: frozenset[str] = frozenset()
     static_int8_limit: int = 127
     conv_off_reason: str | None = None
+    recurrent_ops: frozenset[str] = frozenset({"LSTM", "GRU", "RNN"})
+    recurrent_limit: int = 127
+    recurrent_off_reason: str | None = None
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
@@ -162,6 +169,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
     """
     if ref.op == "Conv" and not config.quantize_conv:
         return config.conv_off_reason or "Conv quantization is off for this target"
+    if ref.recurrent:
+        return recurrent_plan(ref, config)
     if ref.numel < config.min_numel and ref.op not in config.static_int8_ops:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
@@ -209,6 +218,27 @@ def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> 
         limit = 127
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
                           narrow=limit)
+
+
+RECURRENT_BITS = 8
+
+
+def recurrent_plan(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | str:
+    """The plan of an ``LSTM``/``GRU``/``RNN`` weight, or why it stays in float.
+
+    8-bit, symmetric, one scale per gate unit (a row of the (directions · gates · hidden, in)
+    view), whatever ``bits`` says and outside the bit allocator: ONNX Runtime's quantized LSTM
+    kernel (``DynamicQuantizeLSTM``, what the CPU lowers to) takes exactly that, and the error of
+    a recurrent weight compounds over the steps of the sequence, which a per-layer curvature
+    estimate of the input weights alone does not see. Both weights of a node are planned whatever
+    their size, since the kernel takes both quantized.
+    """
+    if ref.op not in config.recurrent_ops:
+        return config.recurrent_off_reason or f"{ref.op} weights stay in float on this target"
+    if dict(config.bits_override).get(ref.name, RECURRENT_BITS) >= 16:
+        return "kept in float by the plan"
+    return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, RECURRENT_BITS, 0, True, "rtn", ref.matrix_shape,
+                          narrow=config.recurrent_limit)
 
 
 def _depthwise(ref: qweights.WeightRef) -> bool:
@@ -504,6 +534,16 @@ class InsertQDQPass(ir.passes.InPlacePass):
             axis, block = 0, None
             scale_np = scale_np.reshape(-1)
             zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+        elif ref.recurrent:
+            # One scale per row of the (directions · gates · hidden, in) view, per axis (a blocked
+            # DequantizeLinear with one block per row computes the same ~8x slower in ORT): on the
+            # stored (1, gates · hidden, in) tensor along axis 1, or on the 2-D view, reshaped
+            # back, for two directions.
+            axis, block = (1, None) if ref.stored_shape[0] == 1 else (0, None)
+            if axis == 1:
+                codes = codes.reshape(ref.stored_shape)
+            scale_np = scale_np.reshape(-1)
+            zps = None if q.zero_points is None else q.zero_points.reshape(-1)
         elif transposed:  # stored (in, out)
             codes, scale_np = codes.T, scale_np.T
             zps = None if q.zero_points is None else q.zero_points.T
@@ -530,15 +570,23 @@ class InsertQDQPass(ir.passes.InPlacePass):
             attrs["block_size"] = block
         dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{base}_dq", num_outputs=1)
         dq.outputs[0].name = f"{base}_dq"
-        dq.outputs[0].shape = ir.Shape(stored_shape)
+        dq.outputs[0].shape = ir.Shape(codes.shape)
         dq.outputs[0].type = ir.TensorType(scale_type)
         dq.meta[meta.QUANT_KEY] = plan
         graph.insert_before(first, dq)
+        read = dq.outputs[0]
+        if tuple(codes.shape) != stored_shape:  # a two-direction recurrent weight's 2-D view
+            shape = frontend.new_initializer(graph, f"{base}_shape", np.array(stored_shape, dtype=np.int64))
+            reshape = ir.node("Reshape", [read, shape], name=f"{base}_dq_view")
+            reshape.outputs[0].name = f"{base}_dq_view"
+            reshape.outputs[0].shape, reshape.outputs[0].type = ir.Shape(stored_shape), ir.TensorType(scale_type)
+            graph.insert_after(dq, reshape)
+            read = reshape.outputs[0]
         transpose = None
         for r in group.refs:
-            index = 0 if r.op == "Gather" else 1
+            index = r.position
             if r.value is stored:
-                r.node.replace_input_with(index, dq.outputs[0])
+                r.node.replace_input_with(index, read)
                 continue
             if transpose is None:  # a tied copy reads the table transposed: (E_T) = Eᵀ
                 transpose = ir.node("Transpose", [dq.outputs[0]], attributes={"perm": [1, 0]}, name=f"{base}_dq_T")

@@ -164,6 +164,10 @@ class _Rewriter:
         # Every graph's: a weight read inside If/Loop/Scan bodies is dequantized in the graph
         # enclosing its readers (hessc.ir.weights.definition_point), possibly the main graph.
         found = [node for graph in list(frontend.graphs(model)) for node in graph]
+        if "LSTM" in targets.get(self.config.target).recurrent_ops:
+            for node in found:
+                if node.op_type == "LSTM" and node.domain in ("", "ai.onnx"):
+                    modified |= self._to_dynamic_quantize_lstm(node)
         for node in found:
             if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or node.graph is None:
                 continue
@@ -201,6 +205,43 @@ class _Rewriter:
         if ops == {("Gather", 0)} and axis == 1 and block and self.config.gather_quantized:
             return self._to_gather_block_quantized(model, dq, uses, q, scale, zp, bits, block)
         return False
+
+    def _to_dynamic_quantize_lstm(self, node: ir.Node) -> bool:
+        """``LSTM(X, DQ(W), DQ(R), ...)`` with 8-bit symmetric weights, one scale per gate unit, as
+        ``com.microsoft.DynamicQuantizeLSTM``: the codes transposed to (directions, in, gates ·
+        hidden), the scales and zero points (0) per direction and gate unit; the kernel quantizes
+        its input and hidden state to uint8 on every step."""
+        if node.attributes.get_int("layout", 0) != 0:
+            self._count("kept Q/DQ: LSTM with layout=1 (DynamicQuantizeLSTM takes sequence-first inputs)")
+            return False
+        operands = []
+        for index in (1, 2):
+            value = node.inputs[index] if len(node.inputs) > index else None
+            weight = _recurrent_weight(value)
+            if weight is None:
+                if value is not None and value.const_value is None:
+                    self._count("kept Q/DQ: LSTM whose weights are not both 8-bit symmetric per gate unit")
+                return False
+            operands.append(weight)
+        graph = node.graph
+        store = self._main or graph
+        inputs = list(node.inputs[:8]) + [None] * (8 - min(len(node.inputs), 8))
+        quantized = []
+        for base, codes, scales in operands:
+            directions = codes.shape[0]
+            quantized.append((
+                _initializer(store, f"{base}_lstm_int8", np.ascontiguousarray(codes.transpose(0, 2, 1))),
+                _initializer(store, f"{base}_lstm_scale", scales.reshape(directions, -1)),
+                _initializer(store, f"{base}_lstm_zp", np.zeros((directions, codes.shape[1]), np.int8)),
+            ))
+        (w, w_scale, w_zp), (r, r_scale, r_zp) = quantized
+        attrs = {k: a for k, a in node.attributes.items() if k != "layout"}
+        new = ir.node("DynamicQuantizeLSTM", [inputs[0], w, r, *inputs[3:8], w_scale, w_zp, r_scale, r_zp],
+                      attributes=attrs, domain=MS_DOMAIN, name=f"{node.name or 'lstm'}_int8",
+                      num_outputs=len(node.outputs))
+        _replace(graph, node, new)
+        self._count("LSTM -> DynamicQuantizeLSTM (8-bit weights, dynamic uint8 activations)")
+        return True
 
     def _high_bits_table(self, graph: ir.Graph, symmetric: bool) -> ir.Value:
         """One ``Constant`` node per model holding :func:`packing.high_bits_table` (1 KiB), shared
@@ -643,13 +684,42 @@ def _holder(graph: ir.Graph, node: ir.Node) -> ir.Node:
 
 def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     graph.insert_before(old, new)
-    out_old, out_new = old.outputs[0], new.outputs[0]
-    name = out_old.name
-    out_new.shape, out_new.type = out_old.shape, out_old.type
-    ir.convenience.replace_all_uses_with(out_old, out_new, replace_graph_outputs=True)
-    out_old.name = None
-    out_new.name = name
+    for out_old, out_new in zip(old.outputs, new.outputs):
+        name = out_old.name
+        out_new.shape, out_new.type = out_old.shape, out_old.type
+        ir.convenience.replace_all_uses_with(out_old, out_new, replace_graph_outputs=True)
+        out_old.name = None
+        out_new.name = name
     graph.remove(old, safe=True)
+
+
+def _recurrent_weight(value: ir.Value | None) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """The name, (directions, gates · hidden, in) int8 codes and per-row scales of a recurrent weight
+    read through its ``DequantizeLinear`` (and the ``Reshape`` of a two-direction weight's 2-D
+    view), or None where it is not 8-bit symmetric with one scale per row."""
+    if value is None:
+        return None
+    producer = value.producer()
+    shape = None
+    if producer is not None and producer.op_type == "Reshape" and producer.inputs[1] is not None \
+            and producer.inputs[1].const_value is not None:
+        shape = tuple(int(d) for d in producer.inputs[1].const_value.numpy())
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.attributes.get_int("block_size", 0):
+        return None
+    parts = _dq_parts(producer)
+    if parts is None or parts[0].dtype != ir.DataType.INT8:
+        return None
+    q, scale, zp = parts
+    if zp is not None and np.any(zp.const_value.numpy()):
+        return None
+    codes = q.const_value.numpy()
+    axis = producer.attributes.get_int("axis", 1)
+    if (codes.ndim, axis) == (2, 0) and shape is not None and len(shape) == 3:
+        codes = codes.reshape(shape)
+    elif (codes.ndim, axis) != (3, 1) or codes.shape[0] != 1 or shape is not None:
+        return None
+    return q.name.removesuffix("_q"), codes, scale.const_value.numpy().astype(np.float32)
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -819,6 +889,12 @@ def quantized_storage(model: ir.Model) -> tuple[int, int]:
             if codes.dtype == ir.DataType.UINT8:
                 count *= 8 // node.attributes.get_int("bits", 4)  # codes packed per byte
             looked_up[frozenset(map(id, _stored_sources(codes)))] = count
+        elif node.op_type == "DynamicQuantizeLSTM":  # two weights: W and R, each with scale and zero point
+            ins += [None] * 8
+            for codes, params in ((ins[1], (ins[8], ins[9])), (ins[2], (ins[10], ins[11]))):
+                exact[frozenset([id(codes)])] = int(np.prod(codes.const_value.shape))
+                total_bytes += add([codes, *params])
+            continue
         elif node.op_type == "DequantizeLinear" and ins[0] is not None and ins[0].const_value is not None:
             codes, params = ins[0], (ins[1], ins[2])
             exact[frozenset([id(codes)])] = int(np.prod(codes.const_value.shape))

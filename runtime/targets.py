@@ -43,6 +43,10 @@ class Target:
             ONNX Runtime fuses into ``QLinearConv`` and its neighbours (``QLinearAdd``,
             ``QLinearConcat``, ...). On the CPU a conv has no faster low-bit kernel: u8s4 Q/DQ
             convs ran 2x slower than fp32 on EfficientNet-Lite0, u8s8 4x faster.
+        recurrent_ops: recurrent ops (``LSTM``, ``GRU``, ``RNN``) whose weights are quantized (8-bit
+            per gate unit, :func:`hessc.passes.quantize.recurrent_plan`); on the CPU ``LSTM`` only,
+            which lowers to ``DynamicQuantizeLSTM``.
+        recurrent_off_reason: why the other recurrent ops keep float weights.
         lowers_weights: DequantizeLinear → MatMul/Gemm/Gather patterns become contrib kernels.
         tolerance: the relative output error allowed between the lowered model and its portable
             form (kernel arithmetic only: int8 compute on the CPU, fp16 on CUDA).
@@ -59,6 +63,8 @@ class Target:
     lowers_weights: bool
     tolerance: float
     static_int8_ops: frozenset[str] = frozenset()
+    recurrent_ops: frozenset[str] = frozenset()
+    recurrent_off_reason: str | None = None
 
     def scale_bytes(self, fp16: bool) -> int:
         """Bytes per stored scale: fp16 scales where activations are fp16."""
@@ -74,18 +80,22 @@ TARGETS: dict[str, Target] = {
         name="cpu", provider="CPUExecutionProvider", kernel_layout=True,
         quantized_ops=frozenset({"MatMul", "Gemm", "Conv", "Gather"}), embedding_min_bits=4,
         embedding_whole_blocks=False, fp16_default=False, dynamic_int8_activations=True, lowers_weights=True,
-        tolerance=0.05, static_int8_ops=frozenset({"Conv"}),
+        tolerance=0.05, static_int8_ops=frozenset({"Conv"}), recurrent_ops=frozenset({"LSTM"}),
+        recurrent_off_reason="ONNX Runtime's CPU has no int8 kernel for this recurrent op, and weights dequantized "
+        "on every run are slower than float (an LSTM step with DequantizeLinear weights: 1.6x its float time); "
+        "--target onnx stores them at 8 bits",
     ),
     "cuda": Target(
         name="cuda", provider="CUDAExecutionProvider", kernel_layout=True,
         quantized_ops=frozenset({"MatMul", "Gemm", "Gather"}), embedding_min_bits=4, embedding_whole_blocks=True,
         fp16_default=True, dynamic_int8_activations=False, lowers_weights=True, tolerance=0.02,
+        recurrent_off_reason="recurrent weights stay in float on cuda (their quantized form is not measured there)",
     ),
     "onnx": Target(
         name="onnx", provider="CPUExecutionProvider", kernel_layout=False,
         quantized_ops=frozenset({"MatMul", "Gemm", "Conv", "Gather"}), embedding_min_bits=2,
         embedding_whole_blocks=False, fp16_default=False, dynamic_int8_activations=False, lowers_weights=False,
-        tolerance=1e-4,
+        tolerance=1e-4, recurrent_ops=frozenset({"LSTM", "GRU", "RNN"}),
     ),
 }
 

@@ -56,7 +56,10 @@ CONDITIONED = 0.5
 """Relative output error against float above which end-to-end lowering checks are replaced by
 per-op checks (the outputs amplify arithmetic noise)."""
 
-LOWERED_OPS = ("MatMulNBits", "GatherBlockQuantized")
+LOWERED_OPS: dict[str, tuple[int, ...]] = {
+    "MatMulNBits": (0,), "GatherBlockQuantized": (1,), "DynamicQuantizeLSTM": (0, 4, 5, 6),
+}
+"""The lowered kernels checked one by one, with the positions of their non-weight inputs."""
 
 
 RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
@@ -409,10 +412,10 @@ def _activation_inputs(model: ir.Model) -> tuple[list[ir.Node], list[str]]:
     nodes = [n for n in model.graph if n.domain == "com.microsoft" and n.op_type in LOWERED_OPS]
     names: list[str] = []
     for node in nodes:
-        index = 1 if node.op_type == "GatherBlockQuantized" else 0
-        x = node.inputs[index]
-        if x is not None and x.const_value is None and x.name not in names:
-            names.append(x.name)
+        for index in LOWERED_OPS[node.op_type]:
+            x = node.inputs[index] if index < len(node.inputs) else None
+            if x is not None and x.const_value is None and x.name not in names:
+                names.append(x.name)
     return nodes, names
 
 
@@ -434,7 +437,7 @@ def check_lowered_ops(
     nodes, x_names = _activation_inputs(lowered)
     if not nodes:
         return {"ops": 0}
-    out_names = [n.outputs[0].name for n in nodes]
+    out_names = [next(v.name for v in n.outputs if v.name) for n in nodes]
     portable_values = {v.name for node in portable.graph for v in node.outputs} | {v.name for v in portable.graph.inputs}
     x_names = [n for n in x_names if n in portable_values]
     out_names = [n for n in out_names if n in portable_values]

@@ -34,7 +34,7 @@ Layout (one topic per module):
       deviation of the executor from ONNX Runtime.
     * the operator library, by family: ``ops_math`` (elementwise, linear algebra, reductions),
       ``ops_tensor`` (types, shapes, indexing, constants), ``ops_nn`` (activations, softmax,
-      normalization, convolution, pooling), ``ops_control`` (If, Loop), ``ops_quant`` (Q/DQ,
+      normalization, convolution, pooling), ``ops_recurrent`` (LSTM, GRU, RNN), ``ops_control`` (If, Loop), ``ops_quant`` (Q/DQ,
       MatMulNBits, GatherBlockQuantized) and ``ops_contrib`` (com.microsoft fused ops). Importing
       this package imports them all, which registers every operator.
 """
@@ -47,6 +47,7 @@ from hessc.ir.executor import ops_control  # noqa: F401
 from hessc.ir.executor import ops_math  # noqa: F401
 from hessc.ir.executor import ops_nn  # noqa: F401
 from hessc.ir.executor import ops_quant  # noqa: F401
+from hessc.ir.executor import ops_recurrent  # noqa: F401
 from hessc.ir.executor import ops_tensor  # noqa: F401
 from hessc.ir.executor.core import ExecutionError, OpContext, TorchExecutor
 from hessc.ir.executor.coverage import coverage_report, max_deviation_vs_ort
