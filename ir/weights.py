@@ -5,6 +5,8 @@ A weight is a constant, float, initializer operand of
 * ``MatMul(x, B)`` with ``B`` of shape (in, out): ``W = Bᵀ``;
 * ``Gemm(x, B)`` with ``transA = 0``: ``W = B`` when ``transB = 1``, else ``Bᵀ``;
 * ``Conv(x, W)``: ``W`` of shape (out, in/groups, *kernel), viewed as (out, in/groups · prod(kernel));
+* ``ConvTranspose(x, W)``: ``W`` of shape (in, out/groups, *kernel), viewed as
+  (out/groups, in · prod(kernel)): one row per output channel of a group;
 * ``Gather(E, ids)`` on axis 0 (an embedding table of shape (vocab, dim)): ``W = E``;
 * ``LSTM``/``GRU``/``RNN(X, W, R)``: two weights, the input weights ``W`` (directions, gates ·
   hidden, input) and the recurrent weights ``R`` (directions, gates · hidden, hidden), each
@@ -31,7 +33,7 @@ import onnx_ir as ir
 from hessc.ir import frontend
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather", *RECURRENT_OPS)
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", *RECURRENT_OPS)
 LOOP_OPS = ("Loop", "Scan")
 """Ops whose body runs once per iteration."""
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -46,7 +48,7 @@ class WeightRef:
         node: the consuming node.
         graph: the graph holding the node (the main graph or a subgraph).
         value: the weight value (an initializer).
-        op: ``MatMul``, ``Gemm``, ``Conv``, ``Gather``, ``LSTM``, ``GRU`` or ``RNN``.
+        op: ``MatMul``, ``Gemm``, ``Conv``, ``ConvTranspose``, ``Gather``, ``LSTM``, ``GRU`` or ``RNN``.
         transposed: the stored tensor is ``Wᵀ`` (in, out).
         scope: the nodes whose subgraphs hold ``node``, outermost first (``()`` in the main graph).
         index: the node input holding the weight (:attr:`position` when None).
@@ -89,6 +91,8 @@ class WeightRef:
             return shape[0], int(np.prod(shape[1:]))
         if self.recurrent:
             return shape[0] * shape[1], shape[2]
+        if self.op == "ConvTranspose":
+            return shape[1], shape[0] * int(np.prod(shape[2:]))
         return (shape[1], shape[0]) if self.transposed else (shape[0], shape[1])
 
     @property
@@ -110,6 +114,8 @@ class WeightRef:
             return array.reshape(array.shape[0], -1)
         if self.recurrent:
             return array.reshape(-1, array.shape[2])
+        if self.op == "ConvTranspose":
+            return np.moveaxis(array, 1, 0).reshape(array.shape[1], -1)
         return array.T if self.transposed else array
 
 
@@ -185,9 +191,9 @@ def _classify(node: ir.Node, graph: ir.Graph) -> WeightRef | Skipped | None:
         if node.attributes.get_int("transA", 0):
             return Skipped(name, op, "Gemm with transA=1")
         return WeightRef(name, node, graph, value, op, transposed=not node.attributes.get_int("transB", 0))
-    if op == "Conv":
+    if op in ("Conv", "ConvTranspose"):
         if rank < 3:
-            return Skipped(name, op, f"{rank}-D Conv weight")
+            return Skipped(name, op, f"{rank}-D {op} weight")
         return WeightRef(name, node, graph, value, op, transposed=False)
     # Gather: an embedding table looked up by non-constant indices along axis 0.
     if node.attributes.get_int("axis", 0) != 0 or rank != 2:

@@ -500,6 +500,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 reason = "a static int8 kernel on this target: 8 bits is the one form it runs"
             elif group.lead.recurrent:
                 reason = "a recurrent op's weight: 8 bits per gate unit, the form ORT's quantized LSTM runs"
+            elif group.lead.op == "ConvTranspose":
+                reason = "a ConvTranspose weight: no curvature is measured for it, 8 bits per output channel"
             elif group.lead.op not in ALLOCATED_OPS:
                 reason = "an embedding table: no curvature is measured for a lookup"
             elif group.lead.in_subgraph:

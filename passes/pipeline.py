@@ -62,6 +62,8 @@ def _quant_config(options, target):
         static_int8_limit=int8_code_limit(options.int8_range) if static else 127,
         recurrent_ops=target.recurrent_ops, recurrent_off_reason=target.recurrent_off_reason,
         recurrent_limit=int8_code_limit(options.int8_range) if target.name == "cpu" else 127,
+        transposed_conv=target.transposed_conv_off_reason is None,
+        transposed_conv_off_reason=target.transposed_conv_off_reason,
     )
 
 

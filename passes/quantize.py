@@ -88,6 +88,8 @@ class QuantConfig:
             (:func:`recurrent_plan`); the others keep float weights, for ``recurrent_off_reason``.
         recurrent_limit: their code limit (as ``static_int8_limit``: the CPU's LSTM kernel
             multiplies u8·s8).
+        transposed_conv: quantize ``ConvTranspose`` weights (:func:`transposed_conv_plan`);
+            ``transposed_conv_off_reason`` says why not.
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
             tied to a head follows the head's plan: lowered, its lookup reads the head's
@@ -110,6 +112,8 @@ class QuantConfig:
     recurrent_ops: frozenset[str] = frozenset({"LSTM", "GRU", "RNN"})
     recurrent_limit: int = 127
     recurrent_off_reason: str | None = None
+    transposed_conv: bool = True
+    transposed_conv_off_reason: str | None = None
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
@@ -171,6 +175,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
         return config.conv_off_reason or "Conv quantization is off for this target"
     if ref.recurrent:
         return recurrent_plan(ref, config)
+    if ref.op == "ConvTranspose":
+        return transposed_conv_plan(ref, config)
     if ref.numel < config.min_numel and ref.op not in config.static_int8_ops:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     overrides = dict(config.bits_override)
@@ -218,6 +224,19 @@ def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> 
         limit = 127
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, STATIC_INT8_BITS, 0, True, method, ref.matrix_shape,
                           narrow=limit)
+
+
+def transposed_conv_plan(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPlan | str:
+    """The plan of a ``ConvTranspose`` weight, or why it stays in float: 8-bit, symmetric, one scale
+    per output channel of a group (``DequantizeLinear`` on axis 1), outside the bit allocator (no
+    curvature is measured for it)."""
+    if not config.transposed_conv:
+        return config.transposed_conv_off_reason or "ConvTranspose weights stay in float on this target"
+    if ref.numel < config.min_numel:
+        return f"small ({ref.numel} < {config.min_numel} elements)"
+    if dict(config.bits_override).get(ref.name, 8) >= 16:
+        return "kept in float by the plan"
+    return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, 8, 0, True, "rtn", ref.matrix_shape)
 
 
 RECURRENT_BITS = 8
@@ -534,6 +553,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
             axis, block = 0, None
             scale_np = scale_np.reshape(-1)
             zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+        elif ref.op == "ConvTranspose":  # one scale per output channel of a group: axis 1
+            rows, cols = ref.stored_shape[1], ref.stored_shape[0]
+            codes = np.moveaxis(codes.reshape(rows, cols, *ref.stored_shape[2:]), 0, 1)
+            scale_np = scale_np.reshape(-1)
+            zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+            axis, block = 1, None
         elif ref.recurrent:
             # One scale per row of the (directions · gates · hidden, in) view, per axis (a blocked
             # DequantizeLinear with one block per row computes the same ~8x slower in ORT): on the

@@ -47,6 +47,8 @@ class Target:
             per gate unit, :func:`hessc.passes.quantize.recurrent_plan`); on the CPU ``LSTM`` only,
             which lowers to ``DynamicQuantizeLSTM``.
         recurrent_off_reason: why the other recurrent ops keep float weights.
+        transposed_conv_off_reason: why ``ConvTranspose`` weights stay in float (None: they are
+            quantized, 8-bit per output channel).
         lowers_weights: DequantizeLinear → MatMul/Gemm/Gather patterns become contrib kernels.
         tolerance: the relative output error allowed between the lowered model and its portable
             form (kernel arithmetic only: int8 compute on the CPU, fp16 on CUDA).
@@ -65,6 +67,7 @@ class Target:
     static_int8_ops: frozenset[str] = frozenset()
     recurrent_ops: frozenset[str] = frozenset()
     recurrent_off_reason: str | None = None
+    transposed_conv_off_reason: str | None = None
 
     def scale_bytes(self, fp16: bool) -> int:
         """Bytes per stored scale: fp16 scales where activations are fp16."""
@@ -84,12 +87,16 @@ TARGETS: dict[str, Target] = {
         recurrent_off_reason="ONNX Runtime's CPU has no int8 kernel for this recurrent op, and weights dequantized "
         "on every run are slower than float (an LSTM step with DequantizeLinear weights: 1.6x its float time); "
         "--target onnx stores them at 8 bits",
+        transposed_conv_off_reason="ONNX Runtime's CPU has no int8 ConvTranspose kernel (it does not fuse a Q/DQ "
+        "ConvTranspose), and weights dequantized on every run are slower than float (1.11x on a 64->32 4x4 "
+        "stride-2 layer); --target onnx stores them at 8 bits",
     ),
     "cuda": Target(
         name="cuda", provider="CUDAExecutionProvider", kernel_layout=True,
         quantized_ops=frozenset({"MatMul", "Gemm", "Gather"}), embedding_min_bits=4, embedding_whole_blocks=True,
         fp16_default=True, dynamic_int8_activations=False, lowers_weights=True, tolerance=0.02,
         recurrent_off_reason="recurrent weights stay in float on cuda (their quantized form is not measured there)",
+        transposed_conv_off_reason="ConvTranspose weights stay in float on cuda (no low-bit kernel)",
     ),
     "onnx": Target(
         name="onnx", provider="CPUExecutionProvider", kernel_layout=False,
