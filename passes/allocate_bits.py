@@ -203,6 +203,11 @@ class Candidate:
             "perturbation": round(self.perturbation, 6),
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Candidate:
+        return cls(d["bits"], d["method"], d["bytes"], d["predicted_delta_loss"], d.get("first_order", 0.0),
+                   d.get("perturbation", 0.0))
+
     @property
     def damage(self) -> float:
         """The curvature part of the prediction (without the gradient term)."""
@@ -425,35 +430,11 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             )
             logger.warning(note)
         else:
-            note = None
-
-            negligible = negligible_damage([cands for _, cands, _ in allocations])
-
-            def solve(radius: float | None) -> list[Candidate]:
-                groups = [
-                    [allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands
-                     if c.admissible(radius, negligible)]
-                    for _, cands, _ in allocations
-                ]
-                if config.lossless:
-                    chosen = allocate.solve_min_cost(groups, max_loss=0.0, quantum=_quantum(groups, None))
-                else:
-                    chosen = allocate.solve_knapsack(groups, budget, quantum=_quantum(groups, budget))
-                return [item.payload for item in chosen]
-
             try:
-                picks = solve(config.trust_radius)
-            except allocate.InfeasibleBudget:
-                try:
-                    picks = solve(None)
-                except allocate.InfeasibleBudget as e:
-                    raise InputError(_budget_message(config, e.min_cost, numel)) from None
-                outside = sum(not p.admissible(config.trust_radius, negligible) for p in picks)
-                note = (
-                    f"the budget cannot be met inside the trusted neighbourhood (relative layer-output error "
-                    f"<= {config.trust_radius}); {outside} weights use items beyond it, where the second-order "
-                    "prediction is unreliable (usually 2-bit codes): expect more loss than predicted"
-                )
+                picks, note = choose([cands for _, cands, _ in allocations], budget, config)
+            except allocate.InfeasibleBudget as e:
+                raise InputError(_budget_message(config, e.min_cost, numel)) from None
+            if note:
                 logger.warning(note)
 
         ties = {id(g.lead.value): g for g in self._groups(model) if g.tied}
@@ -589,6 +570,39 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                     value.meta[meta.QUANT_KEY] = plan
                     modified = True
         return modified
+
+
+def choose(
+    candidates: Sequence[Sequence[Candidate]], budget: float | None, config: AllocationConfig
+) -> tuple[list[Candidate], str | None]:
+    """One item per weight: the grouped knapsack under ``budget`` (or, for a lossless config, the
+    cheapest allocation predicted to lose nothing), among the items inside the trust radius, or
+    among all when the budget cannot be met inside it (then with a note saying so).
+
+    Raises:
+        allocate.InfeasibleBudget: not even the smallest items fit the budget.
+    """
+    negligible = negligible_damage(candidates)
+
+    def solve(radius: float | None) -> list[Candidate]:
+        groups = [[allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands
+                   if c.admissible(radius, negligible)] for cands in candidates]
+        if config.lossless:
+            chosen = allocate.solve_min_cost(groups, max_loss=0.0, quantum=_quantum(groups, None))
+        else:
+            chosen = allocate.solve_knapsack(groups, budget, quantum=_quantum(groups, budget))
+        return [item.payload for item in chosen]
+
+    try:
+        return solve(config.trust_radius), None
+    except allocate.InfeasibleBudget:
+        picks = solve(None)
+    outside = sum(not p.admissible(config.trust_radius, negligible) for p in picks)
+    return picks, (
+        f"the budget cannot be met inside the trusted neighbourhood (relative layer-output error "
+        f"<= {config.trust_radius}); {outside} weights use items beyond it, where the second-order "
+        "prediction is unreliable (usually 2-bit codes): expect more loss than predicted"
+    )
 
 
 def _tie_record(group: quantize.WeightGroup) -> dict[str, Any]:

@@ -141,18 +141,24 @@ class ConfirmLosslessPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(steps))
 
     def _replay(self, preplan: ir.Model, record: dict[str, Any]) -> ir.Model:
-        replay = dataclasses.replace(
-            self.config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
-            method_override=tuple((n, m) for n, m in record["method_override"]),
-        )
+        return replay(self.config, preplan, record)
+
+
+def replay(config: quantize.QuantConfig, preplan: ir.Model, record: dict[str, Any]) -> ir.Model:
+    """An allocation record's bits and methods planned and materialized on a fresh clone of the
+    model as it stood before planning (the float model itself where every weight is in float)."""
+    replayed = dataclasses.replace(
+        config, bits_override=tuple((n, b) for n, b in record["bits_override"]),
+        method_override=tuple((n, m) for n, m in record["method_override"]),
+    )
+    candidate = frontend.clone(preplan)
+    try:
+        ir.passes.Sequential(quantize.PlanQuantizationPass(replayed), quantize.InsertQDQPass())(candidate)
+    except ir.passes.PassError as e:  # everything is back in float: the float model itself
+        if not isinstance(_root(e), InputError):
+            raise
         candidate = frontend.clone(preplan)
-        try:
-            ir.passes.Sequential(quantize.PlanQuantizationPass(replay), quantize.InsertQDQPass())(candidate)
-        except ir.passes.PassError as e:  # everything is back in float: the float model itself
-            if not isinstance(_root(e), InputError):
-                raise
-            candidate = frontend.clone(preplan)
-        return candidate
+    return candidate
 
 
 def _root(e: BaseException) -> BaseException:

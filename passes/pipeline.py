@@ -117,7 +117,7 @@ def _annotate_hessian(options, target):
 def _plan(options, target):
     from hessc.passes import quantize
 
-    return quantize.PlanQuantizationPass(_quant_config(options, target), snapshot=options.lossless)
+    return quantize.PlanQuantizationPass(_quant_config(options, target), snapshot=options.holds_out)
 
 
 def _allocate(options, target):
@@ -136,6 +136,12 @@ def _confirm_lossless(options, target):
     from hessc.passes import lossless
 
     return lossless.ConfirmLosslessPass(_quant_config(options, target), allocation_config(options, target).candidate_bits)
+
+
+def _check_allocation(options, target):
+    from hessc.passes import check_allocation
+
+    return check_allocation.CheckAllocationPass(_quant_config(options, target), allocation_config(options, target))
 
 
 def _activation_ranges(options, target):
@@ -211,6 +217,9 @@ PASSES: tuple[PassSpec, ...] = (
              _allocate, lambda o, t: o.budgeted),
     PassSpec("insert-qdq", "materialize the plans as blocked DequantizeLinear weights (the portable form)",
              _insert_qdq, _always),
+    PassSpec("check-allocation", "measure the budget's predicted loss change on held-out feeds; where it is "
+             "exceeded, measure the weights most responsible and re-solve the budget with corrected predictions",
+             _check_allocation, lambda o, t: o.checks_allocation),
     PassSpec("confirm-lossless", "check the allocation on held-out feeds and back off until it holds",
              _confirm_lossless, lambda o, t: o.lossless),
     PassSpec("annotate-activation-ranges", "calibrated ranges of the activations to quantize: quantized "

@@ -81,6 +81,7 @@ def optimize(
     rotate: str | None = None,
     int8_range: str = "auto",
     tune: bool = True,
+    check_allocation: bool = True,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -156,6 +157,11 @@ def optimize(
             in the whole model against the same part with float activations, keeping int8 only
             where it is faster (:mod:`hessc.runtime.tune_regions`). Off where ``activations``
             fixes the compute (8: int8, 16: fp32).
+        check_allocation: with a budget (not lossless), hold out a quarter of the calibration
+            feeds and measure the allocation's loss change on them against its prediction; where
+            it exceeds 1.5x the prediction, the weights most responsible are measured one by one
+            and the budget re-solved with corrected predictions
+            (:mod:`hessc.passes.check_allocation`; the plan records both).
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -174,7 +180,7 @@ def optimize(
         passes=tuple(passes) if passes is not None else None, disabled_passes=tuple(disable_passes),
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
-        rotate=rotate, int8_range=int8_range, tune=tune,
+        rotate=rotate, int8_range=int8_range, tune=tune, check_allocation=check_allocation,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline
@@ -202,7 +208,8 @@ def optimize(
 
 
 def _calibration(model: ir.Model, calibration: Any, labels, loss, options: CompileOptions) -> meta.Calibration:
-    """The checked calibration feeds; ``lossless`` holds out the last quarter for its check."""
+    """The checked calibration feeds; ``lossless`` and a checked budget hold out the last quarter
+    for their checks."""
     from hessc.passes.pipeline import CALIBRATION_LIMIT
 
     feeds = calib.feeds_from(calibration, model, limit=CALIBRATION_LIMIT)
@@ -212,9 +219,9 @@ def _calibration(model: ir.Model, calibration: Any, labels, loss, options: Compi
     if loss is not None:
         labels = None  # a task loss overrides labels
     stat, held = list(feeds), []
-    if options.lossless:
-        if len(feeds) < 2:
-            raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
+    if options.lossless and len(feeds) < 2:
+        raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
+    if options.holds_out and len(feeds) >= 2:
         n_held = max(1, len(feeds) // 4)
         stat, held = feeds[:-n_held], feeds[-n_held:]
     return meta.Calibration(
@@ -247,8 +254,16 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
 
     if model.meta.get(ROTATION_KEY) is not None:
         record["rotation"] = model.meta[ROTATION_KEY].to_json()
+    from hessc.passes.check_allocation import CHECK_KEY
     from hessc.runtime.tune import TUNE_KEY
     from hessc.runtime.tune_regions import REGIONS_KEY
+
+    if model.meta.get(CHECK_KEY) is not None:
+        record.setdefault("allocation", {})["check"] = model.meta[CHECK_KEY]
+        rounds = model.meta[CHECK_KEY].get("rounds")
+        if rounds:
+            record["summary"].update(predicted_delta_loss=rounds[-1]["predicted"],
+                                     measured_delta_loss=rounds[-1]["measured"])
 
     if model.meta.get(TUNE_KEY) is not None:
         record["tuning"] = model.meta[TUNE_KEY]

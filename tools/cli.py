@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--int8-range", choices=["auto", "full", "reduced"], default="auto",
                    help="static int8 conv weights on [-127,127] (full: CPUs with VNNI, ARM) or [-63,63] (reduced: "
                         "x86 without VNNI, whose u8*s8 kernels saturate); auto: as this machine's CPU needs")
+    o.add_argument("--no-allocation-check", action="store_true",
+                   help="with a fractional budget, trust the allocator's predicted loss change instead of measuring "
+                        "it on a held-out quarter of the calibration data (and correcting the allocation where it "
+                        "is exceeded)")
     o.add_argument("--no-tune", action="store_true",
                    help="on cpu, keep int8 compute for every MatMulNBits and every static int8 conv instead of timing "
                         "them at the serving shape and keeping the faster of int8 and float compute")
@@ -199,7 +203,7 @@ def _cmd_optimize(args) -> int:
         passes=args.passes, disable_passes=args.disable_pass, custom_op_libraries=args.custom_op_library,
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
-        tune=not args.no_tune,
+        tune=not args.no_tune, check_allocation=not args.no_allocation_check,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)

@@ -75,6 +75,7 @@ class CompileOptions:
     rotate: str | None = None
     int8_range: str = "auto"
     tune: bool = True
+    check_allocation: bool = True
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -123,6 +124,17 @@ class CompileOptions:
     def budgeted(self) -> bool:
         """The bit allocator chooses the bits (a fractional budget, bytes, or lossless)."""
         return self.lossless or self.budget_bytes is not None or isinstance(self.bits, float)
+
+    @property
+    def checks_allocation(self) -> bool:
+        """A budget (not lossless, which has its own check) whose prediction is measured on
+        held-out feeds (:mod:`hessc.passes.check_allocation`)."""
+        return self.budgeted and not self.lossless and self.check_allocation
+
+    @property
+    def holds_out(self) -> bool:
+        """A quarter of the calibration feeds is held out from the statistics for a check."""
+        return self.lossless or self.checks_allocation
 
     @property
     def uniform_bits(self) -> int:
