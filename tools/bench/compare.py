@@ -40,6 +40,9 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # The scope of ORT's quantizer (MatMul/Gemm weights; embeddings stay float), for like-for-like sizes.
     "hessc-matmul": {"quantize_embeddings": False},
     "hessc-gptq": {"quantize_embeddings": False, "method": "gptq"},
+    # The budget's prediction trusted, not measured on held-out feeds (the allocator alone).
+    "hessc-gptq-unchecked": {"quantize_embeddings": False, "method": "gptq", "check_allocation": False},
+    "hessc-unchecked": {"check_allocation": False},
     # Gradient-directed rounding items (rtn-grad) beside the others; budgets and lossless only.
     "hessc-grad": {"quantize_embeddings": False, "rounding": "gradient"},
     "hessc-gptq-grad": {"quantize_embeddings": False, "method": "gptq", "rounding": "gradient"},
@@ -284,8 +287,8 @@ def _optimize_facts(model: ir.Model) -> dict[str, Any]:
         facts["degraded"] = "; ".join(quality.get("reasons", []))
     if plan.get("rotation"):
         facts["rotation"] = plan["rotation"].get("folded")
-    for key in ("allocated_effective_bits", "predicted_delta_loss", "heldout_loss_fp32", "heldout_loss_quantized",
-                "lossless_confirmed"):
+    for key in ("allocated_effective_bits", "predicted_delta_loss", "measured_delta_loss", "heldout_loss_fp32",
+                "heldout_loss_quantized", "lossless_confirmed"):
         if summary.get(key) is not None:
             facts[key] = summary[key]
     if isinstance(summary.get("steps"), list):
@@ -312,18 +315,22 @@ def results_markdown(results: dict) -> str:
     rows = results["rows"]
     metrics = [m for m in METRIC_COLUMNS if any(m in r for r in rows)]
     heldout = any("heldout_loss_quantized" in r for r in rows)
+    checked = any("measured_delta_loss" in r or "predicted_delta_loss" in r for r in rows)
     headers = ["method", "bits", "group", *metrics, *(["held-out loss fp32 / quantized"] if heldout else []),
+               *(["Δloss predicted / measured"] if checked else []),
                "eff. bits/weight", "quantized M params", "file MiB", "latency ms", "x fp32", "optimize s"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout)), "-", "-", "-", "-", "-",
-                         r["error"]])
+            body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout + checked)), "-", "-",
+                         "-", "-", "-", r["error"]])
             continue
         loss = []
         if heldout:
             loss = [f"{r['heldout_loss_fp32']:.4g} / {r['heldout_loss_quantized']:.4g}"
                     if "heldout_loss_quantized" in r else "-"]
+        if checked:
+            loss.append(f"{_fmt(r.get('predicted_delta_loss'))} / {_fmt(r.get('measured_delta_loss'))}")
         numel = r.get("quantized_params")
         body.append([
             r["method"], r["bits"] or "-", r["group_size"] or "-",
