@@ -36,17 +36,21 @@ One item per weight is chosen by the exact grouped-knapsack DP of :mod:`hessc.pa
     min Σ_l c_l(b_l)  s.t.  Σ_l bytes_l(b_l) ≤ B            (budget: bits/weight or bytes)
     min Σ_l bytes_l(b_l)  s.t.  Σ_l c_l(b_l) ≤ 0            ("lossless")
 
-``budget_bits`` means ``B = budget_bits / 8 · Σ_l numel_l`` over the allocated weights (every
-planned MatMul/Gemm/Conv weight with statistics; so the effective bits per weight, scales and zero
-points counted, stays within it); ``budget_bytes``
-bounds the same allocated weights' stored bytes. A table tied to its head (a ``Gather`` and a
+``budget_bits`` covers every quantized weight: the weights whose form is fixed (outside the
+budget, below) take their stored bytes out of ``budget_bits / 8 · Σ numel`` over all of them, and
+``B`` is what is left for the allocated weights (every planned MatMul/Gemm/Conv weight with
+statistics), so the file's effective bits per weight, scales and zero points counted, stay within
+the budget; where the fixed weights alone exceed it, the budget is refused with their share.
+``budget_bytes`` bounds the allocated weights' stored bytes. A table tied to its head (a ``Gather`` and a
 MatMul/Gemm reading one weight, :class:`hessc.passes.quantize.WeightGroup`) is one item: priced
 at its bytes stored once, counted once in ``Σ numel``, scored with the head's curvature. The
 lookup's own effect on the loss is not measured (its output error enters the residual stream,
 which the statistics of the layers reading it do not price), so the prediction is the head's only.
-An embedding table without a head keeps its uniform plan outside the budget (no curvature is
-measured for a lookup); the record lists it under ``outside_budget`` with its bytes, and
-``planned_effective_bits`` counts every quantized weight, as the file stores them. In lossless mode each weight may also stay in
+An embedding table without a head keeps its uniform plan (no curvature is measured for a
+lookup), as do static int8 convs, recurrent and ConvTranspose weights (8 bits, the one form their
+kernels run) and weights inside subgraph bodies; the record lists them under ``outside_budget``
+with their bytes, and ``planned_effective_bits`` counts every quantized weight, as the file
+stores them. In lossless mode each weight may also stay in
 float (cost 4 bytes per weight, ``c = 0``), which keeps the problem always feasible. A budget at
 or above the float size of the allocated weights is an honest no-op: every weight stays in float
 and the record says why.
@@ -388,6 +392,10 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         config = self.config
         if not self._targets(model):
             outside = self._outside_budget(model, set())
+            fixed_numel = sum(w["shape"][0] * w["shape"][1] for w in outside)
+            fixed_bytes = sum(w["bytes"] for w in outside)
+            if config.budget_bits is not None and fixed_numel and 8 * fixed_bytes > config.budget_bits * fixed_numel:
+                raise InputError(_budget_message(config, 0.0, 0, fixed_bytes, fixed_numel))
             note = (f"nothing to allocate: the allocator prices none of the {len(outside)} planned weights; "
                     "each keeps its uniform plan (outside_budget says why)")
             logger.warning(note)
@@ -405,9 +413,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         model_choice = model.meta.get(ESTIMATOR_KEY)
         numel = sum(r.matrix_shape[0] * r.matrix_shape[1] for r in refs)
         float_bytes = 4 * numel
+        outside = self._outside_budget(model, allocated)
+        fixed_numel = sum(w["shape"][0] * w["shape"][1] for w in outside)
+        fixed_bytes = sum(w["bytes"] for w in outside)
         budget = None
-        if config.budget_bits is not None:
-            budget = config.budget_bits / 8 * numel
+        if config.budget_bits is not None:  # over every quantized weight: the fixed ones' bytes come off
+            budget = config.budget_bits / 8 * (numel + fixed_numel) - fixed_bytes
         elif config.budget_bytes is not None:
             budget = float(config.budget_bytes)
         if config.lossless and any(
@@ -431,9 +442,12 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             logger.warning(note)
         else:
             try:
+                if budget is not None and budget <= 0:
+                    raise allocate.InfeasibleBudget(budget, 0.0)
                 picks, note = choose([cands for _, cands, _ in allocations], budget, config)
-            except allocate.InfeasibleBudget as e:
-                raise InputError(_budget_message(config, e.min_cost, numel)) from None
+            except allocate.InfeasibleBudget:
+                min_bytes = sum(min(c.bytes for c in cands) for _, cands, _ in allocations)
+                raise InputError(_budget_message(config, min_bytes, numel, fixed_bytes, fixed_numel)) from None
             if note:
                 logger.warning(note)
 
@@ -444,7 +458,6 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                              _tie_record(ties[id(ref.value)]) if id(ref.value) in ties else None)
             for (ref, cands, est), pick in zip(allocations, picks)
         ]
-        outside = self._outside_budget(model, allocated)
         modified = self._apply(model, results)
         record: dict[str, Any] = {
             "mode": "lossless" if config.lossless else "budget",
@@ -621,16 +634,23 @@ def _quantum(groups: Sequence[Sequence[allocate.Item]], budget: float | None) ->
     return 1.0 if free <= 200_000 else allocate.default_quantum(groups, budget)
 
 
-def _budget_message(config: AllocationConfig, min_bytes: float, numel: int) -> str:
-    min_bits = 8 * min_bytes / numel
-    if config.budget_bits is not None:
-        asked = f"--bits {config.budget_bits:g}"
-    else:
-        asked = f"--budget-bytes {config.budget_bytes}"
+def _budget_message(config: AllocationConfig, min_bytes: float, numel: int, fixed_bytes: float = 0.0,
+                    fixed_numel: int = 0) -> str:
+    if config.budget_bits is None:
+        return (f"--budget-bytes {config.budget_bytes} is below what the smallest items allow: "
+                f"{int(math.ceil(min_bytes))} bytes ({min(config.candidate_bits)}-bit codes with their scales and "
+                f"zero points at group size {config.group_size}); ask for at least that, or use a larger --group-size")
+    min_bits = 8 * (min_bytes + fixed_bytes) / (numel + fixed_numel)
+    fixed = ""
+    if fixed_numel:
+        fixed = (f"; {fixed_numel} of the {numel + fixed_numel} quantized weights have a fixed form on this target "
+                 f"(static int8 convs, recurrent weights, embedding tables without a head: the plan's "
+                 f"outside_budget) and take {8 * fixed_bytes / fixed_numel:.2f} bits each")
     return (
-        f"{asked} is below what the smallest items allow: {min_bits:.4f} bits per weight "
-        f"({int(math.ceil(min_bytes))} bytes, {min(config.candidate_bits)}-bit codes with their scales and zero "
-        f"points at group size {config.group_size}); ask for at least that, or use a larger --group-size"
+        f"--bits {config.budget_bits:g} is below what the smallest items allow: {min_bits:.4f} bits per weight "
+        f"over every quantized weight ({min(config.candidate_bits)}-bit codes with their scales and zero points at "
+        f"group size {config.group_size}{fixed}); ask for at least {math.ceil(min_bits * 100) / 100:g}, use a "
+        "larger --group-size, or --target onnx (low-bit conv and recurrent weights in the portable form)"
     )
 
 

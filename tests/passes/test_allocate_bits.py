@@ -309,10 +309,15 @@ def test_lossless_needs_curvature_in_loss_units() -> None:
 
 def test_weights_without_a_keep_their_uniform_plan(run_pass) -> None:
     model = _planned(b.mlp_model(), {"W1": Stats(a=_correlated_cov(64, 0), g=np.eye(64)), "W2": Stats(g=np.eye(32))})
-    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=3.5)), model)
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=4.5)), model)
     record = model.meta[allocate_bits.ALLOCATION_KEY]
     assert [w["name"] for w in record["weights"]] == ["W1"] and record["not_allocated"] == ["W2"]
     assert _plans(model)["W2"].bits == 4
+    # The budget covers W2's fixed bytes too: the bits over both weights stay within it.
+    assert record["planned_effective_bits"] <= 4.5 < record["outside_budget"][0]["bytes"] * 8 / 2048
+    with pytest.raises(InputError, match="fixed form"):  # W2 alone takes 5.1 bits of a 3.5-bit budget
+        AllocateBitsPass(AllocationConfig(budget_bits=3.5))(_planned(
+            b.mlp_model(), {"W1": Stats(a=_correlated_cov(64, 0), g=np.eye(64)), "W2": Stats(g=np.eye(32))}))
     with pytest.raises(Exception, match="annotate-hessian"):
         AllocateBitsPass(AllocationConfig(budget_bits=3.0))(_planned(b.mlp_model(), {}))
 
@@ -367,7 +372,8 @@ def test_gptq_items_are_fitted_on_one_half_and_scored_on_the_other(monkeypatch) 
     fitted = []
     real_gptq = quantizers.gptq
     monkeypatch.setattr(quantizers, "gptq", lambda W, H, *a, **k: fitted.append(H) or real_gptq(W, H, *a, **k))
-    AllocateBitsPass(AllocationConfig(budget_bits=3.5, methods=("rtn", "gptq"), candidate_bits=(2, 4)))(model)
+    # W2 and W3 have no statistics: their 4-bit plans take 5.1 of the budget's bits.
+    AllocateBitsPass(AllocationConfig(budget_bits=4.8, methods=("rtn", "gptq"), candidate_bits=(2, 4)))(model)
     assert len(seen) == 4 and sum(a is check for a in seen) == 2  # the two GPTQ items
     assert sum(a is stats["W1"].a for a in seen) == 2  # RTN items: no fit, the whole A
     h = hessian.gptq_hessian(dataclasses.replace(stats["W1"], a=fit))
@@ -509,8 +515,11 @@ def test_optimize_allocates_conv_weights_on_the_portable_target() -> None:
     assert {w["name"] for w in record["allocation"]["weights"]} == {"W1", "W2", "W3"}
     assert s["effective_bits_per_weight"] == s["allocated_effective_bits"] <= 3.5
     assert record["verification"]["status"] == "passed"
-    # On the cpu target convs are static int8 kernels: 8 bits, outside the budget, said so.
-    out = hessc.optimize(b.load(_mbconv()), target="cpu", bits=3.5, group_size=32, calibration=feeds)
+    # On the cpu target convs are static int8 kernels, 8 bits, whatever the budget: 3.5 bits is
+    # refused with the reason, and a budget that holds them is met with nothing to allocate.
+    with pytest.raises(InputError, match="fixed form on this target"):
+        hessc.optimize(b.load(_mbconv()), target="cpu", bits=3.5, group_size=32, calibration=feeds)
+    out = hessc.optimize(b.load(_mbconv()), target="cpu", bits=9.5, group_size=32, calibration=feeds)
     record = meta.read_plan(out)
     outside = record["allocation"]["outside_budget"]
     assert outside and all(w["bits"] == 8 and "static int8" in w["reason"] for w in outside)
