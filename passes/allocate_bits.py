@@ -650,7 +650,8 @@ def _budget_message(config: AllocationConfig, min_bytes: float, numel: int, fixe
         f"--bits {config.budget_bits:g} is below what the smallest items allow: {min_bits:.4f} bits per weight "
         f"over every quantized weight ({min(config.candidate_bits)}-bit codes with their scales and zero points at "
         f"group size {config.group_size}{fixed}); ask for at least {math.ceil(min_bits * 100) / 100:g}, use a "
-        "larger --group-size, or --target onnx (low-bit conv and recurrent weights in the portable form)"
+        "larger --group-size" + (", --float-embeddings (tables outside the quantized weights), or --target onnx "
+                                 "(low-bit conv and recurrent weights in the portable form)" if fixed_numel else "")
     )
 
 

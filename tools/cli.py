@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with a fractional budget, trust the allocator's predicted loss change instead of measuring "
                         "it on a held-out quarter of the calibration data (and correcting the allocation where it "
                         "is exceeded)")
+    o.add_argument("--float-embeddings", action="store_true",
+                   help="keep embedding tables (and output heads tied to them) in float")
     o.add_argument("--no-tune", action="store_true",
                    help="on cpu, keep int8 compute for every MatMulNBits and every static int8 conv instead of timing "
                         "them at the serving shape and keeping the faster of int8 and float compute")
@@ -204,6 +206,7 @@ def _cmd_optimize(args) -> int:
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
         tune=not args.no_tune, check_allocation=not args.no_allocation_check,
+        quantize_embeddings=not args.float_embeddings,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)

@@ -197,3 +197,24 @@ def test_no_tune_and_int8_range_reach_the_compile(model_path: Path, tmp_path: Pa
     assert "tune-kernels" in [p["name"] for p in json.loads(capsys.readouterr().out)["passes"]]
     with pytest.raises(SystemExit):
         cli.main(["optimize", str(model_path), "-o", str(out), "--int8-range", "7bit"])
+
+
+def test_float_embeddings_and_the_allocation_check_reach_the_compile(tmp_path: Path, capsys) -> None:
+    path, out = tmp_path / "lookup.onnx", tmp_path / "out.onnx"
+    onnx.save(b.gather_model(vocab=256, dim=64), path)
+    assert cli.main(["optimize", str(path), "-o", str(out), "--json", "--quiet"]) == 0
+    assert "GatherBlockQuantized" in [n.op_type for n in onnx.load(out).graph.node]
+    capsys.readouterr()
+    # The table is the only weight: kept in float there is nothing to compress (exit 2, said why).
+    assert cli.main(["optimize", str(path), "-o", str(out), "--float-embeddings", "--quiet"]) == 2
+    assert "embedding quantization is off" in capsys.readouterr().err
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 2, 64)).astype(np.float32))
+    mlp = tmp_path / "mlp.onnx"
+    onnx.save(b.mlp_model(), mlp)
+    assert cli.main(["optimize", str(mlp), "-o", str(out), "--bits", "5.5", "--target", "onnx", "--calibration",
+                     str(calib), "--no-allocation-check", "--json", "--quiet"]) == 0
+    assert "check-allocation" not in [p["name"] for p in json.loads(capsys.readouterr().out)["passes"]]
+    assert cli.main(["optimize", str(mlp), "-o", str(out), "--bits", "5.5", "--target", "onnx", "--calibration",
+                     str(calib), "--json", "--quiet"]) == 0
+    assert "check-allocation" in [p["name"] for p in json.loads(capsys.readouterr().out)["passes"]]
