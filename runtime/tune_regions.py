@@ -42,6 +42,7 @@ REGIONS_KEY = "hessc.int8_regions"
 """``model.meta`` key: the record of :class:`TuneStaticRegionsPass` (also saved in the plan)."""
 
 FLOAT_KEY = activations.FLOAT_KEY
+_PART_KEY = "hessc.int8_part"
 
 MAX_GROUPS = 16
 """At most this many parts of the region are timed one by one (each costs two sessions)."""
@@ -134,7 +135,10 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
         cache = self.cache if self.cache is not None else tune.default_cache()
         feed = tune.serving_feed(model)
         entries = cache.entries.setdefault(f"static-int8 regions {structure_digest(model, feed)}", {})
-        position = {id(n): i for i, n in enumerate(model.graph)}
+        for index, group in enumerate(groups):  # the mark travels with the nodes into copies
+            for node in group:
+                node.meta[_PART_KEY] = index
+        lowered = None  # the model with its other weights lowered as the target runs them, made once
         floated: list[int] = []
         record_groups = []
         measured = False
@@ -144,8 +148,9 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
             timing = entries.get(key)
             variant = None
             if timing is None:
-                current = current or self._session(model, floated, groups, position)
-                variant = self._session(model, [*floated, index], groups, position)
+                lowered = lowered or self._lowered(model)
+                current = current or self._session(lowered, floated)
+                variant = self._session(lowered, [*floated, index])
                 timing = entries[key] = _time_pair(current.run, variant.run, feed)
                 measured = True
             int8_ms, float_ms = timing
@@ -157,6 +162,9 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
                                   "chosen": chosen})
         if measured:
             cache.save()
+        for group in groups:
+            for node in group:
+                node.meta.pop(_PART_KEY, None)
         for index in floated:
             for node in groups[index]:
                 node.meta[FLOAT_KEY] = "its static int8 form measured slower than float activations at the serving shape"
@@ -169,16 +177,32 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
                     ", ".join(f"{g['int8_ms']} vs {g['float_ms']} ms" for g in record_groups))
         return ir.passes.PassResult(model, bool(floated))
 
-    def _session(self, model: ir.Model, floated: Sequence[int], groups, position):
-        """A session on a copy of the model with the static int8 region's Q/DQ in place, the
-        ``floated`` groups left out."""
-        from hessc.runtime import sessions
+    @staticmethod
+    def _lowered(model: ir.Model) -> ir.Model:
+        """A copy whose MatMul/Gemm/Gather weights are lowered to the CPU's kernels, so that the
+        trial models run at the speed of the result (the portable form dequantizes every weight
+        on every run, which can cost more than the whole region)."""
+        from hessc.runtime import lower
 
         copy = frontend.clone(model)
-        nodes = list(copy.graph)
-        for index in floated:
-            for node in groups[index]:
-                nodes[position[id(node)]].meta[FLOAT_KEY] = "timed in float"
+        quiet = logging.getLogger(lower.__name__)
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            lower.LowerWeightsPass(lower.LowerConfig(target="cpu"))(copy)
+        finally:
+            quiet.setLevel(level)
+        return copy
+
+    def _session(self, lowered: ir.Model, floated: Sequence[int]):
+        """A session on a copy of the lowered model with the static int8 region's Q/DQ in place,
+        the ``floated`` groups left out."""
+        from hessc.runtime import sessions
+
+        copy = frontend.clone(lowered)
+        for node in copy.graph:
+            if node.meta.get(_PART_KEY) in floated:
+                node.meta[FLOAT_KEY] = "timed in float"
         quiet = logging.getLogger(activations.__name__)
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # the trial copies' insertion is not the compile's
