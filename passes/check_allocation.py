@@ -14,7 +14,11 @@ weight's damage, summed). This pass measures the allocation on the held-out cali
   than predicted, every item of that weight has its curvature term scaled by the measured ratio;
   the knapsack is solved again under the same budget (so the budget holds: bytes move to the
   weights whose damage was under-predicted, from those it was not) and the check repeats, up
-  to :data:`MAX_ROUNDS` times.
+  to :data:`MAX_ROUNDS` times;
+* it stops early where every weight measured alone costs what was predicted (within the factor):
+  the excess is then in how the layers' errors compound, which moving bytes between weights does
+  not reach (SmolLM2 at 3.5 bits: predicted 0.41 nats, measured 0.75, the eight largest weights
+  alone as predicted); the allocation of least measured loss change is kept.
 
 The plan records the predicted and measured loss change of every round and the corrections.
 Lossless allocations are checked by ``confirm-lossless`` instead.
@@ -95,7 +99,8 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         ratios: dict[str, float] = {}  # by weight: measured / predicted damage, at its last measured item
         seen: set[tuple[str, int, str]] = set()  # (weight, bits, method) measured alone
         as_predicted = {w["name"]: w["candidates"] for w in original["weights"]}
-        result = None
+        result = None  # the re-quantized model of ``record``, where it is not the model itself
+        best = (current - base, record, result)  # the allocation of least measured loss change
         for round_index in range(MAX_ROUNDS + 1):
             predicted, measured = record["predicted_delta_loss"], current - base
             entry = {"predicted": predicted, "measured": measured, "measured_vs_float": current - fp,
@@ -103,6 +108,8 @@ class CheckAllocationPass(ir.passes.InPlacePass):
             rounds.append(entry)
             logger.info("check-allocation: predicted Δloss %.4g, measured %.4g (round %d)", predicted, measured,
                         round_index)
+            if measured < best[0]:
+                best = (measured, record, result)
             if measured <= FACTOR * max(predicted, 0.0) + slack or round_index == MAX_ROUNDS:
                 break
             suspects = _suspects(record, seen)
@@ -118,22 +125,36 @@ class CheckAllocationPass(ir.passes.InPlacePass):
                 entry["measured_alone"][w["name"]] = {"bits": w["bits"], "measured": alone,
                                                       "predicted": predicted_alone, "ratio": ratios[w["name"]]}
                 progress.report("check-allocation", i + 1, len(suspects))
+            if all(ratios[w["name"]] <= FACTOR for w in suspects):
+                # Each weight alone costs about what was predicted: the excess is in how the layers'
+                # errors compound, which moving bytes between single weights does not reach.
+                entry["stopped"] = ("the weights measured alone match their predictions (within "
+                                    f"{FACTOR}x): the excess comes from errors compounding across layers")
+                break
             corrected = _resolve(original, ratios, self.allocation)
             if [(w["bits"], w["method"]) for w in corrected["weights"]] == \
                     [(w["bits"], w["method"]) for w in record["weights"]]:
-                record = corrected  # the same items, their predictions corrected
                 entry["stopped"] = "the corrected predictions choose the same items"
+                record = corrected  # the same items, their predictions corrected
                 rounds.append({"predicted": record["predicted_delta_loss"], "measured": measured,
                                "measured_vs_float": current - fp, "effective_bits": record["effective_bits"]})
+                if best[2] is result:  # the best is this allocation: keep its corrected predictions
+                    best = (best[0], record, result)
                 break
             record = corrected
             result = self._replay(preplan, record, only=None)
             current = meter.loss(result)
-        holds = rounds[-1]["measured"] <= FACTOR * max(rounds[-1]["predicted"], 0.0) + slack
+        stopped = rounds[-1].get("stopped", f"after {len(rounds) - 1} rounds")
+        measured, record, result = best
+        if measured < rounds[-1]["measured"]:  # a later round measured worse: the best one stands
+            kept = next(r for r in rounds if r["measured"] == measured)
+            rounds.append({k: v for k, v in kept.items() if k not in ("measured_alone", "stopped")}
+                          | {"kept": "the allocation of least measured loss change"})
+        final = rounds[-1]
+        holds = final["measured"] <= FACTOR * max(final["predicted"], 0.0) + slack
         if not holds:
-            logger.warning(
-                "the allocation's measured loss change %.4g exceeds %.1fx its prediction %.4g after %d corrections",
-                rounds[-1]["measured"], FACTOR, rounds[-1]["predicted"], len(rounds) - 1)
+            logger.warning("the allocation's measured loss change %.4g exceeds %.1fx its prediction %.4g (%s)",
+                           final["measured"], FACTOR, final["predicted"], stopped)
         if result is not None:
             model.graph = result.graph
             model.ir_version = result.ir_version
