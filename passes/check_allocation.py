@@ -74,11 +74,7 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         self.allocation = allocation
 
     def requires(self, model: ir.Model) -> None:
-        if model.meta.get(meta.PREPLAN_KEY) is None or model.meta.get(allocate_bits.ALLOCATION_KEY) is None:
-            raise ir.passes.PreconditionError(
-                "check-allocation needs the allocation and the model before planning: run plan-quantization "
-                "(with the snapshot), allocate-bits and insert-qdq first"
-            )
+        lossless.require_replayable(model, "check-allocation")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         calibration: meta.Calibration = model.meta[meta.CALIBRATION_KEY]
@@ -156,10 +152,7 @@ class CheckAllocationPass(ir.passes.InPlacePass):
             logger.warning("the allocation's measured loss change %.4g exceeds %.1fx its prediction %.4g (%s)",
                            final["measured"], FACTOR, final["predicted"], stopped)
         if result is not None:
-            model.graph = result.graph
-            model.ir_version = result.ir_version
-            model.meta[meta.MATERIALIZED_KEY] = result.meta.get(meta.MATERIALIZED_KEY, {})
-            model.meta[meta.SKIPPED_KEY] = result.meta.get(meta.SKIPPED_KEY, {})
+            lossless.adopt(model, result)
         model.meta[allocate_bits.ALLOCATION_KEY] = record
         model.meta[CHECK_KEY] = {
             "status": "holds" if holds else "prediction exceeded", "loss": meter.name,

@@ -97,11 +97,7 @@ class ConfirmLosslessPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         self.precheck(model)
-        if model.meta.get(meta.PREPLAN_KEY) is None or model.meta.get(allocate_bits.ALLOCATION_KEY) is None:
-            raise ir.passes.PreconditionError(
-                "confirm-lossless needs the allocation and the model before planning: run plan-quantization "
-                "(with the lossless snapshot), allocate-bits and insert-qdq first"
-            )
+        require_replayable(model, "confirm-lossless")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         calibration: meta.Calibration = model.meta[meta.CALIBRATION_KEY]
@@ -129,10 +125,7 @@ class ConfirmLosslessPass(ir.passes.InPlacePass):
                 "lossless not confirmed: held-out loss %.6g is above fp32's %.6g after %d steps", quantized, fp32, len(steps)
             )
         if result is not None:
-            model.graph = result.graph
-            model.ir_version = result.ir_version
-            model.meta[meta.MATERIALIZED_KEY] = result.meta.get(meta.MATERIALIZED_KEY, {})
-            model.meta[meta.SKIPPED_KEY] = result.meta.get(meta.SKIPPED_KEY, {})
+            adopt(model, result)
         model.meta[allocate_bits.ALLOCATION_KEY] = record
         model.meta[LOSSLESS_KEY] = {
             "heldout_loss_fp32": fp32, "heldout_loss_quantized": quantized, "heldout_samples": len(calibration.heldout),
@@ -142,6 +135,23 @@ class ConfirmLosslessPass(ir.passes.InPlacePass):
 
     def _replay(self, preplan: ir.Model, record: dict[str, Any]) -> ir.Model:
         return replay(self.config, preplan, record)
+
+
+def require_replayable(model: ir.Model, name: str) -> None:
+    """Refuses a model without what a replay of its allocation needs."""
+    if model.meta.get(meta.PREPLAN_KEY) is None or model.meta.get(allocate_bits.ALLOCATION_KEY) is None:
+        raise ir.passes.PreconditionError(
+            f"{name} needs the allocation and the model before planning: run plan-quantization (with the "
+            "snapshot), allocate-bits and insert-qdq first"
+        )
+
+
+def adopt(model: ir.Model, result: ir.Model) -> None:
+    """Gives ``model`` the graph (and what the materialization recorded) of a replay."""
+    model.graph = result.graph
+    model.ir_version = result.ir_version
+    model.meta[meta.MATERIALIZED_KEY] = result.meta.get(meta.MATERIALIZED_KEY, {})
+    model.meta[meta.SKIPPED_KEY] = result.meta.get(meta.SKIPPED_KEY, {})
 
 
 def replay(config: quantize.QuantConfig, preplan: ir.Model, record: dict[str, Any]) -> ir.Model:
