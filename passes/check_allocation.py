@@ -1,8 +1,10 @@
 """The allocation's prediction, checked before it is trusted.
 
 The allocator chose its items by their *predicted* loss change (a second-order model of each
-weight's damage, summed). This pass measures the allocation on the held-out calibration feeds
-(a quarter of them, which the statistics never saw) in ONNX Runtime:
+weight's damage, summed). This pass measures the allocation in ONNX Runtime on held-out
+calibration feeds (a quarter of them, which the statistics never saw, from
+:data:`hessc.options.CHECK_HOLDOUT_MIN` feeds; with fewer, on the statistics' own feeds, since
+the statistics need every one: the record says which):
 
 * ``measured`` = held-out loss of the result − held-out loss of the model with only the weights
   outside the budget quantized (so that it compares with what the allocator predicted); the
@@ -80,12 +82,11 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         calibration: meta.Calibration = model.meta[meta.CALIBRATION_KEY]
         preplan: ir.Model = model.meta.pop(meta.PREPLAN_KEY)
         record = original = model.meta[allocate_bits.ALLOCATION_KEY]
-        if not calibration.heldout or not record["weights"]:
-            why = "no held-out calibration feeds (give 2 or more samples)" if not calibration.heldout \
-                else "nothing was allocated"
-            model.meta[CHECK_KEY] = {"status": f"skipped: {why}"}
+        if not record["weights"]:
+            model.meta[CHECK_KEY] = {"status": "skipped: nothing was allocated"}
             return ir.passes.PassResult(model, False)
-        meter = _Meter(preplan, calibration)
+        in_sample = not calibration.heldout
+        meter = _Meter(preplan, calibration, in_sample)
         fp = meter.loss(preplan)
         names = [w["name"] for w in record["weights"]]
         base = meter.loss(self._replay(preplan, record, only=()))
@@ -156,7 +157,8 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         model.meta[allocate_bits.ALLOCATION_KEY] = record
         model.meta[CHECK_KEY] = {
             "status": "holds" if holds else "prediction exceeded", "loss": meter.name,
-            "heldout_samples": len(calibration.heldout), "factor": FACTOR, "heldout_loss_float": fp,
+            "samples": len(meter.feeds), "feeds": "the statistics' own (too few to hold a quarter out)" if in_sample
+            else "held out from the statistics", "factor": FACTOR, "heldout_loss_float": fp,
             "heldout_loss_outside_budget": base, "rounds": rounds,
             "corrections": {k: v for k, v in ratios.items() if v > 1.0}, "weights": len(names),
         }
@@ -178,10 +180,12 @@ class _Meter:
     """The held-out loss of models, in ORT, against the float model's outputs where the loss is
     a distance to them (``kl``, ``mse``)."""
 
-    def __init__(self, preplan: ir.Model, calibration: meta.Calibration) -> None:
+    def __init__(self, preplan: ir.Model, calibration: meta.Calibration, in_sample: bool = False) -> None:
         from hessc.passes import hessian
 
         self.calibration = calibration
+        self.feeds = list(calibration.feeds if in_sample else calibration.heldout)
+        self.labels = calibration.labels if in_sample else calibration.heldout_labels
         self.name = "custom" if calibration.loss is not None else hessian.resolve_loss(
             hessian.HessianConfig(labels=calibration.labels), preplan)
         self.empirical = self.name not in ("kl", "mse")
@@ -193,15 +197,14 @@ class _Meter:
 
         sess = sessions.session(model, "cpu", optimize=False)
         self.output_names = sess.output_names
-        return [sess.run(feed) for feed in self.calibration.heldout]
+        return [sess.run(feed) for feed in self.feeds]
 
     def loss(self, model: ir.Model) -> float:
         outputs = self._outputs(model)
-        feeds = list(self.calibration.heldout)
         if self.name == "custom":
-            return lossless.custom_loss(self.calibration.loss, self.output_names, outputs, feeds)
+            return lossless.custom_loss(self.calibration.loss, self.output_names, outputs, self.feeds)
         if self.empirical:
-            return allocate_bits.heldout_loss(outputs, feeds, self.name, self.ids, self.calibration.heldout_labels)
+            return allocate_bits.heldout_loss(outputs, self.feeds, self.name, self.ids, self.labels)
         total, rows = 0.0, 0
         for got, want in zip(outputs, self.reference):
             y, y0 = np.asarray(got[0], np.float64), np.asarray(want[0], np.float64)

@@ -117,7 +117,7 @@ def _annotate_hessian(options, target):
 def _plan(options, target):
     from hessc.passes import quantize
 
-    return quantize.PlanQuantizationPass(_quant_config(options, target), snapshot=options.holds_out)
+    return quantize.PlanQuantizationPass(_quant_config(options, target), snapshot=options.snapshots)
 
 
 def _allocate(options, target):

@@ -157,8 +157,9 @@ def optimize(
             in the whole model against the same part with float activations, keeping int8 only
             where it is faster (:mod:`hessc.runtime.tune_regions`). Off where ``activations``
             fixes the compute (8: int8, 16: fp32).
-        check_allocation: with a budget (not lossless), hold out a quarter of the calibration
-            feeds and measure the allocation's loss change on them against its prediction; where
+        check_allocation: with a budget (not lossless), measure the allocation's loss change
+            against its prediction on a held-out quarter of the calibration feeds (from 16 feeds;
+            with fewer, on the statistics' own feeds); where
             it exceeds 1.5x the prediction, the weights most responsible are measured one by one
             and the budget re-solved with corrected predictions
             (:mod:`hessc.passes.check_allocation`; the plan records both).
@@ -221,7 +222,7 @@ def _calibration(model: ir.Model, calibration: Any, labels, loss, options: Compi
     stat, held = list(feeds), []
     if options.lossless and len(feeds) < 2:
         raise InputError("lossless needs at least 2 calibration samples (a quarter is held out); pass more")
-    if options.holds_out and len(feeds) >= 2:
+    if options.holds_out(len(feeds)) and len(feeds) >= 2:
         n_held = max(1, len(feeds) // 4)
         stat, held = feeds[:-n_held], feeds[-n_held:]
     return meta.Calibration(

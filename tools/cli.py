@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                         "x86 without VNNI, whose u8*s8 kernels saturate); auto: as this machine's CPU needs")
     o.add_argument("--no-allocation-check", action="store_true",
                    help="with a fractional budget, trust the allocator's predicted loss change instead of measuring "
-                        "it on a held-out quarter of the calibration data (and correcting the allocation where it "
-                        "is exceeded)")
+                        "it on the calibration data (a held-out quarter from 16 samples) and correcting the "
+                        "allocation where it is exceeded")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep embedding tables (and output heads tied to them) in float")
     o.add_argument("--no-tune", action="store_true",

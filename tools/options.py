@@ -40,6 +40,10 @@ def parse_bits(bits: int | float | str) -> int | float | str:
     return bits
 
 
+CHECK_HOLDOUT_MIN = 16
+"""Calibration feeds from which a checked budget holds a quarter out (see ``holds_out``)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """What the user asked for (see :func:`hessc.optimize` for each field's meaning).
@@ -131,9 +135,16 @@ class CompileOptions:
         held-out feeds (:mod:`hessc.passes.check_allocation`)."""
         return self.budgeted and not self.lossless and self.check_allocation
 
+    def holds_out(self, feeds: int) -> bool:
+        """Whether a quarter of ``feeds`` calibration feeds is held out from the statistics for a
+        check: always for ``lossless``; for a checked budget only from
+        :data:`CHECK_HOLDOUT_MIN` feeds (with fewer, the statistics need every feed: SmolLM2 at 3.5
+        bits lost 1.5 perplexity with 6 of its 8 windows, and the check measures in-sample)."""
+        return self.lossless or (self.checks_allocation and feeds >= CHECK_HOLDOUT_MIN)
+
     @property
-    def holds_out(self) -> bool:
-        """A quarter of the calibration feeds is held out from the statistics for a check."""
+    def snapshots(self) -> bool:
+        """plan-quantization keeps the model before planning, for a replay of the allocation."""
         return self.lossless or self.checks_allocation
 
     @property

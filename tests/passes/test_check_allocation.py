@@ -89,7 +89,7 @@ def test_an_under_predicted_weight_is_measured_and_the_budget_moves_to_it() -> N
 def test_an_honest_prediction_is_recorded_with_its_measurement() -> None:
     model = _run()
     check = model.meta[check_allocation.CHECK_KEY]
-    assert check["loss"] == "ce" and check["heldout_samples"] == 3
+    assert check["loss"] == "ce" and check["samples"] == 3 and "held out" in check["feeds"]
     first = check["rounds"][0]
     assert np.isfinite(first["measured"]) and first["predicted"] > 0
     assert check["status"] in ("holds", "prediction exceeded")
@@ -101,7 +101,7 @@ def test_the_plan_and_the_cli_carry_the_check(tmp_path) -> None:
     labels = [rng.integers(0, 16, 16) for _ in feeds]
     out = hessc.optimize(_mlp(), target="onnx", bits=3.5, group_size=128, calibration=feeds, labels=labels)
     record = meta.read_plan(out)
-    assert record["allocation"]["check"]["heldout_samples"] == 2
+    assert record["allocation"]["check"]["samples"] == 8 and "too few" in record["allocation"]["check"]["feeds"]
     assert "measured_delta_loss" in record["summary"] and "predicted_delta_loss" in record["summary"]
     off = hessc.optimize(_mlp(), target="onnx", bits=3.5, group_size=128, calibration=feeds, labels=labels, check_allocation=False)
     assert "check" not in meta.read_plan(off)["allocation"]
