@@ -158,8 +158,8 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         model.meta[CHECK_KEY] = {
             "status": "holds" if holds else "prediction exceeded", "loss": meter.name,
             "samples": len(meter.feeds), "feeds": "the statistics' own (too few to hold a quarter out)" if in_sample
-            else "held out from the statistics", "factor": FACTOR, "heldout_loss_float": fp,
-            "heldout_loss_outside_budget": base, "rounds": rounds,
+            else "held out from the statistics", "factor": FACTOR, "loss_float": fp,
+            "loss_outside_budget": base, "rounds": rounds,
             "corrections": {k: v for k, v in ratios.items() if v > 1.0}, "weights": len(names),
         }
         return ir.passes.PassResult(model, result is not None)
