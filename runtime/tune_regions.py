@@ -18,6 +18,11 @@ against 8.9 ms at 240×320. So it is measured:
   :data:`~hessc.runtime.tune.TIE` (the float form is the more exact);
 * a part that stays float has its layers marked (:data:`FLOAT_KEY` on the node), so
   ``insert-activation-qdq`` leaves it out, and the plan lists every part with its times;
+* such a part is then timed once more with its weights in float: dequantized weights run on every
+  call and ORT does not prepack them for its float convs (a 64-channel grouped 3×3 conv at 56×56:
+  1.74× fp32 as int8, no better dequantized); where float weights are faster by more than
+  :data:`FP32_MARGIN`, the part keeps them (32 bits each: the plan lists the weights under
+  ``float_weights`` and why);
 * the timings are cached per machine beside the kernel timings, keyed by the graph's structure
   and the serving shape, so a second compile on the machine measures nothing and makes the same
   choices.
@@ -43,6 +48,13 @@ REGIONS_KEY = "hessc.int8_regions"
 
 FLOAT_KEY = activations.FLOAT_KEY
 _PART_KEY = "hessc.int8_part"
+
+FP32_MARGIN = 0.05
+"""A part whose float-activation form runs slower than with float weights by more than this
+keeps float weights (32 bits each; the trade is in the plan)."""
+
+FP32_REASON = ("kept in float: at the serving shape its static int8 form and its dequantized 8-bit form both ran "
+               "slower than float weights (the plan's int8_regions)")
 
 MAX_GROUPS = 16
 """At most this many parts of the region are timed one by one (each costs two sessions)."""
@@ -139,38 +151,54 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
             for node in group:
                 node.meta[_PART_KEY] = index
         lowered = None  # the model with its other weights lowered as the target runs them, made once
-        floated: list[int] = []
+        forms: dict[int, str] = {}  # group → "float" (float activations) or "fp32" (float weights too)
         record_groups = []
         measured = False
-        current = None  # a session of the model with the ``floated`` groups left out
-        for index, group in enumerate(groups):
-            key = f"float {floated} + {index}"
+        current = None  # a session of the model with the groups' ``forms``
+
+        def compare(key: str, index: int, form: str) -> list[float]:
+            """[ms as it stands, ms with group ``index`` in ``form``], cached."""
+            nonlocal lowered, current, variant, measured
             timing = entries.get(key)
-            variant = None
             if timing is None:
                 lowered = lowered or self._lowered(model)
-                current = current or self._session(lowered, floated)
-                variant = self._session(lowered, [*floated, index])
+                current = current or self._session(lowered, forms)
+                variant = self._session(lowered, {**forms, index: form})
                 timing = entries[key] = _time_pair(current.run, variant.run, feed)
                 measured = True
-            int8_ms, float_ms = timing
-            chosen = "float" if int8_ms >= float_ms * (1 - tune.TIE) else "int8"
-            if chosen == "float":
-                floated.append(index)
-                current = variant  # None when the timing came from the cache: opened when needed
-            record_groups.append({"layers": [n.name for n in group], "int8_ms": int8_ms, "float_ms": float_ms,
-                                  "chosen": chosen})
+            return timing
+
+        for index, group in enumerate(groups):
+            variant = None
+            int8_ms, float_ms = compare(f"float {sorted(forms.items())} + {index}", index, "float")
+            entry = {"layers": [n.name for n in group], "int8_ms": int8_ms, "float_ms": float_ms, "chosen": "int8"}
+            if int8_ms >= float_ms * (1 - tune.TIE):  # float activations: the more exact form wins a tie
+                forms[index], current, entry["chosen"] = "float", variant, "float"
+                variant = None
+                # Dequantized weights run on every call, and ORT does not prepack them for its
+                # float convs: the part's weights in float may be faster still (32 bits each).
+                float_ms, fp32_ms = compare(f"fp32 {sorted(forms.items())} + {index}", index, "fp32")
+                entry["fp32_weights_ms"] = fp32_ms
+                if float_ms >= fp32_ms * (1 + FP32_MARGIN):
+                    forms[index], current, entry["chosen"] = "fp32", variant, "fp32 weights"
+            record_groups.append(entry)
         if measured:
             cache.save()
         for group in groups:
             for node in group:
                 node.meta.pop(_PART_KEY, None)
-        for index in floated:
+        folded = []
+        for index, form in forms.items():
             for node in groups[index]:
                 node.meta[FLOAT_KEY] = "its static int8 form measured slower than float activations at the serving shape"
+                if form == "fp32" and node.op_type in self.static_int8_ops:
+                    folded += fold_weight(model, node, FP32_REASON)
         record = {"serving_input": {k: list(v.shape) for k, v in feed.items()}, "machine": cache.machine,
-                  "groups": record_groups, "float_layers": sum(len(groups[i]) for i in floated),
-                  "int8_layers": sum(len(g) for i, g in enumerate(groups) if i not in floated)}
+                  "groups": record_groups,
+                  "float_layers": sum(len(groups[i]) for i, f in forms.items() if f == "float"),
+                  "fp32_layers": sum(len(groups[i]) for i, f in forms.items() if f == "fp32"),
+                  "int8_layers": sum(len(g) for i, g in enumerate(groups) if i not in forms), "float_weights": folded}
+        floated = list(forms)
         model.meta[REGIONS_KEY] = record
         logger.info("tune-int8-regions: %d of %d parts of the static int8 region stay int8 (%s)",
                     len(groups) - len(floated), len(groups),
@@ -194,15 +222,18 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
             quiet.setLevel(level)
         return copy
 
-    def _session(self, lowered: ir.Model, floated: Sequence[int]):
+    def _session(self, lowered: ir.Model, forms: dict[int, str]):
         """A session on a copy of the lowered model with the static int8 region's Q/DQ in place,
-        the ``floated`` groups left out."""
+        the groups of ``forms`` left out (``fp32``: their weights in float too)."""
         from hessc.runtime import sessions
 
         copy = frontend.clone(lowered)
-        for node in copy.graph:
-            if node.meta.get(_PART_KEY) in floated:
+        for node in list(copy.graph):
+            form = forms.get(node.meta.get(_PART_KEY))
+            if form is not None:
                 node.meta[FLOAT_KEY] = "timed in float"
+            if form == "fp32" and node.op_type in self.static_int8_ops:
+                fold_weight(copy, node, "timed with float weights")
         quiet = logging.getLogger(activations.__name__)
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # the trial copies' insertion is not the compile's
@@ -211,6 +242,38 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
         finally:
             quiet.setLevel(level)
         return sessions.session(copy, "cpu", spinning=False)
+
+
+def fold_weight(model: ir.Model, node: ir.Node, reason: str) -> list[str]:
+    """Replaces the ``DequantizeLinear`` feeding ``node``'s weight by its float values (exactly
+    what it computes) and records the weight as kept in float for ``reason``; the names folded."""
+    dq = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or any(v is None or v.const_value is None for v in dq.inputs):
+        return []
+    plan = dq.meta.get(meta.QUANT_KEY)
+    codes = dq.inputs[0].const_value.numpy().astype(np.float64)
+    scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+    zero = dq.inputs[2].const_value.numpy().astype(np.float64) if len(dq.inputs) > 2 else 0.0
+    if dq.attributes.get_int("block_size", 0):
+        return []  # a blocked weight is no static int8 weight
+    axis = dq.attributes.get_int("axis", 1) % codes.ndim
+    shape = [1] * codes.ndim
+    shape[axis] = -1
+    values = ((codes - np.reshape(zero, shape if np.ndim(zero) else ())) * np.reshape(scale, shape if scale.ndim else ()))
+    name = plan.name if plan is not None else (dq.outputs[0].name or "weight")
+    weight = frontend.new_initializer(model.graph, f"{dq.outputs[0].name}_float", values.astype(np.float32))
+    node.replace_input_with(1, weight)
+    if not dq.outputs[0].uses():
+        operands = [v for v in dq.inputs if v is not None]
+        model.graph.remove(dq, safe=True)
+        for value in operands:
+            if not value.uses() and value.name in model.graph.initializers:
+                model.graph.initializers.pop(value.name)
+    materialized = dict(model.meta.get(meta.MATERIALIZED_KEY) or {})
+    materialized.pop(name, None)
+    model.meta[meta.MATERIALIZED_KEY] = materialized
+    model.meta.setdefault(meta.SKIPPED_KEY, {})[name] = reason
+    return [name]
 
 
 def _time_pair(run_a, run_b, feed: dict[str, np.ndarray]) -> list[float]:

@@ -8,6 +8,7 @@ import json
 import builders as b
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import helper
 
@@ -76,7 +77,11 @@ def test_parts_follow_the_measured_timings_and_the_cache_replays_them(tmp_path, 
     cached = json.loads(path.read_text())
     machine = tune.machine_key()
     (key,) = [k for k in cached[machine] if k.startswith("static-int8 regions")]
-    cached[machine][key] = {"float [] + 0": [2.0, 1.0], "float [0] + 1": [1.0, 2.0], "float [0] + 2": [2.0, 1.0]}
+    cached[machine][key] = {
+        "float [] + 0": [2.0, 1.0], "fp32 [(0, 'float')] + 0": [1.0, 2.0],
+        "float [(0, 'float')] + 1": [1.0, 2.0],
+        "float [(0, 'float')] + 2": [2.0, 1.0], "fp32 [(0, 'float'), (2, 'float')] + 2": [1.0, 2.0],
+    }
     path.write_text(json.dumps(cached))
     second = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds)
     assert [g["chosen"] for g in meta.read_plan(second)["int8_regions"]["groups"]] == ["float", "int8", "float"]
@@ -86,6 +91,19 @@ def test_parts_follow_the_measured_timings_and_the_cache_replays_them(tmp_path, 
     assert meta.read_plan(second)["verification"]["status"] == "passed"
     third = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds)
     assert b.to_bytes(third) == b.to_bytes(second), "the same timings make the same model"
+
+    # Where float weights beat the dequantized 8-bit ones, the part keeps float weights, said so.
+    cached[machine][key]["fp32 [(0, 'float')] + 0"] = [2.0, 1.0]
+    cached[machine][key] = {k.replace("[(0, 'float')", "[(0, 'fp32')") if k != "fp32 [(0, 'float')] + 0" else k: v
+                            for k, v in cached[machine][key].items()}
+    path.write_text(json.dumps(cached))
+    fourth = hessc.optimize(b.load(proto), target="cpu", bits=8, calibration=feeds)
+    plan = meta.read_plan(fourth)
+    assert [g["chosen"] for g in plan["int8_regions"]["groups"]] == ["fp32 weights", "int8", "float"]
+    conv0 = next(n for n in fourth.graph if n.name == "conv0")
+    assert conv0.inputs[1].const_value is not None and conv0.inputs[1].dtype == ir.DataType.FLOAT
+    assert "W0" not in {w["name"] for w in plan["weights"]} and "float weights" in plan["skipped"]["W0"]
+    assert plan["verification"]["status"] == "passed"
 
 
 def test_without_tuning_the_whole_region_is_int8() -> None:
