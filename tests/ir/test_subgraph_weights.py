@@ -354,8 +354,9 @@ def test_scalar_condition_from_npz_through_the_cli(tmp_path: Path, capsys) -> No
 
 
 def test_budget_keeps_subgraph_weights_on_the_uniform_plan(tmp_path: Path, capsys) -> None:
-    """``--bits 3.5``: the curvature annotation sees the main graph only; the branch weights keep
-    the uniform 4-bit RTN plan, recorded outside the budget, and the main-graph weight is allocated."""
+    """``--bits 6.0``: the curvature annotation sees the main graph only; the branch weights keep
+    the uniform 4-bit RTN plan, recorded outside the budget (their bytes taken out of it), and the
+    main-graph weight is allocated what is left."""
     proto = if_model()
     graph = proto.graph
     graph.initializer.append(numpy_helper.from_array(b.weight((64, 64), 9, 0.2), "W0"))
@@ -367,7 +368,7 @@ def test_budget_keeps_subgraph_weights_on_the_uniform_plan(tmp_path: Path, capsy
     feeds = _if_feeds(8)
     np.savez(npz, x0=np.stack([f["x"] for f in feeds]), cond=np.array([bool(f["cond"]) for f in feeds]))
     out = tmp_path / "out.onnx"
-    code = cli.main(["optimize", str(model_path), "-o", str(out), "--calibration", str(npz), "--bits", "3.5",
+    code = cli.main(["optimize", str(model_path), "-o", str(out), "--calibration", str(npz), "--bits", "6.0",
                      "--json", "--quiet", "--allow-degraded"])
     capsys.readouterr()
     assert code == 0
@@ -377,6 +378,7 @@ def test_budget_keeps_subgraph_weights_on_the_uniform_plan(tmp_path: Path, capsy
     plans = {w["name"]: (w["bits"], w["method"]) for w in record["weights"]}
     assert {plans[n] for n in outside} == {(4, "rtn")} and "W0" in plans
     assert [w["name"] for w in record["allocation"]["weights"]] == ["W0"]
+    assert record["summary"]["effective_bits_per_weight"] <= 6.0
     onnx.checker.check_model(str(out), full_check=True)
     for feed in _if_feeds(2, seed=3):
         b.run_ort(str(out), {"x0": feed["x"], "cond": feed["cond"]})

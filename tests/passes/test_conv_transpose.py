@@ -59,6 +59,8 @@ def test_conv_transpose_stays_float_on_the_cpu_with_the_reason() -> None:
 
 
 def test_conv_transpose_sits_outside_the_budget() -> None:
-    out = hessc.optimize(b.load(_upsampler()), target="onnx", bits=3.5, calibration=_feeds())
+    with pytest.raises(hessc.InputError, match="fixed form"):  # its 8 bits alone exceed a 3.5-bit budget
+        hessc.optimize(b.load(_upsampler()), target="onnx", bits=3.5, calibration=_feeds())
+    out = hessc.optimize(b.load(_upsampler()), target="onnx", bits=9.0, calibration=_feeds())
     outside = {w["name"]: w for w in meta.read_plan(out)["allocation"]["outside_budget"]}
     assert outside["WT"]["bits"] == 8 and "ConvTranspose" in outside["WT"]["reason"]
