@@ -50,8 +50,10 @@ FACTOR = 1.5
 corrected (the issue's goal for the predictions: within 1.5x)."""
 
 SLACK = 2e-3
-"""Absolute slack of the check, as a share of the float model's held-out loss (a few thousandths
-of a nat on a language model: below the noise of a few held-out feeds)."""
+"""Absolute slack of the check, as a share of the float model's loss (a few thousandths of a nat
+on a language model: below the noise of a few feeds), or for a distance to the float outputs
+(``kl``, ``mse``, zero at the float model) of that distance's scale: the float outputs' entropy,
+or half their squared norm."""
 
 MAX_ROUNDS = 3
 SUSPECTS = 8
@@ -91,7 +93,7 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         names = [w["name"] for w in record["weights"]]
         base = meter.loss(self._replay(preplan, record, only=()))
         current = meter.loss(model)
-        slack = SLACK * max(abs(fp), 1e-12) if meter.empirical else 0.0
+        slack = SLACK * max(abs(fp) if meter.empirical else meter.scale(), 1e-12)
         rounds: list[dict[str, Any]] = []
         ratios: dict[str, float] = {}  # by weight: measured / predicted damage, at its last measured item
         seen: set[tuple[str, int, str]] = set()  # (weight, bits, method) measured alone
@@ -198,6 +200,21 @@ class _Meter:
         sess = sessions.session(model, "cpu", optimize=False)
         self.output_names = sess.output_names
         return [sess.run(feed) for feed in self.feeds]
+
+    def scale(self) -> float:
+        """The size of the float outputs in the units of a distance to them: their mean entropy
+        (``kl``) or half their mean squared norm (``mse``)."""
+        total, rows = 0.0, 0
+        for (y0, *_rest) in self.reference:
+            y0 = np.asarray(y0, np.float64)
+            y0 = y0.reshape(-1, y0.shape[-1] if y0.ndim else 1)
+            if self.name == "kl":
+                logp0 = _log_softmax(y0)
+                total += float(-(np.exp(logp0) * logp0).sum())
+            else:
+                total += float(0.5 * (y0 ** 2).sum())
+            rows += y0.shape[0]
+        return total / max(rows, 1)
 
     def loss(self, model: ir.Model) -> float:
         outputs = self._outputs(model)
