@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--target", choices=list(TARGETS), default="cpu")
     o.add_argument("--bits", type=_bits, default=4,
                    help="bits per weight: 2, 3, 4 or 8 (uniform); a number with a decimal point (3.5, 3.0) is an "
-                        "average-bits budget for the bit allocator; 'lossless' the smallest allocation not worse "
-                        "on held-out data (default 4)")
+                        "average-bits budget over every quantized weight (scales and zero points counted) for the "
+                        "bit allocator; 'lossless' the smallest allocation not worse on held-out data (default 4)")
     o.add_argument("--budget-bytes", type=int, help="instead of --bits: stored bytes for the weights --bits would budget")
     o.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
                    help="quantizer (gptq needs --calibration); with a budget, the quantizers offered")
