@@ -316,8 +316,9 @@ def _cmd_bench(args) -> int:
     if args.serving_tokens:
         from hessc.bench import serving
 
+        bits = args.bits[0] if args.bits and isinstance(args.bits[0], int) else 4
         serving.run_serving(args.model, args.serving_tokens, Path(args.out), group_size=args.group_size[0],
-                            runs=args.latency_runs)
+                            runs=args.latency_runs, bits=bits)
         return 0
 
     results = bench.run_bench(

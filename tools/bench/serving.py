@@ -20,8 +20,9 @@ def _at_length(feed: dict[str, np.ndarray], tokens: int) -> dict[str, np.ndarray
     return {k: np.ascontiguousarray(np.tile(v, (1, -(-tokens // v.shape[1])))[:, :tokens]) for k, v in feed.items()}
 
 
-def run_serving(model: str, tokens: Sequence[int], out_dir: Path, group_size: int = 32, runs: int = 30) -> dict:
-    """Compiles ``model`` at 4 bits for each length (the calibration cut to it, so the tuning
+def run_serving(model: str, tokens: Sequence[int], out_dir: Path, group_size: int = 32, runs: int = 30,
+                bits: int = 4) -> dict:
+    """Compiles ``model`` at ``bits`` (4 or 8) for each length (the calibration cut to it, so the tuning
     sees that serving shape) and times it beside fp32 and ORT's 4-bit models at that length."""
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -45,10 +46,10 @@ def run_serving(model: str, tokens: Sequence[int], out_dir: Path, group_size: in
             q.model.save_model_to_file(path, use_external_data_format=True)
         for length in tokens:
             feeds = [_at_length(f, length) for f in calibration]
-            compiled = hessc.optimize(src, target="cpu", bits=4, group_size=group_size, calibration=feeds)
+            compiled = hessc.optimize(src, target="cpu", bits=bits, group_size=group_size, calibration=feeds)
             path = str(Path(tmp) / f"hessc-{length}.onnx")
             hessc.save(compiled, path, external_data=True)
-            paths = {"fp32": src, "hessc-4 (tuned at this length)": path, **peers}
+            paths = {"fp32": src, f"hessc-{bits} (tuned at this length)": path, **peers}
             runners = [sessions.session(p, "cpu", spinning=False).run for p in paths.values()]
             ms = sessions.interleaved_latency_ms(runners, feeds[0], runs if length > 1 else 3 * runs)
             for label, t in zip(paths, ms):
