@@ -359,8 +359,6 @@ def _slower_reason(model: ir.Model, target: str) -> str:
     if regions and regions["float_layers"]:
         reasons.append(f"{regions['float_layers']} convs keep float activations (their static int8 form measured "
                        "slower: the plan's `int8_regions`) and dequantize their 8-bit weights on every run")
-    if regions and regions.get("fp32_layers"):
-        reasons.append(f"{regions['fp32_layers']} convs run with float weights, as fast as they measured")
     if any(n.op_type == "QuantizeLinear" for g in frontend.graphs(model) for n in g):
         reasons.append("static int8 layers pay a quantize/dequantize at every boundary of the int8 region, which "
                        "small convs do not earn back; --activations 16 keeps them in float")
