@@ -392,8 +392,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         config = self.config
         if not self._targets(model):
             outside = self._outside_budget(model, set())
-            fixed_numel = sum(w["shape"][0] * w["shape"][1] for w in outside)
-            fixed_bytes = sum(w["bytes"] for w in outside)
+            fixed_numel, fixed_bytes = _fixed(outside)
             if config.budget_bits is not None and fixed_numel and 8 * fixed_bytes > config.budget_bits * fixed_numel:
                 raise InputError(_budget_message(config, 0.0, 0, fixed_bytes, fixed_numel))
             note = (f"nothing to allocate: the allocator prices none of the {len(outside)} planned weights; "
@@ -414,8 +413,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         numel = sum(r.matrix_shape[0] * r.matrix_shape[1] for r in refs)
         float_bytes = 4 * numel
         outside = self._outside_budget(model, allocated)
-        fixed_numel = sum(w["shape"][0] * w["shape"][1] for w in outside)
-        fixed_bytes = sum(w["bytes"] for w in outside)
+        fixed_numel, fixed_bytes = _fixed(outside)
         budget = None
         if config.budget_bits is not None:  # over every quantized weight: the fixed ones' bytes come off
             budget = config.budget_bits / 8 * (numel + fixed_numel) - fixed_bytes
@@ -618,6 +616,11 @@ def choose(
     )
 
 
+def _fixed(outside: Sequence[dict[str, Any]]) -> tuple[int, int]:
+    """Weights and stored bytes of the planned weights outside the budget."""
+    return sum(w["shape"][0] * w["shape"][1] for w in outside), sum(w["bytes"] for w in outside)
+
+
 def _tie_record(group: quantize.WeightGroup) -> dict[str, Any]:
     """What the allocation record says about a tied table: stored and priced once, scored by its head."""
     out = group.to_json()
@@ -682,19 +685,23 @@ def with_weights(record: dict[str, Any], weights: Sequence[dict[str, Any]]) -> d
 def heldout_loss(
     outputs: Sequence[Sequence[np.ndarray]], feeds: Sequence[dict[str, np.ndarray]], loss_name: str,
     ids_name: str | None = None, labels: Sequence[np.ndarray] | None = None,
+    reference: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> float:
     """The annotation's loss (:mod:`hessc.passes.hessian`) on ORT outputs, in float64.
 
     ``next-token``: cross-entropy of ``logits[:, :-1]`` against ``input_ids[:, 1:]``; ``ce``:
-    cross-entropy of the first output against ``labels``. Over several feeds, the mean weighted
-    by each feed's number of loss terms (as the annotation averages its statistics).
+    cross-entropy of the first output against ``labels``; ``kl``: KL(float ‖ result) of the
+    first outputs' softmax, ``mse``: half their squared distance, both against the float model's
+    ``reference`` outputs. Over several feeds, the mean weighted by each feed's number of loss
+    terms (as the annotation averages its statistics).
 
     Args:
         outputs: per feed, the model's outputs (the first is the logits).
         feeds: the feeds the outputs came from.
-        loss_name: ``next-token`` or ``ce``.
+        loss_name: ``next-token``, ``ce``, ``kl`` or ``mse``.
         ids_name: the ``input_ids`` input (``next-token``).
         labels: one integer array per feed (``ce``).
+        reference: per feed, the float model's outputs (``kl``, ``mse``).
 
     Returns:
         The mean loss.
@@ -702,18 +709,33 @@ def heldout_loss(
     total, count = 0.0, 0
     for i, (outs, feed) in enumerate(zip(outputs, feeds)):
         logits = np.asarray(outs[0], dtype=np.float64)
+        if loss_name in ("kl", "mse"):
+            y, y0 = (np.asarray(v, np.float64) for v in (logits, reference[i][0]))
+            y, y0 = (v.reshape(-1, v.shape[-1] if v.ndim else 1) for v in (y, y0))
+            if loss_name == "kl":
+                logp, logp0 = log_softmax(y), log_softmax(y0)
+                total += float((np.exp(logp0) * (logp0 - logp)).sum())
+            else:
+                total += float(0.5 * ((y - y0) ** 2).sum())
+            count += y.shape[0]
+            continue
         if loss_name == "next-token":
             ids = np.asarray(feed[ids_name])
             logits, target = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
         elif loss_name == "ce":
             logits, target = logits.reshape(-1, logits.shape[-1]), np.asarray(labels[i]).reshape(-1)
         else:
-            raise ValueError(f"no held-out loss for {loss_name!r}: use 'next-token' or 'ce'")
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            raise ValueError(f"no held-out loss for {loss_name!r}: use 'next-token', 'ce', 'kl' or 'mse'")
+        logp = log_softmax(logits)
         total += float(-logp[np.arange(len(target)), target].sum())
         count += len(target)
     return total / max(count, 1)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """``log softmax`` along the last axis, stable."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: float = 0.1) -> list[dict[str, Any]] | None:

@@ -60,10 +60,9 @@ def _quant_config(options, target):
         quantize_embeddings=options.quantize_embeddings,
         method=options.method, embedding_min_bits=target.embedding_min_bits, static_int8_ops=static,
         static_int8_limit=int8_code_limit(options.int8_range) if static else 127,
-        recurrent_ops=target.recurrent_ops, recurrent_off_reason=target.recurrent_off_reason,
-        recurrent_limit=int8_code_limit(options.int8_range) if target.name == "cpu" else 127,
-        transposed_conv=target.transposed_conv_off_reason is None,
-        transposed_conv_off_reason=target.transposed_conv_off_reason,
+        float_ops=target.float_ops,
+        # The CPU's int8 kernels (its dynamic int8 activation path, the LSTM's) multiply u8·s8.
+        recurrent_limit=int8_code_limit(options.int8_range) if target.dynamic_int8_activations else 127,
     )
 
 

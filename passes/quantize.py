@@ -84,12 +84,9 @@ class QuantConfig:
         static_int8_limit: their code limit: 127, or 63 for CPUs whose int8 kernels saturate
             (:func:`hessc.runtime.targets.int8_code_limit`).
         conv_off_reason: why Conv weights stay in float when ``quantize_conv`` is off.
-        recurrent_ops: the recurrent ops (``LSTM``, ``GRU``, ``RNN``) whose weights are quantized
-            (:func:`recurrent_plan`); the others keep float weights, for ``recurrent_off_reason``.
-        recurrent_limit: their code limit (as ``static_int8_limit``: the CPU's LSTM kernel
-            multiplies u8·s8).
-        transposed_conv: quantize ``ConvTranspose`` weights (:func:`transposed_conv_plan`);
-            ``transposed_conv_off_reason`` says why not.
+        float_ops: ops whose weights stay in float, each with the reason (the target's).
+        recurrent_limit: the code limit of recurrent weights (:func:`recurrent_plan`; as
+            ``static_int8_limit``: the CPU's LSTM kernel multiplies u8·s8).
         embedding_min_bits: the fewest bits for an embedding table (ORT's GatherBlockQuantized
             runs 4 and 8 bits; a 2-bit table would be dequantized whole on every run). A table
             tied to a head follows the head's plan: lowered, its lookup reads the head's
@@ -109,11 +106,8 @@ class QuantConfig:
     static_int8_ops: frozenset[str] = frozenset()
     static_int8_limit: int = 127
     conv_off_reason: str | None = None
-    recurrent_ops: frozenset[str] = frozenset({"LSTM", "GRU", "RNN"})
+    float_ops: tuple[tuple[str, str], ...] = ()
     recurrent_limit: int = 127
-    recurrent_off_reason: str | None = None
-    transposed_conv: bool = True
-    transposed_conv_off_reason: str | None = None
 
     def __post_init__(self) -> None:
         validate_bits_and_group(self.bits, self.group_size)
@@ -173,6 +167,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
     """
     if ref.op == "Conv" and not config.quantize_conv:
         return config.conv_off_reason or "Conv quantization is off for this target"
+    if ref.op in dict(config.float_ops):
+        return dict(config.float_ops)[ref.op]
     if ref.recurrent:
         return recurrent_plan(ref, config)
     if ref.op == "ConvTranspose":
@@ -230,8 +226,6 @@ def transposed_conv_plan(ref: qweights.WeightRef, config: QuantConfig) -> meta.Q
     """The plan of a ``ConvTranspose`` weight, or why it stays in float: 8-bit, symmetric, one scale
     per output channel of a group (``DequantizeLinear`` on axis 1), outside the bit allocator (no
     curvature is measured for it)."""
-    if not config.transposed_conv:
-        return config.transposed_conv_off_reason or "ConvTranspose weights stay in float on this target"
     if ref.numel < config.min_numel:
         return f"small ({ref.numel} < {config.min_numel} elements)"
     if dict(config.bits_override).get(ref.name, 8) >= 16:
@@ -252,8 +246,6 @@ def recurrent_plan(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPl
     estimate of the input weights alone does not see. Both weights of a node are planned whatever
     their size, since the kernel takes both quantized.
     """
-    if ref.op not in config.recurrent_ops:
-        return config.recurrent_off_reason or f"{ref.op} weights stay in float on this target"
     if dict(config.bits_override).get(ref.name, RECURRENT_BITS) >= 16:
         return "kept in float by the plan"
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, RECURRENT_BITS, 0, True, "rtn", ref.matrix_shape,
@@ -548,27 +540,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
             scale_np = scale_np.reshape(scale_np.shape + unit)
             zps = None if q.zero_points is None else q.zero_points.reshape(q.zero_points.shape + unit)
             axis, block = 1, plan.group_size
-        elif ref.op == "Conv":
-            codes = codes.reshape(ref.stored_shape)
-            axis, block = 0, None
+        elif ref.op == "Conv" or ref.op == "ConvTranspose" or ref.recurrent:  # one scale per row, per axis
             scale_np = scale_np.reshape(-1)
             zps = None if q.zero_points is None else q.zero_points.reshape(-1)
-        elif ref.op == "ConvTranspose":  # one scale per output channel of a group: axis 1
-            rows, cols = ref.stored_shape[1], ref.stored_shape[0]
-            codes = np.moveaxis(codes.reshape(rows, cols, *ref.stored_shape[2:]), 0, 1)
-            scale_np = scale_np.reshape(-1)
-            zps = None if q.zero_points is None else q.zero_points.reshape(-1)
-            axis, block = 1, None
-        elif ref.recurrent:
-            # One scale per row of the (directions · gates · hidden, in) view, per axis (a blocked
-            # DequantizeLinear with one block per row computes the same ~8x slower in ORT): on the
-            # stored (1, gates · hidden, in) tensor along axis 1, or on the 2-D view, reshaped
-            # back, for two directions.
-            axis, block = (1, None) if ref.stored_shape[0] == 1 else (0, None)
-            if axis == 1:
-                codes = codes.reshape(ref.stored_shape)
-            scale_np = scale_np.reshape(-1)
-            zps = None if q.zero_points is None else q.zero_points.reshape(-1)
+            block = None
+            if ref.op == "Conv":
+                codes, axis = codes.reshape(ref.stored_shape), 0
+            elif ref.op == "ConvTranspose":  # a row is an output channel of a group: axis 1
+                rows, cols = ref.stored_shape[1], ref.stored_shape[0]
+                codes, axis = np.moveaxis(codes.reshape(rows, cols, *ref.stored_shape[2:]), 0, 1), 1
+            elif ref.stored_shape[0] == 1:  # a recurrent weight of one direction: (1, gates · hidden, in)
+                codes, axis = codes.reshape(ref.stored_shape), 1
+            else:
+                # Two directions: per axis on the 2-D view, reshaped back below (a blocked
+                # DequantizeLinear with one block per row computes the same ~8x slower in ORT).
+                axis = 0
         elif transposed:  # stored (in, out)
             codes, scale_np = codes.T, scale_np.T
             zps = None if q.zero_points is None else q.zero_points.T

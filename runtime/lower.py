@@ -164,7 +164,7 @@ class _Rewriter:
         # Every graph's: a weight read inside If/Loop/Scan bodies is dequantized in the graph
         # enclosing its readers (hessc.ir.weights.definition_point), possibly the main graph.
         found = [node for graph in list(frontend.graphs(model)) for node in graph]
-        if "LSTM" in targets.get(self.config.target).recurrent_ops:
+        if "LSTM" not in dict(targets.get(self.config.target).float_ops):
             for node in found:
                 if node.op_type == "LSTM" and node.domain in ("", "ai.onnx"):
                     modified |= self._to_dynamic_quantize_lstm(node)
@@ -723,11 +723,7 @@ def _recurrent_weight(value: ir.Value | None) -> tuple[str, np.ndarray, np.ndarr
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
-    value.const_value = tensor
-    graph.register_initializer(value)
-    return value
+    return frontend.new_initializer(graph, name, np.ascontiguousarray(array))
 
 
 def lower(model: ir.Model, config: LowerConfig) -> tuple[ir.Model, dict[str, int]]:

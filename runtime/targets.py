@@ -43,12 +43,9 @@ class Target:
             ONNX Runtime fuses into ``QLinearConv`` and its neighbours (``QLinearAdd``,
             ``QLinearConcat``, ...). On the CPU a conv has no faster low-bit kernel: u8s4 Q/DQ
             convs ran 2x slower than fp32 on EfficientNet-Lite0, u8s8 4x faster.
-        recurrent_ops: recurrent ops (``LSTM``, ``GRU``, ``RNN``) whose weights are quantized (8-bit
-            per gate unit, :func:`hessc.passes.quantize.recurrent_plan`); on the CPU ``LSTM`` only,
-            which lowers to ``DynamicQuantizeLSTM``.
-        recurrent_off_reason: why the other recurrent ops keep float weights.
-        transposed_conv_off_reason: why ``ConvTranspose`` weights stay in float (None: they are
-            quantized, 8-bit per output channel).
+        float_ops: weight-bearing ops whose weights stay in float on this target, each with the
+            reason (the recurrent ops and ``ConvTranspose`` are quantized at 8 bits elsewhere; on
+            the CPU an ``LSTM`` lowers to ``DynamicQuantizeLSTM``).
         lowers_weights: DequantizeLinear → MatMul/Gemm/Gather patterns become contrib kernels.
         tolerance: the relative output error allowed between the lowered model and its portable
             form (kernel arithmetic only: int8 compute on the CPU, fp16 on CUDA).
@@ -65,9 +62,7 @@ class Target:
     lowers_weights: bool
     tolerance: float
     static_int8_ops: frozenset[str] = frozenset()
-    recurrent_ops: frozenset[str] = frozenset()
-    recurrent_off_reason: str | None = None
-    transposed_conv_off_reason: str | None = None
+    float_ops: tuple[tuple[str, str], ...] = ()
 
     def scale_bytes(self, fp16: bool) -> int:
         """Bytes per stored scale: fp16 scales where activations are fp16."""
@@ -83,26 +78,27 @@ TARGETS: dict[str, Target] = {
         name="cpu", provider="CPUExecutionProvider", kernel_layout=True,
         quantized_ops=frozenset({"MatMul", "Gemm", "Conv", "Gather"}), embedding_min_bits=4,
         embedding_whole_blocks=False, fp16_default=False, dynamic_int8_activations=True, lowers_weights=True,
-        tolerance=0.05, static_int8_ops=frozenset({"Conv"}), recurrent_ops=frozenset({"LSTM"}),
-        recurrent_off_reason="ONNX Runtime's CPU has no int8 kernel for this recurrent op, and weights dequantized "
-        "on every run are slower than float (an LSTM step with DequantizeLinear weights: 1.6x its float time); "
-        "--target onnx stores them at 8 bits",
-        transposed_conv_off_reason="ONNX Runtime's CPU has no int8 ConvTranspose kernel (it does not fuse a Q/DQ "
-        "ConvTranspose), and weights dequantized on every run are slower than float (1.11x on a 64->32 4x4 "
-        "stride-2 layer); --target onnx stores them at 8 bits",
+        tolerance=0.05, static_int8_ops=frozenset({"Conv"}),
+        float_ops=(*((op, "ONNX Runtime's CPU has no int8 kernel for this recurrent op, and weights dequantized on "
+                         "every run are slower than float (an LSTM step with DequantizeLinear weights: 1.6x its float "
+                         "time); --target onnx stores them at 8 bits") for op in ("GRU", "RNN")),
+                   ("ConvTranspose", "ONNX Runtime's CPU has no int8 ConvTranspose kernel (it does not fuse a Q/DQ "
+                    "ConvTranspose), and weights dequantized on every run are slower than float (1.11x on a 64->32 "
+                    "4x4 stride-2 layer); --target onnx stores them at 8 bits")),
     ),
     "cuda": Target(
         name="cuda", provider="CUDAExecutionProvider", kernel_layout=True,
         quantized_ops=frozenset({"MatMul", "Gemm", "Gather"}), embedding_min_bits=4, embedding_whole_blocks=True,
         fp16_default=True, dynamic_int8_activations=False, lowers_weights=True, tolerance=0.02,
-        recurrent_off_reason="recurrent weights stay in float on cuda (their quantized form is not measured there)",
-        transposed_conv_off_reason="ConvTranspose weights stay in float on cuda (no low-bit kernel)",
+        float_ops=(*((op, "recurrent weights stay in float on cuda (their quantized form is not measured there)")
+                     for op in ("LSTM", "GRU", "RNN")),
+                   ("ConvTranspose", "ConvTranspose weights stay in float on cuda (no low-bit kernel)")),
     ),
     "onnx": Target(
         name="onnx", provider="CPUExecutionProvider", kernel_layout=False,
         quantized_ops=frozenset({"MatMul", "Gemm", "Conv", "Gather"}), embedding_min_bits=2,
         embedding_whole_blocks=False, fp16_default=False, dynamic_int8_activations=False, lowers_weights=False,
-        tolerance=1e-4, recurrent_ops=frozenset({"LSTM", "GRU", "RNN"}),
+        tolerance=1e-4,
     ),
 }
 

@@ -30,9 +30,10 @@ against 8.9 ms at 240×320. So it is measured:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from typing import Sequence
+from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -198,12 +199,11 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
                   "float_layers": sum(len(groups[i]) for i, f in forms.items() if f == "float"),
                   "fp32_layers": sum(len(groups[i]) for i, f in forms.items() if f == "fp32"),
                   "int8_layers": sum(len(g) for i, g in enumerate(groups) if i not in forms), "float_weights": folded}
-        floated = list(forms)
         model.meta[REGIONS_KEY] = record
         logger.info("tune-int8-regions: %d of %d parts of the static int8 region stay int8 (%s)",
-                    len(groups) - len(floated), len(groups),
+                    len(groups) - len(forms), len(groups),
                     ", ".join(f"{g['int8_ms']} vs {g['float_ms']} ms" for g in record_groups))
-        return ir.passes.PassResult(model, bool(floated))
+        return ir.passes.PassResult(model, bool(forms))
 
     @staticmethod
     def _lowered(model: ir.Model) -> ir.Model:
@@ -213,13 +213,8 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
         from hessc.runtime import lower
 
         copy = frontend.clone(model)
-        quiet = logging.getLogger(lower.__name__)
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)
-        try:
+        with _quiet(lower.__name__):
             lower.LowerWeightsPass(lower.LowerConfig(target="cpu"))(copy)
-        finally:
-            quiet.setLevel(level)
         return copy
 
     def _session(self, lowered: ir.Model, forms: dict[int, str]):
@@ -234,14 +229,21 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
                 node.meta[FLOAT_KEY] = "timed in float"
             if form == "fp32" and node.op_type in self.static_int8_ops:
                 fold_weight(copy, node, "timed with float weights")
-        quiet = logging.getLogger(activations.__name__)
-        level = quiet.level
-        quiet.setLevel(logging.WARNING)  # the trial copies' insertion is not the compile's
-        try:
+        with _quiet(activations.__name__):
             activations.InsertActivationQDQPass(False, self.static_int8_ops)(copy)
-        finally:
-            quiet.setLevel(level)
         return sessions.session(copy, "cpu", spinning=False)
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """The trial copies' rewrites are not the compile's: their info logs stay out of its log."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def fold_weight(model: ir.Model, node: ir.Node, reason: str) -> list[str]:
