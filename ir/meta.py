@@ -164,6 +164,54 @@ class QuantPlan:
         return d
 
 
+RANK_KEY = "hessc.rank"
+"""``value.meta`` key of a weight initializer: the :class:`RankPlan` the allocator chose for it
+(``split-low-rank`` materializes it)."""
+
+RANK_FORMS = ("split", "compensate")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankPlan:
+    """A low-rank form of one MatMul/Gemm weight ``W`` (out × in), ALGORITHMS.md §3(c)–(d).
+
+    ``split``: ``W ≈ L R`` with ``L`` (out × rank) and ``R`` (rank × in) from the activation-
+    whitened SVD; the layer becomes ``MatMul(MatMul(x, Rᵀ), Lᵀ)`` and ``W`` is no longer stored.
+    ``compensate``: ``W ≈ Q(W) + L R``, the factors fitted to the whitened residual of the weight's
+    own quantization (its :class:`QuantPlan`), added to the quantized layer's output.
+
+    Attributes:
+        name: user-facing weight name.
+        form: ``split`` or ``compensate``.
+        rank: the inner dimension of the factors.
+        factor_bits: bits of the factors' codes (2, 3, 4 or 8), or 32 for float factors.
+        group_size: codes per scale of the factors (along their input dimension).
+        symmetric: the factors' codes have no zero points.
+    """
+
+    name: str
+    form: str
+    rank: int
+    factor_bits: int
+    group_size: int = 32
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.form not in RANK_FORMS:
+            raise ValueError(f"{self.name}: low-rank form {self.form!r} is not one of {', '.join(RANK_FORMS)}")
+        if self.rank < 1:
+            raise ValueError(f"{self.name}: a low-rank form needs rank >= 1, got {self.rank}")
+        if self.factor_bits not in (*SUPPORTED_BITS, 32):
+            raise ValueError(f"{self.name}: factor bits must be 2, 3, 4, 8 or 32 (float), got {self.factor_bits}")
+
+    @property
+    def float_factors(self) -> bool:
+        return self.factor_bits >= 16
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def read_plan(model) -> dict[str, Any] | None:
     """The ``hessc.plan`` record of a model, or None when it has none."""
     raw = model.metadata_props.get(PLAN_KEY)

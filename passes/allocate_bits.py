@@ -75,7 +75,8 @@ import onnx_ir as ir
 from hessc.errors import InputError
 from hessc.ir import meta
 from hessc.ir import weights as qweights
-from hessc.passes import allocate, curvature, hessian, quantize
+from hessc import progress
+from hessc.passes import allocate, curvature, hessian, low_rank, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,13 @@ FLOAT_BITS = 32
 ESTIMATORS = ("kfac", "layerwise", "auto")
 
 ALLOCATED_OPS = ("MatMul", "Gemm", "Conv")
+
+SPLIT_FRACTIONS = (0.25, 0.5, 0.75)
+"""Split ranks offered, as fractions of the break-even rank ``out·in/(out+in)``
+(:func:`hessc.passes.low_rank.ranks_for`)."""
+
+COMPENSATION_RANKS = (16, 32, 64)
+"""Ranks of the low-rank compensation items (ALGORITHMS.md §3(c); the issue's 8–64)."""
 
 TRUST_RADIUS = 0.3
 """Default neighbourhood of the quadratic model (ALGORITHMS.md §3(c): only items with a small
@@ -158,6 +166,12 @@ class AllocationConfig:
     kernel_layout: bool = False
     trust_radius: float | None = TRUST_RADIUS
     static_int8_ops: frozenset[str] = frozenset()
+    low_rank: bool = False
+    split_fractions: tuple[float, ...] = SPLIT_FRACTIONS
+    split_bits: tuple[int, ...] = (4, 8)
+    compensation_ranks: tuple[int, ...] = COMPENSATION_RANKS
+    compensation_bits: tuple[int, ...] = (2, 3, 4)
+    compensation_factor_bits: int = 8
 
     def __post_init__(self) -> None:
         chosen = [self.budget_bits is not None, self.budget_bytes is not None, self.lossless]
@@ -178,6 +192,14 @@ class AllocationConfig:
             raise InputError("the methods must include 'rtn' (weights without A can only use it)")
         if self.estimator not in ESTIMATORS:
             raise InputError(f"unknown estimator {self.estimator!r}; use one of {', '.join(ESTIMATORS)}")
+        if any(not 0 < f < 1 for f in self.split_fractions):
+            raise InputError(f"split fractions {self.split_fractions} must lie strictly between 0 and 1 "
+                             "(of the break-even rank)")
+        if any(r < 1 for r in self.compensation_ranks):
+            raise InputError(f"compensation ranks {self.compensation_ranks} must be positive")
+        for bits in (*self.split_bits, self.compensation_factor_bits):
+            if bits != FLOAT_BITS:
+                quantize.validate_bits_and_group(bits, self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +213,11 @@ class Candidate:
         delta_loss: predicted loss change.
         first_order: the gradient term ``⟨∇L, Δ⟩`` (0 when not measured).
         perturbation: the relative layer-output error ``ρ = √(tr(Δ A Δᵀ) / tr(W A Wᵀ))``.
+        form: ``""`` (the weight as it is), ``split`` (``W ≈ L R``: ``bits`` and ``method`` are
+            the factors') or ``compensate`` (``Q(W) + L R``: ``bits``/``method`` are ``W``'s, the
+            factors at ``factor_bits``); :mod:`hessc.passes.low_rank`.
+        rank: the factors' rank (0 without a low-rank form).
+        factor_bits: the factors' bits (32: float; 0 without a low-rank form).
     """
 
     bits: int
@@ -199,18 +226,33 @@ class Candidate:
     delta_loss: float
     first_order: float
     perturbation: float = 0.0
+    form: str = ""
+    rank: int = 0
+    factor_bits: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return self.bits, self.method, self.form, self.rank
+
+    @property
+    def keeps_float(self) -> bool:
+        """The weight stays as it is, in float."""
+        return self.method == "float" and not self.form
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "bits": self.bits, "method": self.method, "bytes": self.bytes,
             "predicted_delta_loss": self.delta_loss, "first_order": self.first_order,
             "perturbation": round(self.perturbation, 6),
         }
+        if self.form:
+            out.update(form=self.form, rank=self.rank, factor_bits=self.factor_bits)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Candidate:
         return cls(d["bits"], d["method"], d["bytes"], d["predicted_delta_loss"], d.get("first_order", 0.0),
-                   d.get("perturbation", 0.0))
+                   d.get("perturbation", 0.0), d.get("form", ""), d.get("rank", 0), d.get("factor_bits", 0))
 
     @property
     def damage(self) -> float:
@@ -254,6 +296,8 @@ class WeightAllocation:
             "predicted_delta_loss": self.chosen.delta_loss,
             "candidates": [c.to_json() for c in self.candidates], "curvature": self.curvature,
         }
+        if self.chosen.form:
+            out.update(form=self.chosen.form, rank=self.chosen.rank, factor_bits=self.chosen.factor_bits)
         if self.tied is not None:
             out["tied"] = dict(self.tied)
         return out
@@ -429,10 +473,15 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 "and gradients; run Hessian annotation with backward statistics"
             )
         no_op = budget is not None and budget >= float_bytes
-        allocations = [self._candidates(r, model_choice, with_float=config.lossless or no_op) for r in refs]
+        ties = {id(g.lead.value): g for g in self._groups(model) if g.tied}
+        allocations = []
+        for i, r in enumerate(refs):
+            allocations.append(self._candidates(r, model_choice, with_float=config.lossless or no_op,
+                                                low_rank_forms=not no_op and id(r.value) not in ties))
+            progress.report("allocate", i + 1, len(refs))
 
         if no_op:
-            picks = [next(c for c in cands if c.method == "float") for _, cands, _ in allocations]
+            picks = [next(c for c in cands if c.keeps_float) for _, cands, _ in allocations]
             note = (
                 f"the budget ({budget:.0f} bytes) is at or above the float size of the weights "
                 f"({float_bytes} bytes): nothing to compress, every weight stays in float"
@@ -449,7 +498,6 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             if note:
                 logger.warning(note)
 
-        ties = {id(g.lead.value): g for g in self._groups(model) if g.tied}
         results = [
             WeightAllocation(ref.name, ref.matrix_shape, est, tuple(cands), pick,
                              _curvature_summary(ref.value.meta[meta.HESSIAN_KEY]),
@@ -508,7 +556,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         return out
 
     def _candidates(
-        self, ref: qweights.WeightRef, model_choice: str | None, with_float: bool
+        self, ref: qweights.WeightRef, model_choice: str | None, with_float: bool, low_rank_forms: bool = True,
     ) -> tuple[qweights.WeightRef, list[Candidate], str]:
         config = self.config
         stats = ref.value.meta[meta.HESSIAN_KEY]
@@ -527,6 +575,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         grad_fit, grad_check = _stat(stats, "grad_fit"), _stat(stats, "grad_check")
         bases: dict[int, float] = {}  # tr(W A Wᵀ) per A the items are scored on
         out: list[Candidate] = []
+        quantized: dict[tuple[int, str], tuple[np.ndarray, Any]] = {}  # (bits, method) → (Q(W), scored stats)
         for bits in sorted(set(config.candidate_bits)):
             for method in config.methods:
                 if method == "rtn-grad" and (grad_fit is None or grad_check is None or bits not in quantize.DIRECTED_MARGIN):
@@ -547,10 +596,53 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 rho = _perturbation(a, delta, bases[id(a)])
                 out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout),
                                      loss, first, rho))
+                quantized[(bits, method)] = (delta + matrix, scored)
                 logger.debug("%s: %d-bit %s predicts %.4g", ref.name, bits, method, loss)
         if with_float:
             out.append(Candidate(FLOAT_BITS, "float", 4 * ref.numel, 0.0, 0.0))
+        if config.low_rank and low_rank_forms and low_rank.supports(ref) is None:
+            out.extend(self._low_rank_candidates(ref, matrix, stats, estimator, out, quantized, with_float))
         return ref, out, estimator
+
+    def _low_rank_candidates(self, ref, matrix, stats, estimator, plain, quantized, with_float) -> list[Candidate]:
+        """The split items (ranks × factor bits, float factors where float items are offered)
+        and the compensation items (ranks, on the best-predicted quantizer of each offered width)."""
+        config = self.config
+        base = _output_energy(stats.a, matrix)
+        group = quantize.group_size_for(ref, config.group_size)
+
+        def scored(form, rank, bits, method, factor_bits, approx, extra_bytes, on=stats) -> Candidate:
+            delta = approx - matrix
+            loss, first = predict_delta_loss(on, delta, estimator)
+            rho = _perturbation(on.a, delta, base if on is stats else _output_energy(on.a, matrix))
+            return Candidate(bits, method, extra_bytes, loss, first, rho, form, rank, factor_bits)
+
+        def factor_bytes(rank: int, bits: int) -> int:
+            plans = low_rank.factor_plans(ref.name, ref.matrix_shape, rank, bits, group, config.symmetric)
+            if plans[0] is None:
+                return 4 * rank * sum(ref.matrix_shape)
+            return sum(quantize.stored_bytes(p, config.scale_bytes, config.kernel_layout) for p in plans)
+
+        out: list[Candidate] = []
+        split_bits = [b for b in config.split_bits if b != FLOAT_BITS] + ([FLOAT_BITS] if with_float else [])
+        fits = low_rank.split_factors(matrix, stats.a, None, split_bits, group, config.symmetric, ref.name,
+                                      config.split_fractions)
+        for (bits, rank), f in fits.items():
+            out.append(scored("split", rank, bits, "float" if bits == FLOAT_BITS else "rtn", bits, f.product,
+                              factor_bytes(rank, bits)))
+        ranks = [r for r in config.compensation_ranks if r <= min(ref.matrix_shape) // 4]
+        for bits in sorted(set(config.compensation_bits) & set(config.candidate_bits)):
+            items = [c for c in plain if c.bits == bits and not c.form]
+            if not items or not ranks:
+                continue
+            best = min(items, key=lambda c: c.delta_loss)
+            q, on = quantized[(best.bits, best.method)]
+            fits = low_rank.compensation_factors(matrix, q, stats.a, ranks, config.compensation_factor_bits, group,
+                                                 config.symmetric, ref.name)
+            for rank, f in fits.items():
+                out.append(scored("compensate", rank, bits, best.method, config.compensation_factor_bits,
+                                  q + f.product, best.bytes + factor_bytes(rank, config.compensation_factor_bits), on))
+        return out
 
     def _plan(self, ref: qweights.WeightRef, bits: int, method: str) -> meta.QuantPlan:
         return meta.QuantPlan(
@@ -568,12 +660,25 @@ class AllocateBitsPass(ir.passes.InPlacePass):
             result = by_name.get(ref.name)
             if result is None or ref.op not in ALLOCATED_OPS:
                 continue
-            if result.chosen.method == "float":
+            chosen = result.chosen
+            rank_plan = None
+            if chosen.form:
+                rank_plan = meta.RankPlan(ref.name, chosen.form, chosen.rank, chosen.factor_bits,
+                                          quantize.group_size_for(ref, self.config.group_size), self.config.symmetric)
+            for value in group.values:
+                if value.meta.get(meta.RANK_KEY) != rank_plan:
+                    if rank_plan is None:
+                        value.meta.pop(meta.RANK_KEY, None)
+                    else:
+                        value.meta[meta.RANK_KEY] = rank_plan
+                    modified = True
+            if chosen.method == "float" or chosen.form == "split":
                 for value in group.values:
                     if value.meta.get(meta.QUANT_KEY) is not None:
                         del value.meta[meta.QUANT_KEY]
                         modified = True
-                skip_log[ref.name] = "kept in float by the bit allocator"
+                if chosen.form != "split":
+                    skip_log[ref.name] = "kept in float by the bit allocator"
                 continue
             plan = self._plan(ref, result.chosen.bits, result.chosen.method)
             for value in group.values:
@@ -596,7 +701,7 @@ def choose(
     negligible = negligible_damage(candidates)
 
     def solve(radius: float | None) -> list[Candidate]:
-        groups = [[allocate.Item((c.bits, c.method), c.bytes, c.delta_loss, c) for c in cands
+        groups = [[allocate.Item(c.key, c.bytes, c.delta_loss, c) for c in cands
                    if c.admissible(radius, negligible)] for cands in candidates]
         if config.lossless:
             chosen = allocate.solve_min_cost(groups, max_loss=0.0, quantum=_quantum(groups, None))
@@ -676,8 +781,10 @@ def with_weights(record: dict[str, Any], weights: Sequence[dict[str, Any]]) -> d
         # Over the allocated weights (float items at 32 bits) and the tables outside the budget.
         planned_effective_bits=round(8 * all_bytes / all_numel, 4) if all_numel else None,
         predicted_delta_loss=float(sum(w["predicted_delta_loss"] for w in weights)),
-        bits_override=[[w["name"], w["bits"]] for w in weights],
-        method_override=[[w["name"], w["method"]] for w in weights if w["method"] != "float"],
+        # A split weight is not quantized itself (its factors are): it replays as float + its form.
+        bits_override=[[w["name"], FLOAT_BITS if w.get("form") == "split" else w["bits"]] for w in weights],
+        method_override=[[w["name"], w["method"]] for w in weights if w["method"] != "float" and w.get("form") != "split"],
+        rank_override=[[w["name"], w["form"], w["rank"], w["factor_bits"]] for w in weights if w.get("form")],
     )
     return out
 
@@ -738,6 +845,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def chosen_candidate(w: dict[str, Any]) -> dict[str, Any] | None:
+    """The candidate entry of a weight's record that it chose (bits, method and low-rank form)."""
+    key = (w["bits"], w["method"], w.get("form", ""), w.get("rank", 0))
+    return next((c for c in w.get("candidates", ())
+                 if (c["bits"], c["method"], c.get("form", ""), c.get("rank", 0)) == key), None)
+
+
 def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: float = 0.1) -> list[dict[str, Any]] | None:
     """One backing-off step of a lossless allocation that failed its held-out check.
 
@@ -767,13 +881,14 @@ def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: flo
     count = max(1, math.ceil(fraction * len(weights)))
 
     def damage(w: dict[str, Any]) -> float:
-        chosen = [c for c in w.get("candidates", ()) if c["bits"] == w["bits"] and c["method"] == w["method"]]
-        first = chosen[0].get("first_order", 0.0) if chosen else 0.0
+        chosen = chosen_candidate(w)
+        first = chosen.get("first_order", 0.0) if chosen else 0.0
         return w["predicted_delta_loss"] - first
 
     for w in sorted(movable, key=damage, reverse=True)[:count]:
-        wider = [c for c in w["candidates"]
-                 if c["bits"] in candidate_bits and c["bits"] > w["bits"] and c["bytes"] > w["bytes"]]
+        # A low-rank form steps up to the plain weight (the same bits, or the next width).
+        wider = [c for c in w["candidates"] if not c.get("form") and c["bits"] in candidate_bits
+                 and c["bytes"] > w["bytes"] and (c["bits"] > w["bits"] or (w.get("form") and c["bits"] == w["bits"]))]
         # A width that costs what a wider one costs is no level (3-bit codes in a 4-bit container).
         wider = [c for c in wider if not any(d["bits"] > c["bits"] and d["bytes"] <= c["bytes"] for d in wider)]
         if wider:
@@ -782,6 +897,8 @@ def step_up(record: dict[str, Any], candidate_bits: Sequence[int], fraction: flo
         else:
             best = {"bits": FLOAT_BITS, "method": "float", "bytes": 4 * w["shape"][0] * w["shape"][1],
                     "predicted_delta_loss": 0.0}
+        for key in ("form", "rank", "factor_bits"):
+            w.pop(key, None)
         w.update(bits=best["bits"], method=best["method"], bytes=best["bytes"],
                  predicted_delta_loss=best["predicted_delta_loss"])
     return weights

@@ -172,10 +172,9 @@ class CheckAllocationPass(ir.passes.InPlacePass):
         those allocated weights (the others in float; ``()``: none of them)."""
         if only is not None:
             keep = set(only)
-            weights = [dict(w) if w["name"] in keep else {**w, "bits": allocate_bits.FLOAT_BITS, "method": "float"}
+            weights = [dict(w) if w["name"] in keep else {**_plain(w), "bits": allocate_bits.FLOAT_BITS, "method": "float"}
                        for w in record["weights"]]
-            record = {**record, "bits_override": [[w["name"], w["bits"]] for w in weights],
-                      "method_override": [[w["name"], w["method"]] for w in weights if w["method"] != "float"]}
+            record = allocate_bits.with_weights(record, weights)
         return lossless.replay(self.config, preplan, record)
 
 
@@ -224,13 +223,9 @@ class _Meter:
         return allocate_bits.heldout_loss(outputs, self.feeds, self.name, self.ids, self.labels, self.reference)
 
 
-def _chosen(w: dict[str, Any]) -> dict[str, Any] | None:
-    return next((c for c in w.get("candidates", ()) if c["bits"] == w["bits"] and c["method"] == w["method"]), None)
-
-
 def _damage(w: dict[str, Any]) -> float:
     """The curvature part of a weight's prediction at its chosen item."""
-    c = _chosen(w)
+    c = allocate_bits.chosen_candidate(w)
     return max((c["predicted_delta_loss"] - c.get("first_order", 0.0)) if c else w["predicted_delta_loss"], 1e-30)
 
 
@@ -238,7 +233,7 @@ def _suspects(record: dict[str, Any], seen: set[tuple[str, int, str]]) -> list[d
     """The weights below 8 bits not measured yet at their chosen item, the largest predicted
     damage first."""
     open_ = [w for w in record["weights"] if w["bits"] < 8 and (w["name"], w["bits"], w["method"]) not in seen
-             and _chosen(w) is not None]
+             and allocate_bits.chosen_candidate(w) is not None]
     open_.sort(key=_damage, reverse=True)
     return open_[: max(1, min(SUSPECTS, math.ceil(0.1 * len(record["weights"])) + 2))]
 
@@ -253,7 +248,8 @@ def _resolve(record: dict[str, Any], ratios: dict[str, float],
         cands = []
         for c in w["candidates"]:
             first = c.get("first_order", 0.0)
-            scaled = c["predicted_delta_loss"] if c["method"] == "float" else first + ratio * (c["predicted_delta_loss"] - first)
+            keeps = c["method"] == "float" and not c.get("form")
+            scaled = c["predicted_delta_loss"] if keeps else first + ratio * (c["predicted_delta_loss"] - first)
             cands.append(allocate_bits.Candidate.from_json({**c, "predicted_delta_loss": scaled}))
         candidates.append(cands)
     budget = int(record["budget_bytes"])
@@ -261,10 +257,16 @@ def _resolve(record: dict[str, Any], ratios: dict[str, float],
                                        dataclasses.replace(config, lossless=False, budget_bits=None, budget_bytes=budget))
     weights = []
     for w, cands, pick in zip(record["weights"], candidates, picks):
-        weights.append({**w, "bits": pick.bits, "method": pick.method, "bytes": pick.bytes,
+        form = {"form": pick.form, "rank": pick.rank, "factor_bits": pick.factor_bits} if pick.form else {}
+        weights.append({**_plain(w), **form, "bits": pick.bits, "method": pick.method, "bytes": pick.bytes,
                         "predicted_delta_loss": pick.delta_loss, "candidates": [c.to_json() for c in cands],
                         **({"correction": ratios[w["name"]]} if ratios.get(w["name"], 1.0) > 1.0 else {})})
     out = allocate_bits.with_weights(record, weights)
     if note:
         out["note"] = note
     return out
+
+
+def _plain(w: dict[str, Any]) -> dict[str, Any]:
+    """A weight entry without its low-rank form."""
+    return {k: v for k, v in w.items() if k not in ("form", "rank", "factor_bits")}

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from hessc.errors import InputError
 from hessc.ir import frontend, meta
-from hessc.passes import allocate_bits, quantize
+from hessc.passes import allocate_bits, low_rank, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,13 @@ def replay(config: quantize.QuantConfig, preplan: ir.Model, record: dict[str, An
         method_override=tuple((n, m) for n, m in record["method_override"]),
     )
     candidate = frontend.clone(preplan)
+    ranks = record.get("rank_override") or []
     try:
-        ir.passes.Sequential(quantize.PlanQuantizationPass(replayed), quantize.InsertQDQPass())(candidate)
+        quantize.PlanQuantizationPass(replayed, allow_empty=bool(ranks))(candidate)
+        if ranks:
+            low_rank.attach(candidate, ranks, config.group_size, config.symmetric)
+            low_rank.SplitLowRankPass()(candidate)
+        quantize.InsertQDQPass()(candidate)
     except ir.passes.PassError as e:  # everything is back in float: the float model itself
         if not isinstance(_root(e), InputError):
             raise

@@ -72,7 +72,7 @@ def allocation_config(options, target):
 
     common = dict(methods=options.allocator_methods(), group_size=options.group_size, symmetric=options.symmetric,
                   scale_bytes=target.scale_bytes(options.fp16_for(target)), kernel_layout=target.kernel_layout,
-                  static_int8_ops=options.static_int8_ops(target))
+                  static_int8_ops=options.static_int8_ops(target), low_rank=options.low_rank)
     if options.lossless:
         return allocate_bits.AllocationConfig(lossless=True, **common)
     if options.budget_bytes is not None:
@@ -123,6 +123,12 @@ def _allocate(options, target):
     from hessc.passes import allocate_bits
 
     return allocate_bits.AllocateBitsPass(allocation_config(options, target))
+
+
+def _split_low_rank(options, target):
+    from hessc.passes import low_rank
+
+    return low_rank.SplitLowRankPass()
 
 
 def _insert_qdq(options, target):
@@ -209,11 +215,13 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("annotate-hessian", "curvature statistics per weight: input covariance A, K-FAC G, gradients (analysis)",
              _annotate_hessian, lambda o, t: o.needs_curvature),
     PassSpec("share-weights", "coloring-based cross-layer weight sharing (not implemented yet)", None, _never, False),
-    PassSpec("split-low-rank", "whitened low-rank splitting of weights (not implemented yet)", None, _never, False),
     PassSpec("plan-quantization", "decide bits, group size and method per weight (QuantPlan on each weight)",
              _plan, _always),
     PassSpec("allocate-bits", "re-plan bits and quantizer per weight under the budget (grouped knapsack)",
              _allocate, lambda o, t: o.budgeted),
+    PassSpec("split-low-rank", "materialize the allocator's low-rank forms: W → L·R (whitened SVD) or "
+             "Q(W) + L·R (the quantization residual's), factors as MatMul weights with their own plans",
+             _split_low_rank, lambda o, t: o.budgeted and o.low_rank),
     PassSpec("insert-qdq", "materialize the plans as blocked DequantizeLinear weights (the portable form)",
              _insert_qdq, _always),
     PassSpec("check-allocation", "measure the budget's predicted loss change on held-out feeds; where it is "

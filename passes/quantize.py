@@ -426,12 +426,15 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         snapshot: first keep ``Model.clone()`` of the model as it stands before planning under
             ``model.meta[meta.PREPLAN_KEY]`` (weights and their statistics shared, not copied), for
             ``confirm-lossless`` to re-run plan → materialize on.
+        allow_empty: planning nothing is no error (a replay whose weights are all split into
+            low-rank factors, which get their plans from ``split-low-rank``).
     """
 
-    def __init__(self, config: QuantConfig, snapshot: bool = False) -> None:
+    def __init__(self, config: QuantConfig, snapshot: bool = False, allow_empty: bool = False) -> None:
         super().__init__()
         self.config = config
         self.snapshot = snapshot
+        self.allow_empty = allow_empty
 
     def requires(self, model: ir.Model) -> None:
         _require_portable_opset(model)
@@ -456,7 +459,7 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
                     value.meta[meta.QUANT_KEY] = plan
                     modified = True
         planned = sum(1 for g in weight_groups(refs) if g.plan() is not None)
-        if planned == 0:
+        if planned == 0 and not self.allow_empty:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skip_log.items())[:5]) or "no MatMul, Gemm, Conv or Gather weights"
             raise InputError(f"the model has nothing hessc can compress ({reasons})")
         logger.info("planned %d weights, %d stay in float", planned, len(skip_log))

@@ -82,6 +82,7 @@ def optimize(
     int8_range: str = "auto",
     tune: bool = True,
     check_allocation: bool = True,
+    low_rank: bool = True,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -163,6 +164,12 @@ def optimize(
             it exceeds 1.5x the prediction, the weights most responsible are measured one by one
             and the budget re-solved with corrected predictions
             (:mod:`hessc.passes.check_allocation`; the plan records both).
+        low_rank: with a budget, the allocator also offers each MatMul/Gemm weight (64 and more
+            in both dimensions) low-rank forms beside its bit widths: split ``W ≈ L·R`` from the
+            activation-whitened SVD (ranks below the break-even, factors at 4 or 8 bits) and
+            compensation ``Q(W) + L·R`` (ranks 16–64, 8-bit factors fitted to the quantization
+            residual), each priced at its stored bytes and scored by the same loss prediction
+            (:mod:`hessc.passes.low_rank`); False offers bit widths only.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -182,6 +189,7 @@ def optimize(
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
         rotate=rotate, int8_range=int8_range, tune=tune, check_allocation=check_allocation,
+        low_rank=low_rank,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline

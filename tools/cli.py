@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with a fractional budget, trust the allocator's predicted loss change instead of measuring "
                         "it on the calibration data (a held-out quarter from 16 samples) and correcting the "
                         "allocation where it is exceeded")
+    o.add_argument("--no-low-rank", action="store_true",
+                   help="with a budget, offer the allocator bit widths only (no low-rank split or compensation items)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep embedding tables (and output heads tied to them) in float")
     o.add_argument("--no-tune", action="store_true",
@@ -207,6 +209,7 @@ def _cmd_optimize(args) -> int:
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
         tune=not args.no_tune, check_allocation=not args.no_allocation_check,
+        low_rank=not args.no_low_rank,
         quantize_embeddings=not args.float_embeddings,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)

@@ -80,6 +80,7 @@ class CompileOptions:
     int8_range: str = "auto"
     tune: bool = True
     check_allocation: bool = True
+    low_rank: bool = True
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
