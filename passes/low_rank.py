@@ -288,7 +288,15 @@ class SplitLowRankPass(ir.passes.InPlacePass):
     initializers ``<weight>_lr_right`` (in × r) and ``<weight>_lr_left`` (r × out) with their own
     QuantPlans; a split weight is removed, a compensated one keeps its plan. The records go to
     ``model.meta[LOW_RANK_KEY]``.
+
+    Args:
+        whiten: fit in the input covariance's metric (the allocator's); False: plain SVD
+            (``A = I``), a baseline.
     """
+
+    def __init__(self, whiten: bool = True) -> None:
+        super().__init__()
+        self.whiten = whiten
 
     def requires(self, model: ir.Model) -> None:
         for ref in self._planned(model):
@@ -297,7 +305,7 @@ class SplitLowRankPass(ir.passes.InPlacePass):
             if why is not None:
                 raise ir.passes.PreconditionError(f"{ref.name}: no low-rank form here ({why})")
             stats = ref.value.meta.get(meta.HESSIAN_KEY)
-            if stats is None or getattr(stats, "a", None) is None:
+            if self.whiten and (stats is None or getattr(stats, "a", None) is None):
                 raise ir.passes.PreconditionError(
                     f"{ref.name}: a low-rank form is fitted in the input covariance's metric; run annotate-hessian first")
             if plan.rank > min(ref.matrix_shape):
@@ -331,17 +339,17 @@ class SplitLowRankPass(ir.passes.InPlacePass):
         from hessc.passes import hessian, quantize
 
         plan: meta.RankPlan = ref.value.meta.pop(meta.RANK_KEY)
-        stats = ref.value.meta[meta.HESSIAN_KEY]
+        a = ref.value.meta[meta.HESSIAN_KEY].a if self.whiten else np.eye(ref.matrix_shape[1])
         matrix = ref.matrix().astype(np.float64)
         if plan.form == "split":
-            factors = split_factors(matrix, stats.a, [plan.rank], [plan.factor_bits], plan.group_size,
+            factors = split_factors(matrix, a, [plan.rank], [plan.factor_bits], plan.group_size,
                                     plan.symmetric, ref.name)[(plan.factor_bits, plan.rank)]
         else:
             qplan: meta.QuantPlan = ref.value.meta[meta.QUANT_KEY]
             h = hessian.hessian_for(ref) if qplan.method == "gptq" else None
             g = hessian.gradient_for(ref) if qplan.method == "rtn-grad" else None
             q, in_dim = quantize.quantize_matrix(ref.matrix(), qplan, h, g)
-            factors = compensation_factors(matrix, q.dequantize()[:, :in_dim].astype(np.float64), stats.a,
+            factors = compensation_factors(matrix, q.dequantize()[:, :in_dim].astype(np.float64), a,
                                            [plan.rank], plan.factor_bits, plan.group_size, plan.symmetric,
                                            ref.name)[plan.rank]
         left_plan, right_plan = factor_plans(ref.name, ref.matrix_shape, plan.rank, plan.factor_bits,
@@ -354,11 +362,11 @@ class SplitLowRankPass(ir.passes.InPlacePass):
         split_gemm = plan.form == "split" and ref.op == "Gemm" and not ref.transposed
         left_array = factors.left if split_gemm else factors.left.T
         left = frontend.new_initializer(graph, f"{base}_lr_left", np.ascontiguousarray(left_array.astype(dtype)))
-        for value, fplan in ((left, left_plan), (right, right_plan)):
-            value.meta[meta.WEIGHT_NAME_KEY] = fplan.name if fplan else f"{ref.name}.lr_{value.name.rsplit('_', 1)[-1]}"
+        for value, side, fplan in ((left, "left", left_plan), (right, "right", right_plan)):
+            value.meta[meta.WEIGHT_NAME_KEY] = f"{ref.name}.lr_{side}"
             if fplan is not None:
-                value.meta[meta.QUANT_KEY] = dataclasses.replace(fplan, name=value.meta[meta.WEIGHT_NAME_KEY])
-        inner = ir.node("MatMul", [node.inputs[0], right], name=f"{node.name}_lr_in", num_outputs=1)
+                value.meta[meta.QUANT_KEY] = fplan
+        inner = ir.node("MatMul", [node.inputs[0], right], name=f"{base}_lr_in", num_outputs=1)
         inner.outputs[0].name = f"{base}_lr_t"
         inner.outputs[0].type = ir.TensorType(ref.value.dtype)
         graph.insert_before(node, inner)
@@ -368,11 +376,11 @@ class SplitLowRankPass(ir.passes.InPlacePass):
             if not ref.value.uses() and ref.value.name in graph.initializers:
                 graph.initializers.pop(ref.value.name)
         else:
-            outer = ir.node("MatMul", [inner.outputs[0], left], name=f"{node.name}_lr_out", num_outputs=1)
+            outer = ir.node("MatMul", [inner.outputs[0], left], name=f"{base}_lr_out", num_outputs=1)
             outer.outputs[0].name = f"{base}_lr_c"
             outer.outputs[0].type = ir.TensorType(ref.value.dtype)
             graph.insert_after(node, outer)
-            _add_to_output(graph, node, outer)
+            _add_to_output(graph, node, outer, base)
         out_dim, in_dim = ref.matrix_shape
         stored = plan.rank * (out_dim + in_dim)
         bytes_ = 4 * stored if left_plan is None else sum(quantize.stored_bytes(p, 4) for p in (left_plan, right_plan))
@@ -380,16 +388,37 @@ class SplitLowRankPass(ir.passes.InPlacePass):
                      "float" if left_plan is None else f"{plan.factor_bits}-bit")
         return {
             "form": plan.form, "rank": plan.rank, "factor_bits": plan.factor_bits, "shape": [out_dim, in_dim],
+            "factors": [f"{ref.name}.lr_left", f"{ref.name}.lr_right"],
             "factor_params": stored, "params_saved": out_dim * in_dim - stored if plan.form == "split" else -stored,
             "macs_per_row": stored, "macs_per_row_before": out_dim * in_dim,
-            "whitening_damping": whitened(stats.a).damping, "factor_bytes_portable": bytes_,
+            "whitening_damping": whitened(a).damping if self.whiten else None, "factor_bytes_portable": bytes_,
         }
 
 
-def _add_to_output(graph: ir.Graph, node: ir.Node, branch: ir.Node) -> None:
+def storage_correction(records: dict[str, dict[str, Any]]) -> tuple[int, int]:
+    """What the low-rank forms change in a quantized-storage count (bytes, weights) taken from
+    the stored tensors (:func:`hessc.runtime.lower.quantized_storage`), so that effective bits
+    stay per weight of the original model: a split weight's ``out·in`` weights replace its
+    factors' ``r (out + in)`` elements; compensation factors add bytes, not weights; float
+    factors are not among the quantized tensors, so their bytes (``float_factor_bytes``, as
+    stored) are added here.
+    """
+    extra_bytes = extra_numel = 0
+    for r in records.values():
+        original = r["shape"][0] * r["shape"][1]
+        factors = r["factor_params"]
+        if r["factor_bits"] >= 16:
+            extra_bytes += int(r.get("float_factor_bytes", 4 * factors))
+            extra_numel += original if r["form"] == "split" else 0
+        else:
+            extra_numel += original - factors if r["form"] == "split" else -factors
+    return extra_bytes, extra_numel
+
+
+def _add_to_output(graph: ir.Graph, node: ir.Node, branch: ir.Node, base: str) -> None:
     """``y → Add(y, branch)`` for every reader of ``node``'s output (graph outputs included)."""
     y = node.outputs[0]
-    add = ir.node("Add", [y, branch.outputs[0]], name=f"{node.name}_lr_add", num_outputs=1)
+    add = ir.node("Add", [y, branch.outputs[0]], name=f"{base}_lr_add", num_outputs=1)
     add.outputs[0].type = y.type
     add.outputs[0].shape = y.shape
     graph.insert_after(branch, add)

@@ -89,7 +89,8 @@ def hessian_config(options):
     weighted = options.method == "gptq"
     return hessian.HessianConfig(
         covariance=True, kfac=backward, gradient=backward, weighted_covariance=weighted,
-        split_covariance=backward and weighted, split_gradient=backward and options.rounding == "gradient",
+        # Halves of A to fit on one and score on the other: GPTQ items, low-rank items.
+        split_covariance=backward and (weighted or options.low_rank), split_gradient=backward and options.rounding == "gradient",
         max_samples=CALIBRATION_LIMIT, max_grad_samples=16,
     )
 

@@ -244,7 +244,7 @@ def _calibration(model: ir.Model, calibration: Any, labels, loss, options: Compi
 def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Target, bytes_before: int) -> dict:
     """The saved record: per-weight plans, byte accounting, the passes that ran, what stayed in
     float and why, the allocation and the verification."""
-    from hessc.passes import allocate_bits, lossless, pipeline
+    from hessc.passes import allocate_bits, lossless, low_rank, pipeline
     from hessc.runtime import lower as lowering
     from hessc.runtime.verification import VERIFICATION_KEY
 
@@ -252,10 +252,21 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     summary = record["summary"]
     # Effective bits from what the lowered model stores (kernels may pad zero points per row).
     stored, numel = lowering.quantized_storage(model)
+    forms = model.meta.get(low_rank.LOW_RANK_KEY)
+    if forms:  # per weight of the original model, factors counted (low_rank.storage_correction)
+        per_float = 2 if options.fp16_for(target) else 4
+        record["low_rank"] = {name: {**r, "float_factor_bytes": per_float * r["factor_params"]} if r["factor_bits"] >= 16
+                              else dict(r) for name, r in forms.items()}
+        extra_bytes, extra_numel = low_rank.storage_correction(record["low_rank"])
+        stored, numel = stored + extra_bytes, numel + extra_numel
     summary["effective_bits_per_weight"] = round(8 * stored / numel, 4) if numel else None
     record["passes"] = [{"name": p["name"], "modified": p["modified"]} for p in model.meta.get(pipeline.PASSES_KEY, [])]
     record["lowering"] = model.meta.get(lowering.LOWERING_KEY, {})
     record["skipped"] = dict(model.meta.get(meta.SKIPPED_KEY, {}))
+    for name, r in (forms or {}).items():  # the factors' entries name the weight they stand for
+        for entry in record["weights"]:
+            if entry["name"] in r["factors"]:
+                entry["low_rank_of"] = name
     if model.meta.get(meta.CURVATURE_KEY) is not None or model.meta.get(allocate_bits.ALLOCATION_KEY) is not None:
         _record_allocation(record, model.meta.get(allocate_bits.ALLOCATION_KEY), model.meta.get(meta.CURVATURE_KEY, {}),
                            model.meta.get(lossless.LOSSLESS_KEY))
@@ -316,7 +327,7 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
         record["allocation"]["outside_budget"] = allocation["outside_budget"]
     record["allocation"]["weights"] = [
         {key: w[key] for key in ("name", "shape", "bits", "method", "bytes", "predicted_delta_loss", "estimator",
-                                 "candidates", "curvature", "tied") if key in w}
+                                 "form", "rank", "factor_bits", "candidates", "curvature", "tied") if key in w}
         for w in allocation["weights"]
     ]
 

@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead: correlate predicted per-layer loss changes of a BITS-bit RTN "
                         "perturbation with measured held-out loss changes (Spearman)")
     b.add_argument("--layers", type=int, help="with --sensitivity: only the first N layers")
+    b.add_argument("--param-reduction", type=_int_list, metavar="P,Q",
+                   help="minilm/smollm2: float low-rank splitting removing P%%, Q%% of the linears' parameters: hessc's "
+                        "knapsack ranks vs plain and whitened SVD at a uniform ratio")
     b.add_argument("--serving-tokens", type=_int_list, metavar="N,M",
                    help="minilm/smollm2: 4-bit hessc (tuned at each length) vs fp32 and ORT's 4-bit RTN, latency at "
                         "these sequence lengths")
@@ -316,6 +319,12 @@ def _cmd_bench(args) -> int:
         kernels.run_kernels(Path(args.out))
         return 0
 
+    if args.param_reduction:
+        from hessc.bench import reduction
+
+        reduction.run_reduction(args.model, args.param_reduction, Path(args.out), eval_tokens=args.eval_tokens,
+                                calibration_samples=args.calibration_samples)
+        return 0
     if args.serving_tokens:
         from hessc.bench import serving
 

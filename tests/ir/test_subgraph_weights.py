@@ -369,7 +369,7 @@ def test_budget_keeps_subgraph_weights_on_the_uniform_plan(tmp_path: Path, capsy
     np.savez(npz, x0=np.stack([f["x"] for f in feeds]), cond=np.array([bool(f["cond"]) for f in feeds]))
     out = tmp_path / "out.onnx"
     code = cli.main(["optimize", str(model_path), "-o", str(out), "--calibration", str(npz), "--bits", "6.0",
-                     "--json", "--quiet", "--allow-degraded"])
+                     "--json", "--quiet", "--allow-degraded", "--no-low-rank"])
     capsys.readouterr()
     assert code == 0
     record = _record(out)

@@ -496,8 +496,10 @@ def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
     assert s["effective_bits_per_weight"] <= 3.5
     assert record["verification"]["status"] == "passed"
     assert {w["bits"] for w in record["weights"]} <= {2, 3, 4, 8}
-    assert all("predicted_delta_loss" in w and w["method"] in ("rtn", "gptq") for w in record["weights"])
-    assert s["predicted_delta_loss"] == pytest.approx(sum(w["predicted_delta_loss"] for w in record["weights"]))
+    # Low-rank factors are weights of their own, predicted with the weight they stand for.
+    assert all(("predicted_delta_loss" in w or "low_rank_of" in w) and w["method"] in ("rtn", "gptq")
+               for w in record["weights"])
+    assert s["predicted_delta_loss"] == pytest.approx(sum(w["predicted_delta_loss"] for w in record["allocation"]["weights"]))
 
 
 @pytest.mark.torch

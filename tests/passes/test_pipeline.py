@@ -35,9 +35,10 @@ def test_default_pipelines_read_in_execution_order() -> None:
     assert _names(activations=16) == ["upgrade-opset", "plan-quantization", "insert-qdq", "lower-cpu", "verify-in-ort"]
     assert "tune-kernels" not in _names(tune=False)
     assert _names(target="onnx", bits="lossless", method="gptq") == [
-        "upgrade-opset", "annotate-hessian", "plan-quantization", "allocate-bits", "insert-qdq",
+        "upgrade-opset", "annotate-hessian", "plan-quantization", "allocate-bits", "split-low-rank", "insert-qdq",
         "confirm-lossless", "lower-onnx", "verify-in-ort",
     ]
+    assert "split-low-rank" not in _names(target="onnx", bits="lossless", method="gptq", low_rank=False)
     assert _names(target="onnx", bits=4, activations=8, verify=False) == [
         "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "insert-activation-qdq",
         "lower-onnx",

@@ -313,7 +313,9 @@ def test_a_tied_decoder_stores_its_table_once(tmp_path, target: str, bits) -> No
 
     proto = _tied_decoder()
     feeds = [b.ids_feed(96, (2, 16), seed=s) for s in range(8)]
-    model = hessc.optimize(proto, target=target, bits=bits, group_size=32, calibration=feeds)
+    # Bit widths only: at 3.5 bits every item of this random 64-wide decoder is beyond the trust
+    # radius, and a low-rank item the budget forces in leaves its loss 1.5 nats up on cpu.
+    model = hessc.optimize(proto, target=target, bits=bits, group_size=32, calibration=feeds, low_rank=False)
     record = meta.read_plan(model)
     summary = record["summary"]
     assert summary["bytes_before"] == _initializer_bytes(proto), "the float table counted once"

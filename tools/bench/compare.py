@@ -52,6 +52,9 @@ HESSC_VARIANTS: dict[str, dict[str, Any]] = {
     # An exact Hadamard rotation of the residual stream folded in first (pre-norm decoders).
     "hessc-hadamard": {"quantize_embeddings": False, "rotate": "hadamard"},
     "hessc-gptq-hadamard": {"quantize_embeddings": False, "method": "gptq", "rotate": "hadamard"},
+    # Bit widths only: no low-rank split or compensation items.
+    "hessc-nolr": {"low_rank": False},
+    "hessc-gptq-nolr": {"quantize_embeddings": False, "method": "gptq", "low_rank": False},
     "hessc-int8-full": {"int8_range": "full"},
     "hessc-int8-reduced": {"int8_range": "reduced"},
 }
@@ -85,7 +88,15 @@ def _dir_size(path: Path) -> int:
 
 def effective_bits(path: Path) -> tuple[float | None, int]:
     """Stored bits per quantized weight of a saved model (see ``lower.quantized_storage``)."""
-    nbytes, numel = lowering.quantized_storage(ir.load(path))
+    from hessc.ir import meta
+    from hessc.passes import low_rank
+
+    model = ir.load(path)
+    nbytes, numel = lowering.quantized_storage(model)
+    forms = (meta.read_plan(model) or {}).get("low_rank")
+    if forms:  # factors counted, per weight of the original model
+        extra_bytes, extra_numel = low_rank.storage_correction(forms)
+        nbytes, numel = nbytes + extra_bytes, numel + extra_numel
     return (8 * nbytes / numel if numel else None), numel
 
 
