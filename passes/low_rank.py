@@ -128,7 +128,17 @@ class Whitened:
         seeded randomized range finder with two power iterations)."""
         m = np.asarray(target, dtype=np.float64) @ self.s
         if max_rank is None or 2 * (max_rank + 16) >= min(m.shape):
-            return np.linalg.svd(m, full_matrices=False)
+            # From the eigenvectors of the smaller Gram matrix (float64: the squared condition
+            # number only blurs singular values far below the ones any rank keeps).
+            small = m.shape[1] <= m.shape[0]
+            values, vectors = np.linalg.eigh(m.T @ m if small else m @ m.T)
+            order = np.argsort(values)[::-1]
+            sigma = np.sqrt(np.clip(values[order], 0.0, None))
+            vectors = vectors[:, order]
+            inv = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.maximum(sigma, 1e-300), 0.0) if sigma.size else sigma
+            if small:
+                return (m @ vectors) * inv, sigma, vectors.T
+            return vectors, sigma, (vectors.T @ m) * inv[:, None]
         k = max_rank + 16
         rng = np.random.default_rng(0)
         basis = np.linalg.qr(m @ rng.standard_normal((m.shape[1], k)))[0]
@@ -204,21 +214,22 @@ def _fit(white: Whitened, svd, target: np.ndarray, rank: int, plans) -> Factors:
     if right_plan is None:
         return Factors(left.astype(np.float32), right32, left @ right_q)
     target = np.asarray(target, np.float64)
-    gram = right_q @ white.a @ right_q.T
-    cross = target @ white.a @ right_q.T
+    a_rt = white.a @ right_q.T  # (in × r)
+    gram = right_q @ a_rt  # R_q A R_qᵀ
+    cross = target @ a_rt  # T A R_qᵀ
     mean = max(float(np.trace(gram)) / rank, 1e-30)
     # L as it comes, and refitted to the rounded R: min tr((T − L R_q) A (T − L R_q)ᵀ) (+ a
     # ridge): the refit absorbs R's rounding, but a poorly conditioned R_q gives an L whose own
-    # rounding costs more; the one that computes T best once rounded is kept.
+    # rounding costs more; the one that computes T best once rounded is kept, judged by
+    # tr(L_q G L_qᵀ) − 2 tr(L_q Cᵀ) (the error up to the constant tr(T A Tᵀ)).
     best = None
     for trial in [left, *(np.linalg.solve(gram + ridge * mean * np.eye(rank), cross.T).T for ridge in _RIDGES)]:
         left32 = trial.astype(np.float32)
-        product = _rounded(left32, left_plan) @ right_q
-        d = product - target
-        err = float(np.sum((d @ white.a) * d))
+        left_q = _rounded(left32, left_plan)
+        err = float(np.sum((left_q @ gram) * left_q) - 2 * np.sum(left_q * cross))
         if best is None or err < best[0]:
-            best = (err, Factors(left32, right32, product))
-    return best[1]
+            best = (err, left32, left_q)
+    return Factors(best[1], right32, best[2] @ right_q)
 
 
 def split_factors(matrix: np.ndarray, a: np.ndarray, ranks: Sequence[int] | None, bits: Sequence[int],

@@ -120,6 +120,18 @@ def _sensitivity(weight: dict) -> float:
     return min(same, key=lambda c: (c["bits"], c["bytes"]))["predicted_delta_loss"]
 
 
+def _item(c: dict, long: bool = False) -> str:
+    """An allocator item in a few characters: ``3g``, ``4r+c16`` (compensated at rank 16),
+    ``split r96 8-bit``."""
+    if c.get("form") == "split":
+        factors = "float" if c["factor_bits"] >= 16 else f"{c['factor_bits']}-bit"
+        return f"split rank {c['rank']} ({factors} factors)" if long else f"split{c['rank']}/{c['factor_bits']}"
+    plain = f"{c['bits']}-bit {c['method']}" if long else f"{c['bits']}{c['method'][0]}"
+    if c.get("form") == "compensate":
+        return plain + (f" + rank-{c['rank']} compensation" if long else f"+c{c['rank']}")
+    return plain
+
+
 def _allocation_markdown(record: dict, plot: str | None) -> list[str]:
     s, alloc = record["summary"], record["allocation"]
     budget = (f"{s['budget_bits']} bits/weight" if s.get("budget_bits") is not None
@@ -140,11 +152,23 @@ def _allocation_markdown(record: dict, plot: str | None) -> list[str]:
     for w in alloc["weights"]:
         curv = w.get("curvature") or {}
         curv_text = ", ".join(f"{k} {curv[k]:.3g}" for k in ("a_trace", "g_trace", "grad_norm", "lambda_max") if k in curv) or "-"
-        items = " · ".join(f"{c['bits']}{c['method'][0]} {c['predicted_delta_loss']:.2e}"
-                           for c in w["candidates"] if c["method"] != "float")
-        rows.append([w["name"], f"{w['bits']}-bit {w['method']} ({w.get('estimator', '?')})", f"{w['predicted_delta_loss']:.3e}",
+        items = " · ".join(f"{_item(c)} {c['predicted_delta_loss']:.2e}" for c in w["candidates"]
+                           if c["method"] != "float" and not c.get("form"))
+        forms = [c for c in w["candidates"] if c.get("form")]
+        if forms:  # the best low-rank item of each form, to show what it was up against
+            best = [min((c for c in forms if c["form"] == f), key=lambda c: c["predicted_delta_loss"])
+                    for f in dict.fromkeys(c["form"] for c in forms)]
+            items += " · " + " · ".join(f"{_item(c)} {c['predicted_delta_loss']:.2e}" for c in best)
+        rows.append([w["name"], f"{_item(w, long=True)} ({w.get('estimator', '?')})", f"{w['predicted_delta_loss']:.3e}",
                      _fmt_bytes(w["bytes"]), curv_text, items])
     out.append(table(["weight", "chosen", "predicted Δloss", "bytes", "curvature", "candidates (bits+method: Δloss)"], rows))
+    if record.get("low_rank"):
+        rows = [[name, r["form"], "×".join(map(str, r["shape"])), r["rank"],
+                 "float" if r["factor_bits"] >= 16 else r["factor_bits"], r["params_saved"],
+                 f"{r['macs_per_row'] / r['macs_per_row_before']:.2f}"] for name, r in record["low_rank"].items()]
+        out += ["", "Low-rank forms (split: W ≈ L·R; compensate: Q(W) + L·R), factors fitted in the input "
+                "covariance's metric:", "",
+                table(["weight", "form", "shape", "rank", "factor bits", "params saved", "MACs vs W"], rows)]
     if plot:
         out += ["", f"![bits against sensitivity]({plot})"]
     return out

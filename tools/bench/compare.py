@@ -217,6 +217,7 @@ def run_bench(
             "model": name, "method": method, "bits": b, "group_size": g, "target": target,
             "file_bytes": _dir_size(path), "optimize_seconds": round(seconds, 2),
         }
+        row["session_rss_mib"] = session_rss_mib(path, target, feed, threads)
         ebits, numel = effective_bits(path) if method != "fp32" else (32.0, None)
         row["effective_bits_per_weight"] = None if ebits is None else round(ebits, 3)
         row["quantized_params"] = numel
@@ -276,6 +277,42 @@ def run_bench(
     return results
 
 
+_RSS_SCRIPT = """
+import sys, numpy as np
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+from hessc.runtime import sessions
+before = rss()
+sess = sessions.session(sys.argv[1], sys.argv[2], threads=int(sys.argv[4]) or None, spinning=False)
+feed = dict(np.load(sys.argv[3]))
+sess.run(feed)
+print(rss() - before)
+"""
+
+
+def session_rss_mib(path: Path, target: str, feed: dict, threads: int | None = None) -> float | None:
+    """Resident memory an ORT session of the model adds once it has run a feed (MiB), measured in
+    a fresh process (what the session holds: weights after ORT's prepacking, arenas), or None
+    where it cannot be measured (no ``/proc``)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if not Path("/proc/self/status").exists():
+        return None
+    with tempfile.TemporaryDirectory(prefix="hessc-rss-") as tmp:
+        npz = Path(tmp) / "feed.npz"
+        np.savez(npz, **feed)
+        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), target, str(npz), str(threads or 0)],
+                              capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        logger.warning("session memory of %s not measured: %s", path.name, done.stderr.strip()[-200:])
+        return None
+    return round(float(done.stdout.strip().splitlines()[-1]), 1)
+
+
 def pseudo_labels(src: Path, calibration: Sequence[dict]) -> list[np.ndarray]:
     """The fp32 model's top-1 class for every calibration feed (labels for a classifier's
     cross-entropy where no labelled data exists), one integer array per feed."""
@@ -302,6 +339,9 @@ def _optimize_facts(model: ir.Model) -> dict[str, Any]:
                 "heldout_loss_quantized", "lossless_confirmed"):
         if summary.get(key) is not None:
             facts[key] = summary[key]
+    if plan.get("low_rank"):
+        forms = [r["form"] for r in plan["low_rank"].values()]
+        facts["low_rank"] = {form: forms.count(form) for form in sorted(set(forms))}
     if isinstance(summary.get("steps"), list):
         facts["lossless_steps"] = len(summary["steps"])
     return facts
@@ -329,12 +369,13 @@ def results_markdown(results: dict) -> str:
     checked = any("measured_delta_loss" in r or "predicted_delta_loss" in r for r in rows)
     headers = ["method", "bits", "group", *metrics, *(["held-out loss fp32 / quantized"] if heldout else []),
                *(["Δloss predicted / measured"] if checked else []),
-               "eff. bits/weight", "quantized M params", "file MiB", "latency ms", "x fp32", "optimize s"]
+               "eff. bits/weight", "quantized M params", "file MiB", "session RSS MiB", "latency ms", "x fp32",
+               "optimize s"]
     body = []
     for r in rows:
         if "error" in r:
             body.append([r["method"], r["bits"], r["group_size"], *(["-"] * (len(metrics) + heldout + checked)), "-", "-",
-                         "-", "-", "-", r["error"]])
+                         "-", "-", "-", "-", r["error"]])
             continue
         loss = []
         if heldout:
@@ -347,7 +388,7 @@ def results_markdown(results: dict) -> str:
             r["method"], r["bits"] or "-", r["group_size"] or "-",
             *[_fmt(r.get(m)) for m in metrics], *loss,
             _fmt(r.get("effective_bits_per_weight")), "-" if numel is None else f"{numel / 1e6:.2f}",
-            f"{r['file_bytes'] / 2**20:.1f}", _fmt(r.get("latency_ms")), _fmt(r.get("latency_vs_fp32")),
+            f"{r['file_bytes'] / 2**20:.1f}", _fmt(r.get("session_rss_mib")), _fmt(r.get("latency_ms")), _fmt(r.get("latency_vs_fp32")),
             _fmt(r.get("optimize_seconds")),
         ])
     head = (f"{results['model']} on {results['target']} ({results['machine']['cpu_count']} cores, "

@@ -51,12 +51,13 @@ def _annotated(src: Path, feeds: list[dict], progress=None):
 
 
 def _eligible(model) -> list:
+    from hessc.ir import meta
     from hessc.ir import weights as qweights
     from hessc.passes import low_rank, quantize
 
     groups = quantize.weight_groups(list(qweights.iter_weights(model)))
     return [g.lead for g in groups if not g.tied and low_rank.supports(g.lead) is None
-            and g.lead.value.meta.get("hessc.hessian") is not None]
+            and g.lead.value.meta.get(meta.HESSIAN_KEY) is not None]
 
 
 def _uniform(model, share: float, whiten: bool) -> dict[str, Any]:
@@ -74,6 +75,7 @@ def _uniform(model, share: float, whiten: bool) -> dict[str, Any]:
 
 
 def _knapsack(model, share: float) -> dict[str, Any]:
+    from hessc.ir import meta
     from hessc.ir import weights as qweights
     from hessc.passes import allocate_bits, low_rank, quantize
 
@@ -81,7 +83,7 @@ def _knapsack(model, share: float) -> dict[str, Any]:
     eligible = {id(r.value) for r in _eligible(model)}
     refs = [g.lead for g in quantize.weight_groups(list(qweights.iter_weights(model)))
             if g.plan() is not None and g.lead.op in allocate_bits.ALLOCATED_OPS
-            and g.lead.value.meta.get("hessc.hessian") is not None]
+            and g.lead.value.meta.get(meta.HESSIAN_KEY) is not None]
     total = sum(r.numel for r in refs)
     removable = sum(r.numel for r in refs if id(r.value) in eligible)
     budget = int(4 * (total - share * removable))
@@ -91,7 +93,7 @@ def _knapsack(model, share: float) -> dict[str, Any]:
     record = model.meta[allocate_bits.ALLOCATION_KEY]
     low_rank.SplitLowRankPass()(model)
     for ref in qweights.iter_weights(model):  # float only: the plan-quantization plans go
-        ref.value.meta.pop("hessc.quant", None)
+        ref.value.meta.pop(meta.QUANT_KEY, None)
     ranks = [w.get("rank", 0) for w in record["weights"] if w.get("form") == "split"]
     forms = model.meta.get(low_rank.LOW_RANK_KEY, {})
     return {"params_removed": sum(r["params_saved"] for r in forms.values()), "split_weights": len(ranks),
@@ -140,8 +142,10 @@ def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reduction.json").write_text(json.dumps(result, indent=2))
     metric_keys = [k for k in rows[0] if k not in ("method", "reduction_percent", "params_removed")]
-    text = table(["method", "reduction %", "params removed", *metric_keys],
-                 [[r["method"], r["reduction_percent"], r["params_removed"],
+    metric_keys = [k for k in metric_keys if k not in ("split_weights", "predicted_delta_loss", "seconds",
+                                                       "removed_share_of_linears")]
+    text = table(["method", "reduction %", "params removed", "share of the linears", *metric_keys],
+                 [[r["method"], r["reduction_percent"], r["params_removed"], r.get("removed_share_of_linears", 0),
                    *[round(r[k], 4) if isinstance(r.get(k), float) else r.get(k) for k in metric_keys]] for r in rows])
     (out_dir / "reduction.md").write_text(text + "\n")
     print(text)
