@@ -369,6 +369,30 @@ class HessianStats:
             grad=grad(self.grad), grad_fit=grad(self.grad_fit), grad_check=grad(self.grad_check),
         )
 
+    def projected(self, basis: np.ndarray) -> "HessianStats":
+        """The statistics of ``C`` in ``W ≈ C B`` for a fixed (k × in) ``B``: the layer ``C``
+        reads ``t = B x``, so ``A → B A Bᵀ`` (and its halves), the gradient ``E[g xᵀ] → ∇W · Bᵀ``;
+        ``G`` is unchanged (the same outputs); what describes the old input space's spectrum or the
+        old layer's Hessian block (eigenvalues, λ_max, traces of the block) is dropped."""
+        b = np.asarray(basis, dtype=np.float64)
+
+        def cov(m: np.ndarray | None) -> np.ndarray | None:
+            if m is None:
+                return None
+            r = b @ m @ b.T
+            return (r + r.T) / 2
+
+        def grad(m: np.ndarray | None) -> np.ndarray | None:
+            return None if m is None else m @ b.T
+
+        a = cov(self.a)
+        return dataclasses.replace(
+            self, a=a, a_weighted=cov(self.a_weighted), a_fit=cov(self.a_fit), a_check=cov(self.a_check),
+            grad=grad(self.grad), grad_fit=grad(self.grad_fit), grad_check=grad(self.grad_check),
+            a_eig_top=None, a_trace=None if a is None else float(np.trace(a)), lambda_max=None, lanczos_eigs=None,
+            hutchinson_trace=None, fisher_diag_mean=None,
+        )
+
     def summary(self) -> dict[str, Any]:
         """The JSON-able scalars of what was computed (for the plan record)."""
         out: dict[str, Any] = {}

@@ -114,6 +114,15 @@ def _annotate_hessian(options, target):
     return hessian.AnnotateHessianPass(hessian_config(options))
 
 
+def _share_weights(options, target):
+    from hessc.passes import share_weights
+
+    if options.share is None:
+        raise InputError("share-weights removes a share of the repeated layers' parameters: give it with --share "
+                         "FRACTION (e.g. 0.2)")
+    return share_weights.ShareWeightsPass(share_weights.ShareConfig(reduction=options.share))
+
+
 def _plan(options, target):
     from hessc.passes import quantize
 
@@ -215,7 +224,9 @@ PASSES: tuple[PassSpec, ...] = (
              "(pre-norm decoders; norm scales folded first)", _fold_rotation, lambda o, t: o.rotate is not None),
     PassSpec("annotate-hessian", "curvature statistics per weight: input covariance A, K-FAC G, gradients (analysis)",
              _annotate_hessian, lambda o, t: o.needs_curvature),
-    PassSpec("share-weights", "coloring-based cross-layer weight sharing (not implemented yet)", None, _never, False),
+    PassSpec("share-weights", "cross-layer weight sharing: layers of one role coloured greedily (non-adjacent "
+             "merges allowed) by the predicted loss change; one shared basis per colour", _share_weights,
+             lambda o, t: o.share is not None),
     PassSpec("plan-quantization", "decide bits, group size and method per weight (QuantPlan on each weight)",
              _plan, _always),
     PassSpec("allocate-bits", "re-plan bits and quantizer per weight under the budget (grouped knapsack)",

@@ -83,6 +83,7 @@ def optimize(
     tune: bool = True,
     check_allocation: bool = True,
     low_rank: bool = True,
+    share: float | None = None,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -170,6 +171,11 @@ def optimize(
             compensation ``Q(W) + L·R`` (ranks 16–64, 8-bit factors fitted to the quantization
             residual), each priced at its stored bytes and scored by the same loss prediction
             (:mod:`hessc.passes.low_rank`); False offers bit widths only.
+        share: remove this share (0–1) of the parameters of the layers that repeat by role
+            (same shape and place in their block) by cross-layer sharing before quantization:
+            each role's layers coloured greedily by the predicted loss change, non-adjacent
+            layers allowed, one shared basis per colour stored once, private coefficients per
+            layer (:mod:`hessc.passes.share_weights`). Needs calibration.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -189,7 +195,7 @@ def optimize(
         custom_op_libraries=tuple(str(p) for p in custom_op_libraries),
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
         rotate=rotate, int8_range=int8_range, tune=tune, check_allocation=check_allocation,
-        low_rank=low_rank,
+        low_rank=low_rank, share=share,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline
@@ -259,6 +265,12 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
                               else dict(r) for name, r in forms.items()}
         extra_bytes, extra_numel = low_rank.storage_correction(record["low_rank"])
         stored, numel = stored + extra_bytes, numel + extra_numel
+    from hessc.passes.share_weights import SHARE_KEY
+
+    sharing = model.meta.get(SHARE_KEY)
+    if sharing:  # shared bases and coefficients stand for the layers they replaced
+        record["sharing"] = sharing
+        numel += sharing["params_before"] - sharing["params_after"]
     summary["effective_bits_per_weight"] = round(8 * stored / numel, 4) if numel else None
     record["passes"] = [{"name": p["name"], "modified": p["modified"]} for p in model.meta.get(pipeline.PASSES_KEY, [])]
     record["lowering"] = model.meta.get(lowering.LOWERING_KEY, {})

@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                         "allocation where it is exceeded")
     o.add_argument("--no-low-rank", action="store_true",
                    help="with a budget, offer the allocator bit widths only (no low-rank split or compensation items)")
+    o.add_argument("--share", type=float, metavar="FRACTION",
+                   help="cross-layer weight sharing first: remove this share of the repeated layers' parameters "
+                        "(e.g. 0.2), layers of one role sharing bases where the loss predicts it pays")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep embedding tables (and output heads tied to them) in float")
     o.add_argument("--no-tune", action="store_true",
@@ -212,7 +215,7 @@ def _cmd_optimize(args) -> int:
         max_loss_increase=args.max_loss_increase, min_output_cosine=args.min_output_cosine,
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
         tune=not args.no_tune, check_allocation=not args.no_allocation_check,
-        low_rank=not args.no_low_rank,
+        low_rank=not args.no_low_rank, share=args.share,
         quantize_embeddings=not args.float_embeddings,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
@@ -289,8 +292,8 @@ def _cmd_passes(args) -> int:
     for r in rows:
         mark = "*" if r["default"] else ("-" if not r["available"] else " ")
         print(f"{mark} {r['name']:<{width}}  {r['summary']}")
-    print(f"\n* runs by default for --target {args.target} --bits {args.bits} --method {args.method}; "
-          "- not implemented yet")
+    missing = "; - not implemented yet" if any(not r["available"] for r in rows) else ""
+    print(f"\n* runs by default for --target {args.target} --bits {args.bits} --method {args.method}{missing}")
     return 0
 
 

@@ -81,6 +81,7 @@ class CompileOptions:
     tune: bool = True
     check_allocation: bool = True
     low_rank: bool = True
+    share: float | None = None
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -113,8 +114,12 @@ class CompileOptions:
         if self.rounding == "gradient" and not self.budgeted:
             raise InputError("rounding='gradient' is chosen by the bit allocator: give a budget (bits=3.5, "
                              "budget_bytes=N) or bits='lossless'")
+        if self.share is not None and not (isinstance(self.share, (int, float)) and 0 < self.share < 1):
+            raise InputError(f"--share {self.share}: give the share of the shared layers' parameters to remove, "
+                             "between 0 and 1 (0.2 removes a fifth)")
         if self.needs_curvature and not self.has_calibration:
-            what = "a bit budget" if self.budgeted else "method='gptq'"
+            what = ("a bit budget" if self.budgeted else "--share (colours are scored by the curvature)"
+                    if self.share is not None else "method='gptq'")
             raise InputError(f"{what} needs calibration data for the curvature statistics; pass --calibration")
         if self.lossless and self.activations == 8:
             raise InputError("lossless is checked for weight quantization only; drop --activations 8")
@@ -155,8 +160,8 @@ class CompileOptions:
 
     @property
     def needs_curvature(self) -> bool:
-        """Hessian statistics are needed (the allocator, or GPTQ)."""
-        return self.budgeted or self.method == "gptq"
+        """Hessian statistics are needed (the allocator, GPTQ, or sharing)."""
+        return self.budgeted or self.method == "gptq" or self.share is not None
 
     def fp16_for(self, target: targets.Target) -> bool:
         return target.fp16_default if self.fp16 is None else self.fp16

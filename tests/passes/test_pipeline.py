@@ -63,8 +63,12 @@ def test_passes_and_disabled_passes_select_steps_by_name() -> None:
         pipeline.build_pipeline(CompileOptions(passes=("quantise",)), targets.get("cpu"))
     with pytest.raises(InputError, match="unknown pass 'lower-cuda'"):
         pipeline.build_pipeline(CompileOptions(passes=("lower-cuda",)), targets.get("cpu"))
-    with pytest.raises(InputError, match="not implemented yet"):
+    with pytest.raises(InputError, match="--share FRACTION"):
         pipeline.build_pipeline(CompileOptions(passes=("share-weights",)), targets.get("cpu"))
+    with pytest.raises(InputError, match="between 0 and 1"):
+        CompileOptions(share=1.5, has_calibration=True)
+    with pytest.raises(InputError, match="--share"):
+        CompileOptions(share=0.2)
     with pytest.raises(InputError, match="unknown pass"):
         pipeline.build_pipeline(CompileOptions(disabled_passes=("nope",)), targets.get("cpu"))
     with pytest.raises(InputError, match="empty"):

@@ -146,10 +146,11 @@ def test_passes_lists_the_pipeline_in_order(capsys) -> None:
     assert {r["name"] for r in rows if r["default"]} == {
         "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "tune-int8-regions",
         "insert-activation-qdq", "lower-cpu", "tune-kernels", "verify-in-ort"}
-    assert not next(r for r in rows if r["name"] == "share-weights")["available"]
+    assert all(r["available"] for r in rows)
     assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
     text = capsys.readouterr().out
-    assert "* allocate-bits" in text and "* lower-cuda" in text and "- share-weights" in text
+    assert "* allocate-bits" in text and "* lower-cuda" in text and "* split-low-rank" in text
+    assert "  share-weights" in text  # only with --share
 
 
 def test_passes_and_disable_pass_choose_the_steps(model_path: Path, tmp_path: Path, capsys) -> None:

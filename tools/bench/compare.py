@@ -93,10 +93,12 @@ def effective_bits(path: Path) -> tuple[float | None, int]:
 
     model = ir.load(path)
     nbytes, numel = lowering.quantized_storage(model)
-    forms = (meta.read_plan(model) or {}).get("low_rank")
-    if forms:  # factors counted, per weight of the original model
-        extra_bytes, extra_numel = low_rank.storage_correction(forms)
+    plan = meta.read_plan(model) or {}
+    if plan.get("low_rank"):  # factors counted, per weight of the original model
+        extra_bytes, extra_numel = low_rank.storage_correction(plan["low_rank"])
         nbytes, numel = nbytes + extra_bytes, numel + extra_numel
+    if plan.get("sharing"):
+        numel += plan["sharing"]["params_before"] - plan["sharing"]["params_after"]
     return (8 * nbytes / numel if numel else None), numel
 
 

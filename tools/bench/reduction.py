@@ -10,7 +10,11 @@ three ways, with float factors (no quantization):
 - ``whitened-uniform``: the same ranks, activation-whitened SVD (SVD-LLM);
 - ``hessc``: whitened SVD with each weight's rank chosen by the grouped knapsack on the predicted
   loss change (:class:`~hessc.passes.allocate_bits.AllocateBitsPass` with ``float_only``) under the
-  same parameter budget.
+  same parameter budget;
+- ``share-adjacent`` / ``share-hessc``: cross-layer sharing of the repeated layers
+  (:class:`~hessc.passes.share_weights.ShareWeightsPass`) at the same share of their parameters,
+  merges restricted to consecutive layers (Basis Sharing) or free (hessc's colouring); where no
+  merge pays, each layer keeps a private whitened factorization, the ``whitened-uniform`` model.
 
 All three read one curvature annotation of the same calibration feeds; the quality metric is the
 zoo model's own on its held-out data (perplexity, Lee Pearson and cosine to fp32).
@@ -74,6 +78,17 @@ def _uniform(model, share: float, whiten: bool) -> dict[str, Any]:
     return {"params_removed": params}
 
 
+def _shared(model, share: float, adjacent: bool) -> dict[str, Any]:
+    from hessc.passes import share_weights
+
+    share_weights.ShareWeightsPass(share_weights.ShareConfig(reduction=share, adjacent_only=adjacent))(model)
+    record = model.meta[share_weights.SHARE_KEY]
+    colours = [c for r in record["roles"] for c in r["colours"] if len(c["layers"]) > 1]
+    return {"params_removed": record["params_before"] - record["params_after"], "shared_bases": len(colours),
+            "shared_layers": sum(len(c["layers"]) for c in colours),
+            "predicted_delta_loss": record["predicted_delta_loss"]}
+
+
 def _knapsack(model, share: float) -> dict[str, Any]:
     from hessc.ir import meta
     from hessc.ir import weights as qweights
@@ -122,11 +137,13 @@ def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval
              **zm.evaluate(sessions.session(zm.onnx_path, "cpu").run)}]
     for percent in shares_percent:
         share = percent / 100
-        for method in ("svd-uniform", "whitened-uniform", "hessc"):
+        for method in ("svd-uniform", "whitened-uniform", "hessc", "share-adjacent", "share-hessc"):
             candidate = frontend.clone(base)
             began = time.perf_counter()
             if method == "hessc":
                 facts = _knapsack(candidate, share)
+            elif method.startswith("share"):
+                facts = _shared(candidate, share, adjacent=method == "share-adjacent")
             else:
                 facts = _uniform(candidate, share, whiten=method == "whitened-uniform")
             quantize.InsertQDQPass()(candidate)  # nothing to quantize: opset and ties as a compile leaves them
@@ -141,11 +158,13 @@ def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval
               "calibration_feeds": len(feeds), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reduction.json").write_text(json.dumps(result, indent=2))
-    metric_keys = [k for k in rows[0] if k not in ("method", "reduction_percent", "params_removed")]
-    metric_keys = [k for k in metric_keys if k not in ("split_weights", "predicted_delta_loss", "seconds",
-                                                       "removed_share_of_linears")]
-    text = table(["method", "reduction %", "params removed", "share of the linears", *metric_keys],
+    metric_keys = [k for k in dict.fromkeys(k for r in rows for k in r)
+                   if k not in ("method", "reduction_percent", "params_removed", "split_weights", "predicted_delta_loss",
+                                "seconds", "removed_share_of_linears", "shared_bases", "shared_layers")]
+    text = table(["method", "reduction %", "params removed", "share of the linears", "shared bases (layers)",
+                  *metric_keys],
                  [[r["method"], r["reduction_percent"], r["params_removed"], r.get("removed_share_of_linears", 0),
+                   f"{r['shared_bases']} ({r['shared_layers']})" if "shared_bases" in r else "-",
                    *[round(r[k], 4) if isinstance(r.get(k), float) else r.get(k) for k in metric_keys]] for r in rows])
     (out_dir / "reduction.md").write_text(text + "\n")
     print(text)
