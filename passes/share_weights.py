@@ -66,18 +66,24 @@ class ShareConfig:
         adjacent_only: merge only colours holding consecutive layers (Basis Sharing).
         trust_radius: see :data:`TRUST_RADIUS`.
         max_colour: the most layers one colour may hold.
+        neighbours: merges of a colour are scored only with the colours whose layers' weight
+            subspaces overlap its own most (this many; :func:`_overlaps`), so a role of L layers
+            costs about ``L · neighbours`` fits, not ``L²/2``.
     """
 
     reduction: float = 0.2
     adjacent_only: bool = False
     trust_radius: float = TRUST_RADIUS
     max_colour: int = 8
+    neighbours: int = 4
 
     def __post_init__(self) -> None:
         if not 0 < self.reduction < 1:
             raise InputError(f"--share {self.reduction}: give the share of parameters to remove, between 0 and 1")
         if self.max_colour < 1:
             raise InputError(f"max_colour {self.max_colour} must be at least 1")
+        if self.neighbours < 1:
+            raise InputError(f"neighbours {self.neighbours} must be at least 1")
         if not self.trust_radius > 0:
             raise InputError(f"trust radius {self.trust_radius} must be positive")
 
@@ -185,6 +191,26 @@ class _Role:
         return _Colour(layers, rank, basis, coefficients, cost, errors)
 
 
+def _overlaps(role: _Role, rank: int) -> np.ndarray:
+    """``‖Q_iᵀ Q_j‖²_F / r`` for orthonormal bases ``Q`` of the input directions each layer's
+    whitened rank-``r`` factor reads: 1 where two layers read the same directions, near
+    ``r / in`` where they are unrelated. Cheap (one SVD per layer), it only decides which merges
+    are scored."""
+    from hessc.passes import low_rank
+
+    bases = []
+    for m, a in zip(role.matrices, role.fit_a):
+        white = low_rank.whitened(a)
+        _, _, vt = white.svd(m)
+        # The input directions the layer's rank-r factor reads, ``R = V_rᵀ S⁻¹``, orthonormalized.
+        bases.append(np.linalg.qr(white.s_inv.T @ vt[:rank].T)[0])
+    n = len(bases)
+    out = np.ones((n, n))
+    for i, j in itertools.combinations(range(n), 2):
+        out[i, j] = out[j, i] = float(np.sum((bases[i].T @ bases[j]) ** 2)) / rank
+    return out
+
+
 class ShareWeightsPass(ir.passes.InPlacePass):
     """Colours each role's layers and rewrites every colour into one shared basis and private
     coefficients (module docstring); records the plan under ``model.meta[SHARE_KEY]``."""
@@ -239,10 +265,22 @@ class ShareWeightsPass(ir.passes.InPlacePass):
         def adjacent(x: _Colour, y: _Colour) -> bool:
             return min(abs(i - j) for i in x.layers for j in y.layers) == 1
 
+        overlap = _overlaps(role, rank)
+
+        def near(x: _Colour, y: _Colour) -> bool:
+            """y among x's closest colours by subspace overlap, or x among y's."""
+            def closest(c: _Colour) -> set[tuple[int, ...]]:
+                others = [o for o in colours if o is not c]
+                score = {o.layers: max(overlap[i, j] for i in c.layers for j in o.layers) for o in others}
+                return set(sorted(score, key=score.get, reverse=True)[: config.neighbours])
+            return y.layers in closest(x) or x.layers in closest(y)
+
         while len(colours) > 1:
             best = None
             for x, y in itertools.combinations(colours, 2):
                 if config.adjacent_only and not adjacent(x, y):
+                    continue
+                if not config.adjacent_only and not near(x, y):
                     continue
                 m = merged(x, y)
                 if m is None:

@@ -90,11 +90,13 @@ EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 def session_options(
     threads: int | None = None, optimize: bool = True, custom_op_libraries: Sequence[str | os.PathLike] = (),
-    spinning: bool = True,
+    spinning: bool = True, prepacking: bool = True,
 ):
     """ORT session options: intra-op threads, graph optimizations on or off, custom-op libraries,
-    and whether idle intra-op threads spin (``spinning``: ORT's default; off for sessions timed
-    side by side, see :func:`interleaved_latency_ms`).
+    whether idle intra-op threads spin (``spinning``: ORT's default; off for sessions timed
+    side by side, see :func:`interleaved_latency_ms`), and whether kernels prepack their constant
+    weights (``prepacking``: ORT's default; each consumer of one shared initializer packs its own
+    copy).
 
     Raises:
         InputError: a library that is missing or that ONNX Runtime cannot load, named.
@@ -109,6 +111,8 @@ def session_options(
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     for path in frontend.check_libraries(custom_op_libraries):
         try:
             opts.register_custom_ops_library(path)
@@ -267,6 +271,7 @@ def session(
     optimize: bool = True,
     custom_op_libraries: Sequence[str | os.PathLike] = (),
     spinning: bool = True,
+    prepacking: bool = True,
 ) -> Session:
     """Opens an ONNX Runtime session for ``target`` (``cpu``, ``cuda`` or ``onnx``).
 
@@ -280,6 +285,8 @@ def session(
             recorded on an ``onnx_ir.Model`` (``meta.CUSTOM_OPS_KEY``).
         spinning: idle intra-op threads spin (ORT's default). Off for sessions that are timed
             side by side: a spinning pool takes the cores from the session timed next.
+        prepacking: kernels prepack constant weights (ORT's default); off keeps one copy of an
+            initializer read by several nodes (a shared basis) instead of one packed copy each.
 
     Raises:
         InputError: an unknown target; a missing or unloadable library; an op ONNX Runtime does
@@ -287,7 +294,7 @@ def session(
     """
     ort = _import_ort()
     targets.get(target)  # an InputError naming the targets
-    opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries), spinning)
+    opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries), spinning, prepacking)
     source, keepalive = _source(model, opts)
     if target != "cuda":
         inner = _inference_session(source, opts, ["CPUExecutionProvider"])

@@ -287,14 +287,16 @@ def rss():
             return int(line.split()[1]) / 1024
 from hessc.runtime import sessions
 before = rss()
-sess = sessions.session(sys.argv[1], sys.argv[2], threads=int(sys.argv[4]) or None, spinning=False)
+sess = sessions.session(sys.argv[1], sys.argv[2], threads=int(sys.argv[4]) or None, spinning=False,
+                        prepacking=sys.argv[5] == "1")
 feed = dict(np.load(sys.argv[3]))
 sess.run(feed)
 print(rss() - before)
 """
 
 
-def session_rss_mib(path: Path, target: str, feed: dict, threads: int | None = None) -> float | None:
+def session_rss_mib(path: Path, target: str, feed: dict, threads: int | None = None,
+                    prepacking: bool = True) -> float | None:
     """Resident memory an ORT session of the model adds once it has run a feed (MiB), measured in
     a fresh process (what the session holds: weights after ORT's prepacking, arenas), or None
     where it cannot be measured (no ``/proc``)."""
@@ -307,7 +309,8 @@ def session_rss_mib(path: Path, target: str, feed: dict, threads: int | None = N
     with tempfile.TemporaryDirectory(prefix="hessc-rss-") as tmp:
         npz = Path(tmp) / "feed.npz"
         np.savez(npz, **feed)
-        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), target, str(npz), str(threads or 0)],
+        done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), target, str(npz), str(threads or 0),
+                               "1" if prepacking else "0"],
                               capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         logger.warning("session memory of %s not measured: %s", path.name, done.stderr.strip()[-200:])

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +35,9 @@ from hessc.errors import InputError
 from hessc.report import table
 
 logger = logging.getLogger(__name__)
+
+LATENCY_MS = 300.0
+"""Time per model of the interleaved latency rounds."""
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 """Split ranks the knapsack chooses among, as fractions of the break-even rank (finer than the
@@ -118,6 +123,7 @@ def _knapsack(model, share: float) -> dict[str, Any]:
 def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval_tokens: int = 2048,
                   calibration_samples: int | None = None) -> dict[str, Any]:
     """Every variant at every share; writes ``reduction.json`` and ``reduction.md`` in out_dir."""
+    import hessc
     from hessc.bench import compare, zoo
     from hessc.ir import frontend
     from hessc.passes import quantize
@@ -135,6 +141,8 @@ def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval
     removable = sum(r.numel for r in _eligible(base))
     rows = [{"method": "fp32", "reduction_percent": 0, "params_removed": 0,
              **zm.evaluate(sessions.session(zm.onnx_path, "cpu").run)}]
+    work = Path(tempfile.mkdtemp(prefix="hessc-reduction-"))
+    paths = [Path(zm.onnx_path)]
     for percent in shares_percent:
         share = percent / 100
         for method in ("svd-uniform", "whitened-uniform", "hessc", "share-adjacent", "share-hessc"):
@@ -149,11 +157,24 @@ def run_reduction(model: str, shares_percent: Sequence[int], out_dir: Path, eval
             quantize.InsertQDQPass()(candidate)  # nothing to quantize: opset and ties as a compile leaves them
             seconds = time.perf_counter() - began
             metrics = zm.evaluate(sessions.session(candidate, "cpu").run)
+            paths.append(hessc.save(candidate, work / f"{method}-{percent}.onnx", external_data=True))
             row = {"method": method, "reduction_percent": percent, **facts,
                    "removed_share_of_linears": round(facts["params_removed"] / removable, 4),
                    "seconds": round(seconds, 1), **metrics}
             rows.append(row)
             logger.info("%s", row)
+    # Memory and speed of every variant in fresh sessions, latency interleaved; a shared basis read
+    # by several MatMuls is prepacked once per reader unless prepacking is off.
+    feed = compare._latency_feed(zm, model, feeds)
+    for row, path in zip(rows, paths):
+        row["session_rss_mib"] = compare.session_rss_mib(path, "cpu", feed)
+        if row["method"].startswith("share"):
+            row["session_rss_mib_no_prepacking"] = compare.session_rss_mib(path, "cpu", feed, prepacking=False)
+    runners = [sessions.session(p, "cpu", spinning=False).run for p in paths]
+    for row, ms in zip(rows, sessions.interleaved_latency_ms(runners, feed, None, target_ms=LATENCY_MS)):
+        row["latency_ms"] = round(ms, 3)
+        row["latency_vs_fp32"] = round(ms / rows[0]["latency_ms"], 3)
+    shutil.rmtree(work, ignore_errors=True)
     result = {"model": model, "removable_params": removable, "annotate_seconds": round(annotate_s, 1),
               "calibration_feeds": len(feeds), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx
+import pytest
 
 import builders as b
 from hessc.bench import compare as bench
@@ -63,3 +64,33 @@ def test_serving_lengths_are_for_language_models_and_repeat_the_feed(tmp_path) -
     long, one = serving._at_length(feed, 12), serving._at_length(feed, 1)
     assert long["input_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]] and one["input_ids"].tolist() == [[0]]
     assert long["attention_mask"].shape == (1, 12)
+
+
+def test_session_memory_is_measured_in_a_fresh_process(tmp_path) -> None:
+    """A session of a model with a 4 MiB weight holds at least that much; with prepacking off
+    the same outputs come back."""
+    import numpy as np
+    import onnx
+
+    import builders as b
+    from hessc.runtime import sessions
+
+    proto = b.matmul_model(k=1024, n=1024)
+    path = tmp_path / "m.onnx"
+    onnx.save(proto, path)
+    feed = b.x_feed(1024)
+    rss = bench.session_rss_mib(path, "cpu", feed)
+    assert rss is not None and rss > 3.5
+    packed = sessions.session(str(path), "cpu").run(feed)[0]
+    unpacked = sessions.session(str(path), "cpu", prepacking=False).run(feed)[0]
+    np.testing.assert_allclose(packed, unpacked, rtol=1e-4, atol=1e-4)  # another summation order
+
+
+def test_parameter_reduction_refuses_what_it_cannot_measure(tmp_path) -> None:
+    from hessc.bench import reduction
+    from hessc.errors import InputError
+
+    with pytest.raises(InputError, match="language models"):
+        reduction.run_reduction("efficientnet", [10], tmp_path)
+    with pytest.raises(InputError, match="between 0 and 100"):
+        reduction.run_reduction("minilm", [150], tmp_path)
