@@ -68,7 +68,8 @@ def test_parts_follow_the_measured_timings_and_the_cache_replays_them(tmp_path, 
     assert [g["layers"] for g in record["groups"]] == [["conv0"], ["conv1"], ["conv2"]]
     for group in record["groups"]:  # each part's choice is the faster form (float wins a tie)
         faster = "int8" if group["int8_ms"] < group["float_ms"] * (1 - tune.TIE) else "float"
-        assert group["chosen"] == faster
+        # A part left with float activations may keep its weights in fp32 where that ran faster still.
+        assert group["chosen"] == faster or (faster == "float" and group["chosen"] == "fp32 weights")
     assert _int8_convs(first) == {g["layers"][0] for g in record["groups"] if g["chosen"] == "int8"}
     assert meta.read_plan(first)["verification"]["status"] == "passed"
 
