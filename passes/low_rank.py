@@ -174,12 +174,19 @@ class Factors:
     Attributes:
         left: ``L`` (out × r) as stored (float32; rounded by ``insert-qdq`` when quantized).
         right: ``R`` (r × in) as stored.
-        product: ``L_q R_q``, the matrix the factors compute once rounded (float64).
+        left_q: ``L_q``, what ``insert-qdq`` makes of ``left`` (float64).
+        right_q: ``R_q`` (float64).
     """
 
     left: np.ndarray
     right: np.ndarray
-    product: np.ndarray
+    left_q: np.ndarray
+    right_q: np.ndarray
+
+    @property
+    def product(self) -> np.ndarray:
+        """``L_q R_q``, the matrix the factors compute once rounded (float64)."""
+        return self.left_q @ self.right_q
 
 
 def factor_plans(name: str, shape: tuple[int, int], rank: int, bits: int, group_size: int,
@@ -212,7 +219,7 @@ def _fit(white: Whitened, svd, target: np.ndarray, rank: int, plans) -> Factors:
     right32 = right.astype(np.float32)
     right_q = _rounded(right32, right_plan)
     if right_plan is None:
-        return Factors(left.astype(np.float32), right32, left @ right_q)
+        return Factors(left.astype(np.float32), right32, left, right_q)
     target = np.asarray(target, np.float64)
     a_rt = white.a @ right_q.T  # (in × r)
     gram = right_q @ a_rt  # R_q A R_qᵀ
@@ -229,7 +236,7 @@ def _fit(white: Whitened, svd, target: np.ndarray, rank: int, plans) -> Factors:
         err = float(np.sum((left_q @ gram) * left_q) - 2 * np.sum(left_q * cross))
         if best is None or err < best[0]:
             best = (err, left32, left_q)
-    return Factors(best[1], right32, best[2] @ right_q)
+    return Factors(best[1], right32, best[2], right_q)
 
 
 def split_factors(matrix: np.ndarray, a: np.ndarray, ranks: Sequence[int] | None, bits: Sequence[int],

@@ -595,7 +595,7 @@ class _GraphBuilder:
         return node.outputs[0]
 
     def const(self, array: np.ndarray) -> ir.Value:
-        return self.op("Constant", value=ir.tensor(np.ascontiguousarray(array)))
+        return self.op("Constant", value=ir.tensor(np.require(array, requirements="C")))
 
 
 def unpack_three_bit_graph(
@@ -723,7 +723,7 @@ def _recurrent_weight(value: ir.Value | None) -> tuple[str, np.ndarray, np.ndarr
 
 
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    return frontend.new_initializer(graph, name, np.ascontiguousarray(array))
+    return frontend.new_initializer(graph, name, np.require(array, requirements="C"))
 
 
 def lower(model: ir.Model, config: LowerConfig) -> tuple[ir.Model, dict[str, int]]:

@@ -220,7 +220,7 @@ class Session:
             self._binding = self.inner.io_binding()
             self._inputs = {}
             for name, array in feeds.items():
-                buf = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+                buf = ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"), "cuda", 0)
                 self._inputs[name] = buf
                 self._binding.bind_ortvalue_input(name, buf)
             # A captured graph writes into fixed buffers, so output shapes must be static.
@@ -243,7 +243,7 @@ class Session:
                 self._binding.bind_ortvalue_output(out.name, buf)
         else:
             for name, array in feeds.items():
-                array = np.ascontiguousarray(array)
+                array = np.require(array, requirements="C")
                 if list(self._inputs[name].shape()) == list(array.shape):
                     self._inputs[name].update_inplace(array)
                 elif self.cuda_graph:

@@ -95,7 +95,8 @@ def _ir_tensor_to_torch(tensor: ir.TensorProtocol, float_dtype: torch.dtype | No
         arr = arr.astype(np.int64)
     else:
         arr = np.array(arr, copy=True)
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(target)
+    # np.ascontiguousarray would make a 0-d tensor 1-d (a scalar Gather index, say).
+    return torch.from_numpy(np.require(arr, requirements="C")).to(target)
 
 
 def _ints(x: Any) -> list[int]:

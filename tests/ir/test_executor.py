@@ -282,6 +282,30 @@ def test_cnn_unfolded_ops_match_ort():
     _assert_matches_ort(model, {"x": x})
 
 
+def test_scalar_constants_stay_scalars():
+    """A 0-d Constant index gathers a scalar from a shape (an exported LSTM's batch size): an
+    Unsqueeze and a Concat with a 1-d constant must see rank 0 and rank 1, as in ORT."""
+    model = _parse(
+        """
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[20, 1, 64] x) => (int64[2] y, float[1, 20, 64] z) {
+            s = Shape (x)
+            i = Constant <value = int64 i = {1}> ()
+            n = Gather <axis = 0> (s, i)
+            a = Constant <value = int64[1] a = {0}> ()
+            u = Unsqueeze (n, a)
+            h = Constant <value = int64[1] h = {-1}> ()
+            y = Concat <axis = 0> (u, h)
+            r = Concat <axis = 0> (u, y)
+            z = Reshape (x, r)
+        }
+        """,
+        {},
+    )
+    x = np.random.default_rng(0).standard_normal((20, 1, 64)).astype(np.float32)
+    _assert_matches_ort(model, {"x": x})
+
+
 # --------------------------------------------------------------------------------------------------
 # property tests of single ops vs ORT
 

@@ -255,3 +255,33 @@ def test_bad_low_rank_plans_and_options_are_refused() -> None:
 def test_small_weights_get_no_low_rank_form() -> None:
     model = b.load_upgraded(_model(np.ones((32, 48), np.float32)))
     assert "smaller than" in low_rank.supports(next(qweights.iter_weights(model)))
+
+
+@pytest.mark.parametrize("curvature", ["g", "g_diag", "layerwise", "none"])
+def test_factored_scores_equal_the_scores_of_the_full_change(curvature: str) -> None:
+    """The allocator scores low-rank items from r×r forms; they equal the full-matrix prediction
+    and output error of the same change under every estimator."""
+    rng = np.random.default_rng(5)
+    out_dim, in_dim, rank = 24, 40, 6
+    x = rng.standard_normal((200, in_dim))
+    y = rng.standard_normal((out_dim, out_dim))
+    a = x.T @ x / 200
+    fields = {"a": a, "grad": rng.standard_normal((out_dim, in_dim)) * 0.01}
+    if curvature == "g":
+        fields["g"] = y @ y.T / out_dim
+    elif curvature == "g_diag":
+        fields["g_diag"] = rng.random(out_dim)
+    elif curvature == "layerwise":
+        fields["hutchinson_trace"] = 3.0
+    stats = type("Stats", (), fields)()
+    estimator = "layerwise" if curvature in ("layerwise", "none") else "kfac"
+    w = rng.standard_normal((out_dim, in_dim))
+    fixed = rng.standard_normal((out_dim, in_dim)) * 0.1
+    left, right = rng.standard_normal((out_dim, rank)), rng.standard_normal((rank, in_dim)) * 0.1
+    base = allocate_bits._output_energy(a, w)
+    loss, first, rho = allocate_bits.LowRankScore(stats, estimator, fixed, base)(left, right)
+    delta = fixed + left @ right
+    want_loss, want_first = allocate_bits.predict_delta_loss(stats, delta, estimator)
+    assert loss == pytest.approx(want_loss, rel=1e-9) and first == pytest.approx(want_first, rel=1e-9, abs=1e-12)
+    assert rho == pytest.approx(allocate_bits._perturbation(a, delta, base), rel=1e-9)
+    assert (first != 0.0) == (curvature != "none")  # the gradient term only in loss units
