@@ -22,7 +22,7 @@ from hessc.passes.hessian.cache import (
     _CACHE_VERSION, _cache_root, _config_digest, _load, _store, calibration_digest, model_digest,
 )
 from hessc.passes.hessian.config import HessianConfig
-from hessc.passes.hessian.forward import _collect_forward, _mean_covariance, _top_eigs
+from hessc.passes.hessian.forward import _collect_forward, _mean_covariance, _top_eigs, pools
 from hessc.passes.hessian.hvp import _collect_hvp
 from hessc.passes.hessian.layers import _targets
 from hessc.passes.hessian.losses import _Loss, resolve_loss
@@ -177,11 +177,13 @@ class AnnotateHessianPass(ir.passes.InPlacePass):
             acts = list(dict.fromkeys(a for t in targets for a in t.acts))
             used = feeds[: config.max_samples]
             halves = None
+            pooled = pools([t.acts for t in targets])
             if config.split_covariance and len(used) >= 2:
-                halves = [_collect_forward(model, acts, part, config) for part in (used[0::2], used[1::2])]
-                sums = {a: (halves[0][a][0] + halves[1][a][0], halves[0][a][1] + halves[1][a][1]) for a in acts}
+                halves = [_collect_forward(model, acts, part, config, pooled) for part in (used[0::2], used[1::2])]
+                sums = {a: (None if halves[0][a][0] is None else halves[0][a][0] + halves[1][a][0],
+                            halves[0][a][1] + halves[1][a][1]) for a in acts}
             else:
-                sums = _collect_forward(model, acts, used, config)
+                sums = _collect_forward(model, acts, used, config, pooled)
             eig_cache: dict[tuple, tuple] = {}
             for t in targets:
                 key = tuple(t.acts)

@@ -64,13 +64,38 @@ def _batches(feeds: Sequence[Mapping[str, np.ndarray]], size: int) -> list[dict[
     return out
 
 
+def pools(groups: Sequence[Sequence[_Act]]) -> dict[_Act, _Act]:
+    """Layer inputs that are only ever summed together, each mapped to the first of its group.
+
+    ``groups`` are the inputs of each weight (one per reader: a weight read by every step of an
+    unrolled recurrence has one input per step). A group is pooled, its inputs summed into one
+    buffer as they stream in, when none of its inputs belongs to another group: an unrolled
+    LSTM's 20 steps of a 4096-wide input then hold one 128 MiB sum, not 20.
+    """
+    owners: dict[_Act, set[tuple[_Act, ...]]] = {}
+    for group in groups:
+        for a in group:
+            owners.setdefault(a, set()).add(tuple(group))
+    out: dict[_Act, _Act] = {}
+    for group in {tuple(g) for g in groups if len(g) > 1}:
+        if all(owners[a] == {group} for a in group):
+            out.update({a: group[0] for a in group})
+    return out
+
+
 def _collect_forward(
     model: ir.Model,
     acts: Sequence[_Act],
     feeds: Sequence[Mapping[str, np.ndarray]],
     config: HessianConfig,
-) -> dict[_Act, tuple[torch.Tensor, int]]:
-    """``(Σ x xᵀ, count)`` in float64 for every layer input, streamed batch by batch."""
+    pooled: Mapping[_Act, _Act] | None = None,
+) -> dict[_Act, tuple[torch.Tensor | None, int]]:
+    """``(Σ x xᵀ, count)`` in float64 for every layer input, streamed batch by batch.
+
+    The inputs of a pool (:func:`pools`) are summed into their first input's entry as they come;
+    the others' entries are ``(None, 0)``.
+    """
+    pooled = dict(pooled or {})
     values: dict[str, ir.Value] = {}
     for node in model.graph:
         for v in node.outputs:
@@ -111,8 +136,9 @@ def _collect_forward(
 
     def accumulate(name: str, array: np.ndarray) -> None:
         x = torch.from_numpy(np.asarray(array))
-        for a in by_name[name]:
-            rows = _rows(x, a).reshape(-1, a.features).to(torch.float64)
+        for act in by_name[name]:
+            rows = _rows(x, act).reshape(-1, act.features).to(torch.float64)
+            a = pooled.get(act, act)
             if a in sums:
                 sums[a].addmm_(rows.T, rows)
             else:
@@ -135,7 +161,13 @@ def _collect_forward(
     finally:
         if source is not None:
             source.close()
-    return {a: (sums.get(a, torch.zeros(a.features, a.features, dtype=torch.float64)), counts[a]) for a in acts}
+    out: dict[_Act, tuple[torch.Tensor | None, int]] = {}
+    for a in acts:
+        if pooled.get(a, a) is not a:
+            out[a] = (None, 0)
+        else:
+            out[a] = (sums.get(a, torch.zeros(a.features, a.features, dtype=torch.float64)), counts[a])
+    return out
 
 
 def _mean_covariance(sums: Mapping, acts: Sequence[_Act]) -> tuple[np.ndarray | None, int]:
@@ -143,9 +175,10 @@ def _mean_covariance(sums: Mapping, acts: Sequence[_Act]) -> tuple[np.ndarray | 
     count = sum(sums[a][1] for a in acts)
     if count == 0:
         return None, 0
-    total = sums[acts[0]][0].clone()
-    for extra in acts[1:]:
-        total += sums[extra][0]
+    parts = [sums[a][0] for a in acts if sums[a][0] is not None]  # a pool's sum sits in one entry
+    total = parts[0].clone()
+    for extra in parts[1:]:
+        total += extra
     mean = total / count
     return ((mean + mean.T) / 2).numpy(), count
 

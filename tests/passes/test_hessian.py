@@ -19,6 +19,7 @@ from hessc.ir import meta
 from hessc.ir import weights as qweights
 from hessc.passes import curvature, hessian
 from hessc.passes.hessian import AnnotateHessianPass, HessianConfig, annotate, hessian_for, make_layer_hvp
+from hessc.passes.hessian import forward, layers
 
 F64 = dict(precision="float64", cache=False)
 
@@ -113,6 +114,38 @@ def test_split_covariance_keeps_the_even_and_odd_feeds_halves() -> None:
     np.testing.assert_allclose(s.a_check, odd.T @ odd / len(odd), rtol=1e-6, atol=1e-8)
     everything = np.concatenate([even, odd])
     np.testing.assert_allclose(s.a, everything.T @ everything / len(everything), rtol=1e-6, atol=1e-8)
+
+
+def test_a_weight_read_at_every_step_sums_its_inputs_in_one_buffer() -> None:
+    """A weight read by several MatMuls (an unrolled recurrence's steps) gets A over all their
+    rows, summed into one buffer as they stream in; an input another weight also reads is not
+    pooled, and that weight's A stays its own input's."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h1"], name="step1"),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "W"], ["h2"], name="step2"),
+        helper.make_node("MatMul", ["h2", "V"], ["y"], name="head"),
+    ]
+    x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 6])
+    y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 3])
+    model = builders.load(builders.make_model(nodes, [x_in], [y_out], {"W": builders.weight((6, 6), 0),
+                                                                        "V": builders.weight((6, 3), 1)}))
+    feeds = x_feeds(6, 4)
+    targets = layers._targets(model)
+    pooled = forward.pools([t.acts for t in targets])
+    assert sorted({a.name for a in pooled}) == ["r1", "x"] and len(set(pooled.values())) == 1
+    AnnotateHessianPass(HessianConfig(cache=False, split_covariance=True), feeds)(model)
+    w = builders.weight((6, 6), 0)
+    x = np.concatenate([f64(f["x"]) for f in feeds])
+    r1 = np.maximum(x @ w, 0)
+    rows = np.concatenate([x, r1])
+    np.testing.assert_allclose(stats_of(model, "W").a, rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+    even = np.concatenate([np.concatenate([f64(f["x"]) for f in feeds[0::2]]),
+                           np.maximum(np.concatenate([f64(f["x"]) for f in feeds[0::2]]) @ w, 0)])
+    np.testing.assert_allclose(stats_of(model, "W").a_fit, even.T @ even / len(even), rtol=1e-5, atol=1e-6)
+    h2 = r1 @ w
+    np.testing.assert_allclose(stats_of(model, "V").a, h2.T @ h2 / len(h2), rtol=1e-5, atol=1e-6)
+    assert stats_of(model, "W").samples == 2 * len(x)
 
 
 def _patches(x: np.ndarray, kernel, strides, dilations, begin, end, groups) -> np.ndarray:
