@@ -152,6 +152,12 @@ def adopt(model: ir.Model, result: ir.Model) -> None:
     model.ir_version = result.ir_version
     model.meta[meta.MATERIALIZED_KEY] = result.meta.get(meta.MATERIALIZED_KEY, {})
     model.meta[meta.SKIPPED_KEY] = result.meta.get(meta.SKIPPED_KEY, {})
+    # The replay's low-rank forms replace the first materialization's (a form stepped away from
+    # must not stay in the byte count).
+    if result.meta.get(low_rank.LOW_RANK_KEY):
+        model.meta[low_rank.LOW_RANK_KEY] = result.meta[low_rank.LOW_RANK_KEY]
+    else:
+        model.meta.pop(low_rank.LOW_RANK_KEY, None)
 
 
 def replay(config: quantize.QuantConfig, preplan: ir.Model, record: dict[str, Any]) -> ir.Model:

@@ -226,6 +226,15 @@ def test_replay_reproduces_the_low_rank_forms(run_pass) -> None:
     feed = {"x": _inputs(128, 9, 64)}
     np.testing.assert_array_equal(b.run_ort(replayed, feed)[0], b.run_ort(model, feed)[0])
 
+    # A correction that steps the weight back to a plain item: adopting its replay drops the
+    # split's record (its factors would otherwise stay in the byte count).
+    plain = {**record, "rank_override": [], "bits_override": [["W1", 4]]}
+    lossless.adopt(model, lossless.replay(config, model.meta[meta.PREPLAN_KEY], plain))
+    assert low_rank.LOW_RANK_KEY not in model.meta
+    assert not any(n.endswith("_lr_left") for n in model.graph.initializers)
+    lossless.adopt(model, replayed)
+    assert model.meta[low_rank.LOW_RANK_KEY]["W1"]["rank"] == 8
+
 
 # ------------------------------------------------------------------------------ refusals
 
