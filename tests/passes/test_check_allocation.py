@@ -107,3 +107,33 @@ def test_the_plan_and_the_cli_carry_the_check(tmp_path) -> None:
     off = hessc.optimize(_mlp(), target="onnx", bits=3.5, group_size=128, calibration=feeds, labels=labels, check_allocation=False)
     assert "check" not in meta.read_plan(off)["allocation"]
     assert "check-allocation" not in [p["name"] for p in meta.read_plan(off)["passes"]]
+
+
+def _low_rank_prepared() -> ir.Model:
+    """The MLP with W2 of rank 8 (plus noise), so that the allocator chooses a split for it."""
+    model = _prepared()
+    rng = np.random.default_rng(3)
+    w2 = (rng.standard_normal((128, 8)) @ rng.standard_normal((8, 128)) * 0.05
+          + 1e-3 * rng.standard_normal((128, 128))).astype(np.float32)
+    model.graph.initializers["W2"].const_value = ir.tensor(w2, name="W2")
+    model.meta[REFERENCE_KEY] = model.clone()
+    return model
+
+
+def test_low_rank_items_stay_only_where_they_measure_better_than_plain_items() -> None:
+    options = CompileOptions(target="onnx", bits=3.0, has_calibration=True, group_size=128)
+    model = pipeline.run(pipeline.build_pipeline(options, targets.get("onnx")), _low_rank_prepared())
+    check = model.meta[check_allocation.CHECK_KEY]
+    structural = check["structural"]
+    assert np.isfinite(structural["with_low_rank"]) and np.isfinite(structural["plain"])
+    plain_wins = structural["plain"] <= structural["with_low_rank"]
+    assert structural["kept"] == ("plain items" if plain_wins else "low-rank items")
+    record = model.meta[allocate_bits.ALLOCATION_KEY]
+    forms = [w for w in record["weights"] if w.get("form")]
+    assert bool(forms) != plain_wins
+    from hessc.passes import low_rank
+
+    assert (low_rank.LOW_RANK_KEY in model.meta) != plain_wins, "the records follow the graph kept"
+    assert check["rounds"][-1]["measured"] == pytest.approx(min(structural["plain"], structural["with_low_rank"]))
+    assert record["used_bytes"] <= record["budget_bytes"]
+    assert model.meta["hessc.verification"]["status"] == "passed"
