@@ -237,7 +237,8 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("insert-qdq", "materialize the plans as blocked DequantizeLinear weights (the portable form)",
              _insert_qdq, _always),
     PassSpec("check-allocation", "measure the budget's predicted loss change on held-out feeds; where it is "
-             "exceeded, measure the weights most responsible and re-solve the budget with corrected predictions",
+             "exceeded, measure the weights most responsible and re-solve the budget with corrected predictions; "
+             "keep low-rank items only where they measure better than plain items",
              _check_allocation, lambda o, t: o.checks_allocation),
     PassSpec("confirm-lossless", "check the allocation on held-out feeds and back off until it holds",
              _confirm_lossless, lambda o, t: o.lossless),
