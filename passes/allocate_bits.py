@@ -344,6 +344,19 @@ def resolve_estimator(requested: str, stats: Any, model_choice: str | None) -> s
     return "kfac" if choice == "kfac" and has_g else "layerwise"
 
 
+def _output_factor(stats: Any, estimator: str, out_dim: int) -> tuple[Any, np.ndarray | None, float, bool]:
+    """The output factor ``G`` an estimator uses: ``(g, None, 1, True)`` for the full K-FAC
+    factor, ``(None, g_diag, 1, True)`` for its diagonal, ``(None, None, γ, in_loss_units)`` for
+    the layer-wise ``G = γI`` (γ = 1 and not in loss units where γ is unknown)."""
+    g, g_diag = _stat(stats, "g"), _stat(stats, "g_diag")
+    if estimator == "kfac" and g is not None:
+        return g, None, 1.0, True
+    if estimator == "kfac" and g_diag is not None:
+        return None, np.asarray(g_diag, dtype=np.float64), 1.0, True
+    gamma = _layerwise_scale(stats, out_dim)
+    return None, None, (1.0 if gamma is None else gamma), gamma is not None
+
+
 def predict_delta_loss(stats: Any, delta: np.ndarray, estimator: str) -> tuple[float, float]:
     """Predicted loss change of a weight change ``delta`` (out × in) and its first-order part.
 
@@ -359,17 +372,13 @@ def predict_delta_loss(stats: Any, delta: np.ndarray, estimator: str) -> tuple[f
     if a is None:
         raise ValueError("predicting a loss change needs the input factor A")
     d = np.asarray(delta, dtype=np.float64)
-    if estimator == "kfac" and _stat(stats, "g") is not None:
-        quadratic = curvature.kfac_quadratic(_stat(stats, "g"), a, d)
-        in_loss_units = True
-    elif estimator == "kfac" and _stat(stats, "g_diag") is not None:
-        g_diag = np.asarray(_stat(stats, "g_diag"), dtype=np.float64)
+    g, g_diag, gamma, in_loss_units = _output_factor(stats, estimator, d.shape[0])
+    if g is not None:
+        quadratic = curvature.kfac_quadratic(g, a, d)
+    elif g_diag is not None:
         quadratic = 0.5 * float(np.sum(g_diag[:, None] * (d @ np.asarray(a, dtype=np.float64)) * d))
-        in_loss_units = True
     else:
-        gamma = _layerwise_scale(stats, d.shape[0])
-        in_loss_units = gamma is not None
-        quadratic = (1.0 if gamma is None else gamma) * curvature.kfac_quadratic(None, a, d)
+        quadratic = gamma * curvature.kfac_quadratic(None, a, d)
     grad = _stat(stats, "grad")
     first = float(np.sum(np.asarray(grad, dtype=np.float64) * d)) if grad is not None and in_loss_units else 0.0
     return first + quadratic, first
@@ -398,17 +407,8 @@ class LowRankScore:
             raise ValueError("predicting a loss change needs the input factor A")
         self.a = np.asarray(a, dtype=np.float64)
         d = np.asarray(fixed, dtype=np.float64)
-        g, g_diag = _stat(stats, "g"), _stat(stats, "g_diag")
-        self.g = self.g_diag = None
-        self.gamma, in_loss_units = 1.0, True
-        if estimator == "kfac" and g is not None:
-            self.g = np.asarray(g, dtype=np.float64)
-        elif estimator == "kfac" and g_diag is not None:
-            self.g_diag = np.asarray(g_diag, dtype=np.float64)
-        else:
-            gamma = _layerwise_scale(stats, d.shape[0])
-            in_loss_units = gamma is not None
-            self.gamma = 1.0 if gamma is None else gamma
+        g, self.g_diag, self.gamma, in_loss_units = _output_factor(stats, estimator, d.shape[0])
+        self.g = None if g is None else np.asarray(g, dtype=np.float64)
         grad = _stat(stats, "grad")
         self.grad = np.asarray(grad, dtype=np.float64) if grad is not None and in_loss_units else None
         self.base = base

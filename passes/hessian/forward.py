@@ -95,7 +95,7 @@ def _collect_forward(
     The inputs of a pool (:func:`pools`) are summed into their first input's entry as they come;
     the others' entries are ``(None, 0)``.
     """
-    pooled = dict(pooled or {})
+    pooled = pooled or {}
     values: dict[str, ir.Value] = {}
     for node in model.graph:
         for v in node.outputs:
