@@ -82,9 +82,23 @@ def supports(ref: qweights.WeightRef) -> str | None:
         return "read inside an If/Loop/Scan body"
     if ref.op == "Gemm" and ref.node.attributes.get_float("alpha", 1.0) != 1.0:
         return "a Gemm with alpha != 1"
+    if len({_reader_kind(u.node, u.idx, ref.graph) for u in ref.value.uses()}) != 1:
+        return "read by nodes of different kinds or graphs"
     if min(ref.matrix_shape) < MIN_DIM:
         return f"smaller than {MIN_DIM} in one dimension"
     return None
+
+
+def _reader_kind(node: ir.Node, index: int, graph: ir.Graph) -> tuple:
+    """What must agree among the readers of one weight for its factors to replace it in all."""
+    return (node.op_type, index, node.graph is graph, node.attributes.get_int("transB", 0),
+            node.attributes.get_float("alpha", 1.0))
+
+
+def _readers(ref: qweights.WeightRef) -> list[ir.Node]:
+    """Every node reading the weight (a weight shared by several layers, as in ALBERT, has many:
+    its factors replace it in all of them)."""
+    return [u.node for u in ref.value.uses()]
 
 
 def break_even_rank(shape: tuple[int, int]) -> int:
@@ -372,7 +386,7 @@ class SplitLowRankPass(ir.passes.InPlacePass):
                                            ref.name)[plan.rank]
         left_plan, right_plan = factor_plans(ref.name, ref.matrix_shape, plan.rank, plan.factor_bits,
                                              plan.group_size, plan.symmetric)
-        graph, node = ref.graph, ref.node
+        graph = ref.graph
         base = ref.value.name
         dtype = ref.value.dtype.numpy()
         right = frontend.new_initializer(graph, f"{base}_lr_right", np.ascontiguousarray(factors.right.T.astype(dtype)))
@@ -384,21 +398,23 @@ class SplitLowRankPass(ir.passes.InPlacePass):
             value.meta[meta.WEIGHT_NAME_KEY] = f"{ref.name}.lr_{side}"
             if fplan is not None:
                 value.meta[meta.QUANT_KEY] = fplan
-        inner = ir.node("MatMul", [node.inputs[0], right], name=f"{base}_lr_in", num_outputs=1)
-        inner.outputs[0].name = f"{base}_lr_t"
-        inner.outputs[0].type = ir.TensorType(ref.value.dtype)
-        graph.insert_before(node, inner)
-        if plan.form == "split":
-            node.replace_input_with(0, inner.outputs[0])
-            node.replace_input_with(1, left)
-            if not ref.value.uses() and ref.value.name in graph.initializers:
-                graph.initializers.pop(ref.value.name)
-        else:
-            outer = ir.node("MatMul", [inner.outputs[0], left], name=f"{base}_lr_out", num_outputs=1)
-            outer.outputs[0].name = f"{base}_lr_c"
-            outer.outputs[0].type = ir.TensorType(ref.value.dtype)
-            graph.insert_after(node, outer)
-            _add_to_output(graph, node, outer, base)
+        for k, node in enumerate(_readers(ref)):
+            tag = base if k == 0 else f"{base}_{k}"
+            inner = ir.node("MatMul", [node.inputs[0], right], name=f"{tag}_lr_in", num_outputs=1)
+            inner.outputs[0].name = f"{tag}_lr_t"
+            inner.outputs[0].type = ir.TensorType(ref.value.dtype)
+            graph.insert_before(node, inner)
+            if plan.form == "split":
+                node.replace_input_with(0, inner.outputs[0])
+                node.replace_input_with(1, left)
+            else:
+                outer = ir.node("MatMul", [inner.outputs[0], left], name=f"{tag}_lr_out", num_outputs=1)
+                outer.outputs[0].name = f"{tag}_lr_c"
+                outer.outputs[0].type = ir.TensorType(ref.value.dtype)
+                graph.insert_after(node, outer)
+                _add_to_output(graph, node, outer, tag)
+        if plan.form == "split" and not ref.value.uses() and ref.value.name in graph.initializers:
+            graph.initializers.pop(ref.value.name)
         out_dim, in_dim = ref.matrix_shape
         stored = plan.rank * (out_dim + in_dim)
         bytes_ = 4 * stored if left_plan is None else sum(quantize.stored_bytes(p, 4) for p in (left_plan, right_plan))

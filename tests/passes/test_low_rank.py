@@ -149,6 +149,27 @@ def test_a_weight_of_rank_r_is_split_at_rank_r_and_runs_within_the_bound(run_pas
     assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.01
 
 
+def test_a_weight_read_by_several_layers_is_replaced_in_every_one(run_pass) -> None:
+    """One weight read by two MatMuls (cross-layer shared, as in ALBERT): its factors replace it
+    in both, and the float weight is stored no more."""
+    w = _low_rank_weight(96, 96, 8, 0)
+    x = _inputs(96, 3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["h", "W"], ["y"], name="mm2")]
+    proto = b.make_model(nodes, [b.x_input(96)], [b.y_output(96)], {"W": np.ascontiguousarray(w.T)})
+    model = _planned(proto, [np.concatenate([x, x @ w.T])])
+    run_pass(AllocateBitsPass(AllocationConfig(budget_bits=2.0, low_rank=True)), model)
+    assert _weight(model, "W").get("form") == "split"
+    run_pass(SplitLowRankPass(), model)
+    assert "W" not in model.graph.initializers
+    assert all(n.inputs[1].name != "W" for n in model.graph)
+    InsertQDQPass()(model)
+    assert len(b.nodes_of(model, "MatMul")) == 4 and len(b.nodes_of(model, "DequantizeLinear")) == 2
+    reference = b.run_ort(b.load(proto), {"x": x[:256]})[0]
+    got = b.run_ort(model, {"x": x[:256]})[0]
+    assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.02
+
+
 def test_a_full_rank_weight_is_not_split(run_pass) -> None:
     rng = np.random.default_rng(5)
     w1 = rng.standard_normal((96, 128)).astype(np.float32)
