@@ -3,7 +3,8 @@
 The portable form reads each quantized weight through a blocked ``DequantizeLinear``. Lowering
 matches that ``DequantizeLinear`` together with its consumers and rewrites them:
 
-* ``DQ(q[K,N]; axis=0, block=g) → MatMul(x, ·)`` and ``DQ(q[N,K]; axis=1) → Gemm(x, ·, c; transB=1)``
+* ``DQ(q[K,N]; axis=0, block=g) → MatMul(x, ·)`` or ``→ Gemm(x, ·, c)``, and ``DQ(q[N,K]; axis=1) →
+  Gemm(x, ·, c; transB=1)``
   become ``com.microsoft.MatMulNBits(x, pack(qᵀ), s, z[, bias])`` (``Y = x · dequant(B)ᵀ``), with
   ``accuracy_level=4`` on the CPU (int8 compute; 20–30× faster than the float path for 2/8 bits);
 * ``DQ(E_q[V,D]; axis=1) → Gather(·, ids)`` becomes ``com.microsoft.GatherBlockQuantized`` (4/8 bits);
@@ -199,9 +200,10 @@ class _Rewriter:
             return self._to_tied_table(dq, tie, q, scale, zp, bits, block)
         if ops == {("MatMul", 1)} and axis == 0 and block:
             return self._to_matmul_nbits(model, dq, uses, q, scale, zp, bits, block, transposed=True)
-        if all(u.node.op_type == "Gemm" and u.idx == 1 for u in uses) and axis == 1 and block:
-            if all(self._plain_gemm(u.node) for u in uses):
-                return self._to_matmul_nbits(model, dq, uses, q, scale, zp, bits, block, transposed=False)
+        if all(u.node.op_type == "Gemm" and u.idx == 1 for u in uses) and block:
+            # transB=1 stores (N, K), quantized along axis 1; transB=0 stores (K, N), along axis 0.
+            if all(self._plain_gemm(u.node, trans_b=axis == 1) for u in uses):
+                return self._to_matmul_nbits(model, dq, uses, q, scale, zp, bits, block, transposed=axis == 0)
         if ops == {("Gather", 0)} and axis == 1 and block and self.config.gather_quantized:
             return self._to_gather_block_quantized(model, dq, uses, q, scale, zp, bits, block)
         return False
@@ -267,12 +269,14 @@ class _Rewriter:
         return q.inputs[0]
 
     @staticmethod
-    def _plain_gemm(node: ir.Node) -> bool:
+    def _plain_gemm(node: ir.Node, trans_b: bool = True) -> bool:
+        """``Gemm(x, W, c)`` as ``MatMulNBits`` computes it: no transA, no alpha, a 1-D bias,
+        and ``transB`` as given."""
         a = node.attributes
         c = node.inputs[2] if len(node.inputs) > 2 else None
         return (
             a.get_int("transA", 0) == 0
-            and a.get_int("transB", 0) == 1
+            and a.get_int("transB", 0) == int(trans_b)
             and a.get_float("alpha", 1.0) == 1.0
             and (c is None or (a.get_float("beta", 1.0) == 1.0 and c.shape is not None and len(c.shape) == 1))
         )
@@ -337,7 +341,7 @@ class _Rewriter:
                             dq.meta.get(meta.QUANT_KEY))
 
     def _nbits_node(self, graph: ir.Graph, node: ir.Node, weight: _NBitsWeight) -> None:
-        """Replaces ``MatMul(x, W)`` or a plain ``Gemm(x, W, c; transB=1)`` by ``MatMulNBits``."""
+        """Replaces ``MatMul(x, W)`` or a plain ``Gemm(x, W, c)`` by ``MatMulNBits``."""
         x = self._activation_input(node.inputs[0])
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
         inputs = [x, weight.b, weight.scales, weight.zero_points]

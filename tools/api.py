@@ -282,6 +282,7 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     if model.meta.get(meta.CURVATURE_KEY) is not None or model.meta.get(allocate_bits.ALLOCATION_KEY) is not None:
         _record_allocation(record, model.meta.get(allocate_bits.ALLOCATION_KEY), model.meta.get(meta.CURVATURE_KEY, {}),
                            model.meta.get(lossless.LOSSLESS_KEY))
+    _check_stored_bits(summary)
     from hessc.passes.rotation import ROTATION_KEY
 
     if model.meta.get(ROTATION_KEY) is not None:
@@ -306,6 +307,22 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     else:
         record["verification"] = {"status": "skipped: verify-in-ort was not in the pipeline"}
     return record
+
+
+STORED_BITS_SLACK = 0.02
+"""How far (in bits per weight) the file may store more than the allocation planned (packing
+rounds zero points and padding per row) before the gap is reported as a pricing error."""
+
+
+def _check_stored_bits(summary: dict) -> None:
+    """Says loudly, in the log and the summary, where the file holds more bits per weight than
+    the allocation planned: the allocator priced some weight in a form lowering did not write."""
+    planned, stored = summary.get("planned_effective_bits"), summary.get("effective_bits_per_weight")
+    if planned is None or stored is None or stored <= planned + STORED_BITS_SLACK:
+        return
+    summary["stored_over_plan_bits"] = round(stored - planned, 4)
+    logger.warning("the file stores %.4f effective bits per weight where the allocation planned %.4f "
+                   "(a hessc pricing bug: the plan's `lowering` lists the forms written)", stored, planned)
 
 
 def _record_allocation(record: dict, allocation: dict | None, curvature: dict, lossless: dict | None) -> None:

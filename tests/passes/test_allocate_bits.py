@@ -503,6 +503,42 @@ def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
 
 
 @pytest.mark.torch
+def test_a_budget_holds_in_the_file_for_gemm_weights_stored_in_by_out() -> None:
+    """GPT-2's Conv1D layers export as ``Gemm(x, W[in, out])`` (no transB): on the cpu target
+    their codes, 3-bit ones included, are stored as the allocator priced them (MatMulNBits, 3-bit
+    codes at 3 bits), so the file's effective bits are the allocation's."""
+    import hessc
+    from onnx import helper
+
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2")]
+    inits = {"W1": b.weight((64, 128), 1), "b1": b.weight((128,), 2), "W2": b.weight((128, 64), 3, 0.1)}
+    proto = b.make_model(nodes, [b.x_input(64)], [b.y_output(64)], inits)
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4, 64))
+    feeds = [{"x": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(np.float32)}
+             for _ in range(8)]
+    out = hessc.optimize(b.load(proto), target="cpu", bits=3.5, calibration=feeds, low_rank=False)
+    s = meta.read_plan(out)["summary"]
+    assert s["effective_bits_per_weight"] == pytest.approx(s["planned_effective_bits"], abs=0.01)
+    assert s["effective_bits_per_weight"] <= 3.5 and "stored_over_plan_bits" not in s
+    assert [n.op_type for n in out.graph].count("MatMulNBits") == 2
+
+
+def test_a_file_above_its_planned_bits_is_reported(caplog) -> None:
+    from hessc import api
+
+    summary = {"planned_effective_bits": 3.47, "effective_bits_per_weight": 3.97}
+    with caplog.at_level("WARNING"):
+        api._check_stored_bits(summary)
+    assert summary["stored_over_plan_bits"] == 0.5 and "pricing bug" in caplog.text
+    within = {"planned_effective_bits": 3.47, "effective_bits_per_weight": 3.48}
+    api._check_stored_bits(within)
+    assert "stored_over_plan_bits" not in within
+
+
+@pytest.mark.torch
 def test_optimize_allocates_conv_weights_on_the_portable_target() -> None:
     """End to end on an inverted-residual block: curvature through the torch executor for convs,
     GPTQ and RTN items for the 1×1 and depthwise weights, and the budget met in the bytes the saved

@@ -215,10 +215,19 @@ def test_target_onnx_leaves_the_model_unchanged(run_pass) -> None:
     assert b.to_bytes(model) == before
 
 
-def test_gemm_without_trans_b_is_not_lowered(run_pass) -> None:
-    model = _portable(run_pass, b.gemm_model(trans_b=0), 4, symmetric=False)
-    assert not run_pass(LowerWeightsPass(LowerConfig(target="cpu")), model).modified
-    assert b.op_types(model) == ["DequantizeLinear", "Gemm"]
+@pytest.mark.parametrize("bits,bias", [(4, True), (3, False)])
+def test_gemm_without_trans_b_runs_as_matmul_nbits(run_pass, bits: int, bias: bool) -> None:
+    """``Gemm(x, W[K,N], c)`` (GPT-2's Conv1D layers export so): quantized along K (axis 0), it
+    runs as ``MatMulNBits`` on the transposed codes, with the bias, and computes the portable form."""
+    model = _portable(run_pass, b.gemm_model(trans_b=0, bias=bias), bits, symmetric=False)
+    feed = _feed("x")
+    (expected,) = b.run_ort(model, feed)
+    assert run_pass(LowerWeightsPass(LowerConfig(target="cpu", accuracy_level=0)), model).modified
+    assert "Gemm" not in b.op_types(model) and "MatMulNBits" in b.op_types(model)
+    nbits = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert (nbits.attributes.get_int("K"), nbits.attributes.get_int("N")) == (64, 32)
+    assert len(nbits.inputs) == (6 if bias else 4)
+    assert _rel(b.run_ort(model, feed)[0], expected) <= 1e-4
 
 
 def test_mlp_lowers_every_matmul_and_keeps_graph_io(run_pass) -> None:
