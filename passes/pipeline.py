@@ -168,7 +168,10 @@ def _activation_ranges(options, target):
 def _tune_regions(options, target):
     from hessc.runtime import tune_regions
 
-    return tune_regions.TuneStaticRegionsPass(options.static_int8_ops(target))
+    # Under a size budget the weights keep the 8-bit codes the budget priced; float weights
+    # (a latency choice of 32 bits each) would break it.
+    size_budget = options.budgeted and not options.lossless
+    return tune_regions.TuneStaticRegionsPass(options.static_int8_ops(target), float_weights=not size_budget)
 
 
 def _activation_qdq(options, target):

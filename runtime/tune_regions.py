@@ -133,12 +133,16 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
     Args:
         static_int8_ops: the ops the target runs as static int8 kernels.
         cache: the timing cache (default: the machine's, :func:`hessc.runtime.tune.default_cache`).
+        float_weights: a part left float may keep float weights where they run faster (False
+            under a size budget, which priced the 8-bit codes: the record says so).
     """
 
-    def __init__(self, static_int8_ops: frozenset[str], cache: tune.TimingCache | None = None) -> None:
+    def __init__(self, static_int8_ops: frozenset[str], cache: tune.TimingCache | None = None,
+                 float_weights: bool = True) -> None:
         super().__init__()
         self.static_int8_ops = static_int8_ops
         self.cache = cache
+        self.float_weights = float_weights
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         region = activations.static_region(model, self.static_int8_ops)
@@ -176,6 +180,10 @@ class TuneStaticRegionsPass(ir.passes.InPlacePass):
             if int8_ms >= float_ms * (1 - tune.TIE):  # float activations: the more exact form wins a tie
                 forms[index], current, entry["chosen"] = "float", variant, "float"
                 variant = None
+                if not self.float_weights:
+                    entry["fp32_weights"] = "not tried: a size budget priced these weights at 8 bits"
+                    record_groups.append(entry)
+                    continue
                 # Dequantized weights run on every call, and ORT does not prepack them for its
                 # float convs: the part's weights in float may be faster still (32 bits each).
                 float_ms, fp32_ms = compare(f"fp32 {sorted(forms.items())} + {index}", index, "fp32")

@@ -106,6 +106,15 @@ def test_parts_follow_the_measured_timings_and_the_cache_replays_them(tmp_path, 
     assert "W0" not in {w["name"] for w in plan["weights"]} and "float weights" in plan["skipped"]["W0"]
     assert plan["verification"]["status"] == "passed"
 
+    # Under a size budget the weights keep the 8-bit codes it priced: float weights are not tried.
+    cached[machine][key].update({"float [(0, 'float')] + 1": [1.0, 2.0], "float [(0, 'float')] + 2": [2.0, 1.0]})
+    path.write_text(json.dumps(cached))
+    budgeted = hessc.optimize(b.load(proto), target="cpu", bits=9.0, calibration=feeds)
+    plan = meta.read_plan(budgeted)
+    assert [g["chosen"] for g in plan["int8_regions"]["groups"]] == ["float", "int8", "float"]
+    assert "size budget" in plan["int8_regions"]["groups"][0]["fp32_weights"]
+    assert "W0" in {w["name"] for w in plan["weights"]} and plan["summary"]["effective_bits_per_weight"] <= 9.0
+
 
 def test_without_tuning_the_whole_region_is_int8() -> None:
     out = hessc.optimize(b.load(_prelu_net()), target="cpu", bits=8, calibration=_feeds(), tune=False)
