@@ -863,6 +863,8 @@ def with_weights(record: dict[str, Any], weights: Sequence[dict[str, Any]]) -> d
         effective_bits=round(8 * used / numel, 4) if numel else None,
         # Over the allocated weights (float items at 32 bits) and the tables outside the budget.
         planned_effective_bits=round(8 * all_bytes / all_numel, 4) if all_numel else None,
+        planned_quantized_params=all_numel - sum(w["shape"][0] * w["shape"][1] for w in weights
+                                                 if w["method"] == "float"),
         predicted_delta_loss=float(sum(w["predicted_delta_loss"] for w in weights)),
         # A split weight is not quantized itself (its factors are): it replays as float + its form.
         bits_override=[[w["name"], FLOAT_BITS if w.get("form") == "split" else w["bits"]] for w in weights],

@@ -282,7 +282,7 @@ def _plan_record(model: ir.Model, options: CompileOptions, target: targets.Targe
     if model.meta.get(meta.CURVATURE_KEY) is not None or model.meta.get(allocate_bits.ALLOCATION_KEY) is not None:
         _record_allocation(record, model.meta.get(allocate_bits.ALLOCATION_KEY), model.meta.get(meta.CURVATURE_KEY, {}),
                            model.meta.get(lossless.LOSSLESS_KEY))
-    _check_stored_bits(summary)
+    _check_stored_bits(summary, numel)
     from hessc.passes.rotation import ROTATION_KEY
 
     if model.meta.get(ROTATION_KEY) is not None:
@@ -314,15 +314,21 @@ STORED_BITS_SLACK = 0.02
 rounds zero points and padding per row) before the gap is reported as a pricing error."""
 
 
-def _check_stored_bits(summary: dict) -> None:
+def _check_stored_bits(summary: dict, weights: int) -> None:
     """Says loudly, in the log and the summary, where the file holds more bits per weight than
-    the allocation planned: the allocator priced some weight in a form lowering did not write."""
+    the allocation planned, or fewer quantized weights: the allocator priced some weight in a
+    form lowering did not write. ``weights``: how many of the original model's weights the file
+    stores quantized (low-rank factors and shared bases counted as the weights they stand for)."""
     planned, stored = summary.get("planned_effective_bits"), summary.get("effective_bits_per_weight")
-    if planned is None or stored is None or stored <= planned + STORED_BITS_SLACK:
-        return
-    summary["stored_over_plan_bits"] = round(stored - planned, 4)
-    logger.warning("the file stores %.4f effective bits per weight where the allocation planned %.4f "
-                   "(a hessc pricing bug: the plan's `lowering` lists the forms written)", stored, planned)
+    if planned is not None and stored is not None and stored > planned + STORED_BITS_SLACK:
+        summary["stored_over_plan_bits"] = round(stored - planned, 4)
+        logger.warning("the file stores %.4f effective bits per weight where the allocation planned %.4f "
+                       "(a hessc pricing bug: the plan's `lowering` lists the forms written)", stored, planned)
+    priced = summary.get("planned_quantized_params")
+    if priced is not None and weights < priced:
+        summary["priced_params_in_float"] = priced - weights
+        logger.warning("%d of the %d weights the budget priced as quantized are stored in float: the file is "
+                       "larger than the budget (a hessc bug)", priced - weights, priced)
 
 
 def _record_allocation(record: dict, allocation: dict | None, curvature: dict, lossless: dict | None) -> None:
@@ -349,6 +355,8 @@ def _record_allocation(record: dict, allocation: dict | None, curvature: dict, l
         )
     if allocation.get("planned_effective_bits") is not None:
         summary["planned_effective_bits"] = allocation["planned_effective_bits"]
+    if allocation.get("planned_quantized_params") is not None and allocation["mode"] == "budget":
+        summary["planned_quantized_params"] = allocation["planned_quantized_params"]
     record["allocation"] = {
         key: allocation[key] for key in ("estimator", "note", "not_allocated") if allocation.get(key) is not None
     }

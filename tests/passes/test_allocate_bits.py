@@ -523,6 +523,7 @@ def test_a_budget_holds_in_the_file_for_gemm_weights_stored_in_by_out() -> None:
     s = meta.read_plan(out)["summary"]
     assert s["effective_bits_per_weight"] == pytest.approx(s["planned_effective_bits"], abs=0.01)
     assert s["effective_bits_per_weight"] <= 3.5 and "stored_over_plan_bits" not in s
+    assert s["planned_quantized_params"] == 2 * 64 * 128 and "priced_params_in_float" not in s
     assert [n.op_type for n in out.graph].count("MatMulNBits") == 2
 
 
@@ -531,11 +532,14 @@ def test_a_file_above_its_planned_bits_is_reported(caplog) -> None:
 
     summary = {"planned_effective_bits": 3.47, "effective_bits_per_weight": 3.97}
     with caplog.at_level("WARNING"):
-        api._check_stored_bits(summary)
+        api._check_stored_bits(summary, 1000)
     assert summary["stored_over_plan_bits"] == 0.5 and "pricing bug" in caplog.text
-    within = {"planned_effective_bits": 3.47, "effective_bits_per_weight": 3.48}
-    api._check_stored_bits(within)
-    assert "stored_over_plan_bits" not in within
+    within = {"planned_effective_bits": 3.47, "effective_bits_per_weight": 3.48, "planned_quantized_params": 1000}
+    api._check_stored_bits(within, 1000)
+    assert "stored_over_plan_bits" not in within and "priced_params_in_float" not in within
+    floated = {"planned_quantized_params": 1000}
+    api._check_stored_bits(floated, 900)
+    assert floated["priced_params_in_float"] == 100
 
 
 @pytest.mark.torch
