@@ -323,7 +323,8 @@ def _insert_pair(graph: ir.Graph, value: ir.Value, x: ir.Value, rng, grid, reade
     the start of the ``Relu``/``Clip`` chain the pair absorbs)."""
     scale, zero = grid
     name = value.name
-    s_val = frontend.new_initializer(graph, f"{name}_act_scale", np.array(scale, dtype=np.float32))
+    # The scale has the activation's type (QuantizeLinear binds both): float16 in a float16 model.
+    s_val = frontend.new_initializer(graph, f"{name}_act_scale", np.array(scale, dtype=value.dtype.numpy()))
     z_val = frontend.new_initializer(graph, f"{name}_act_zp", np.array(zero, dtype=np.uint8))
     q = ir.node("QuantizeLinear", [x, s_val, z_val], name=f"{name}_act_q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}_act_dq")
@@ -380,10 +381,10 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node) -> int:
         limit = 2 ** 7 - 1
         recoded = np.clip(np.round(weights / s_w[:, None]), -limit, limit).astype(codes.dtype).reshape(codes.shape)
         w_dq.inputs[0].const_value = ir.tensor(recoded, name=w_dq.inputs[0].name)
-        w_dq.inputs[1].const_value = ir.tensor(s_w.astype(np.float32), name=w_dq.inputs[1].name)
+        w_dq.inputs[1].const_value = ir.tensor(s_w.astype(w_dq.inputs[1].dtype.numpy()), name=w_dq.inputs[1].name)
         logger.debug("%s: widened the weight scale of %d channels for an int32 bias", node.name, int(wide.sum()))
-    scale = (s_x * s_w).astype(np.float32)
-    safe = np.where(scale != 0, scale, 1.0)
+    scale = (s_x * s_w).astype(node.inputs[2].dtype.numpy())
+    safe = np.where(scale != 0, scale, 1.0).astype(np.float64)
     codes = np.clip(np.round(bias / safe), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
     base = node.inputs[2].name or f"{node.name}_bias"
     q = frontend.new_initializer(graph, f"{base}_q", codes)

@@ -271,7 +271,8 @@ def fold_weight(model: ir.Model, node: ir.Node, reason: str) -> list[str]:
     shape[axis] = -1
     values = ((codes - np.reshape(zero, shape if np.ndim(zero) else ())) * np.reshape(scale, shape if scale.ndim else ()))
     name = plan.name if plan is not None else (dq.outputs[0].name or "weight")
-    weight = frontend.new_initializer(model.graph, f"{dq.outputs[0].name}_float", values.astype(np.float32))
+    # DequantizeLinear computes in its scale's type (float16 in a float16 model).
+    weight = frontend.new_initializer(model.graph, f"{dq.outputs[0].name}_float", values.astype(dq.inputs[1].dtype.numpy()))
     node.replace_input_with(1, weight)
     if not dq.outputs[0].uses():
         operands = [v for v in dq.inputs if v is not None]

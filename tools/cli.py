@@ -237,10 +237,11 @@ def _cmd_optimize(args) -> int:
         latency = model.meta.get(meta.LATENCY_KEY)
         if latency:
             extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms at {latency['input']}"
-        print(
-            f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
-            f"{s['effective_bits_per_weight']} effective bits/weight{extra}"
-        )
+        bits = (f"{s['effective_bits_per_weight']} effective bits/weight" if s.get("effective_bits_per_weight")
+                else f"no weight stored quantized ({len(record.get('skipped') or {})} kept in float: the plan's "
+                     "`skipped` says why)")
+        print(f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
+              f"{bits}{extra}")
     return 0
 
 

@@ -96,6 +96,25 @@ def test_convs_become_fused_int8_kernels_on_the_cpu() -> None:
         assert _rel(lowered, portable) < 0.02, "the fused kernels compute the portable form"
 
 
+@pytest.mark.parametrize("tune", [False, True], ids=["int8", "tuned"])
+def test_a_float16_conv_net_gets_its_quantization_in_float16(tune: bool) -> None:
+    """A float16 model (as converted for GPUs): activation scales, int32-bias scales and weights
+    folded back to float all keep float16, which QuantizeLinear/DequantizeLinear/Conv bind."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = convert_float_to_float16(_residual_net(), keep_io_types=False)
+    feeds = [{"x": f["x"].astype(np.float16)} for f in _feeds()]
+    out = hessc.optimize(b.load(proto), target="cpu", bits=4, calibration=feeds, tune=tune)
+    assert meta.read_plan(out)["verification"]["status"] == "passed"
+    scales = [n.inputs[1] for n in out.graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert all(v.dtype == ir.DataType.FLOAT16 for v in scales)
+    if not tune:  # tuned, the parts may all run faster in float16 (ORT fuses no float16 Q/DQ on the CPU)
+        assert sum(n.op_type == "QuantizeLinear" for n in out.graph) >= 3
+    feed = {"x": b.images(2, 3, 16, 100).astype(np.float16)}
+    ref = b.run_ort(proto, feed)[0].astype(np.float32)
+    assert _rel(b.run_ort(out, feed)[0].astype(np.float32), ref) < 0.05
+
+
 def test_the_int8_range_sets_the_weight_grid_and_auto_follows_this_cpu() -> None:
     """``int8_range`` picks the code limit of the GEMM convs' weights (the depthwise W2 runs an
     int32 kernel and keeps 127); ``auto`` is the reduced grid exactly where this machine's
