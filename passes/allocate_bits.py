@@ -527,7 +527,7 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                            len(unallocated), ", ".join(unallocated[:5]))
         model_choice = model.meta.get(ESTIMATOR_KEY)
         numel = sum(r.matrix_shape[0] * r.matrix_shape[1] for r in refs)
-        float_bytes = 4 * numel
+        float_bytes = sum(int(r.value.dtype.itemsize) * r.matrix_shape[0] * r.matrix_shape[1] for r in refs)
         outside = self._outside_budget(model, allocated)
         fixed_numel, fixed_bytes = _fixed(outside)
         budget = None
@@ -622,7 +622,8 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 reason = "no Hessian statistics"
             out.append({
                 "name": group.name, "op": group.lead.op, "shape": list(group.lead.matrix_shape), "bits": plan.bits,
-                "bytes": quantize.stored_bytes(plan, self.config.scale_bytes, self.config.kernel_layout),
+                "bytes": quantize.stored_bytes(plan, _scale_bytes(self.config.scale_bytes, group.lead),
+                                               self.config.kernel_layout),
                 "reason": reason + "; it keeps the uniform plan",
             })
         return out
@@ -666,12 +667,13 @@ class AllocateBitsPass(ir.passes.InPlacePass):
                 if id(a) not in bases:
                     bases[id(a)] = _output_energy(a, matrix)
                 rho = _perturbation(a, delta, bases[id(a)])
-                out.append(Candidate(bits, method, quantize.stored_bytes(plan, config.scale_bytes, config.kernel_layout),
+                out.append(Candidate(bits, method, quantize.stored_bytes(plan, _scale_bytes(config.scale_bytes, ref),
+                                                                          config.kernel_layout),
                                      loss, first, rho))
                 quantized[(bits, method)] = delta + matrix
                 logger.debug("%s: %d-bit %s predicts %.4g", ref.name, bits, method, loss)
         if with_float or config.float_only:
-            out.append(Candidate(FLOAT_BITS, "float", 4 * ref.numel, 0.0, 0.0))
+            out.append(Candidate(FLOAT_BITS, "float", int(ref.value.dtype.itemsize) * ref.numel, 0.0, 0.0))
         if config.low_rank and low_rank_forms and low_rank.supports(ref) is None:
             out.extend(self._low_rank_candidates(ref, matrix, stats, estimator, out, quantized, with_float))
         return ref, out, estimator
@@ -699,8 +701,9 @@ class AllocateBitsPass(ir.passes.InPlacePass):
         def factor_bytes(rank: int, bits: int) -> int:
             plans = low_rank.factor_plans(ref.name, ref.matrix_shape, rank, bits, group, config.symmetric)
             if plans[0] is None:
-                return 4 * rank * sum(ref.matrix_shape)
-            return sum(quantize.stored_bytes(p, config.scale_bytes, config.kernel_layout) for p in plans)
+                return int(ref.value.dtype.itemsize) * rank * sum(ref.matrix_shape)
+            return sum(quantize.stored_bytes(p, _scale_bytes(config.scale_bytes, ref), config.kernel_layout)
+                       for p in plans)
 
         out: list[Candidate] = []
         split_bits = [b for b in config.split_bits if b != FLOAT_BITS] + ([FLOAT_BITS] if with_float else [])
@@ -802,6 +805,12 @@ def choose(
         f"<= {config.trust_radius}); {outside} weights use items beyond it, where the second-order "
         "prediction is unreliable (usually 2-bit codes): expect more loss than predicted"
     )
+
+
+def _scale_bytes(target_bytes: int, ref: qweights.WeightRef) -> int:
+    """Bytes per stored scale: the target's, or fewer where the weight itself is float16 (its
+    scales are stored in its own type)."""
+    return min(target_bytes, int(ref.value.dtype.itemsize))
 
 
 def _fixed(outside: Sequence[dict[str, Any]]) -> tuple[int, int]:

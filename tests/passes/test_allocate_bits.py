@@ -527,6 +527,27 @@ def test_a_budget_holds_in_the_file_for_gemm_weights_stored_in_by_out() -> None:
     assert [n.op_type for n in out.graph].count("MatMulNBits") == 2
 
 
+@pytest.mark.torch
+def test_a_float16_model_is_priced_with_float16_scales() -> None:
+    """A float16 model stores its scales in float16: priced so, a 4.7-bit budget buys both
+    weights 4-bit codes (4.625 bits each with their scales and zero points); priced at 4 bytes
+    a scale, one of them would get 2 bits and the file 3.6 bits."""
+    import hessc
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
+    inits = {"W1": b.weight((64, 128), 1), "W2": b.weight((128, 64), 3, 0.1)}
+    proto = convert_float_to_float16(b.make_model(nodes, [b.x_input(64)], [b.y_output(64)], inits), keep_io_types=False)
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4, 64))
+    feeds = [{"x": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(np.float16)}
+             for _ in range(8)]
+    out = hessc.optimize(b.load(proto), target="onnx", bits=4.7, calibration=feeds, low_rank=False)
+    s = meta.read_plan(out)["summary"]
+    assert s["effective_bits_per_weight"] == s["planned_effective_bits"] == 4.625
+
+
 def test_a_file_above_its_planned_bits_is_reported(caplog) -> None:
     from hessc import api
 
