@@ -461,9 +461,21 @@ class PlanQuantizationPass(ir.passes.InPlacePass):
         planned = sum(1 for g in weight_groups(refs) if g.plan() is not None)
         if planned == 0 and not self.allow_empty:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skip_log.items())[:5]) or "no MatMul, Gemm, Conv or Gather weights"
+            quantized_ops = sorted({n.op_type for g in frontend.graphs(model) for n in g if n.op_type in _QUANTIZED_OPS})
+            if quantized_ops:
+                raise InputError(f"the model is already quantized ({', '.join(quantized_ops)}): hessc compresses float "
+                                 f"models; give it the float model this one was made from ({reasons})")
             raise InputError(f"the model has nothing hessc can compress ({reasons})")
         logger.info("planned %d weights, %d stay in float", planned, len(skip_log))
         return ir.passes.PassResult(model, modified)
+
+
+_QUANTIZED_OPS = frozenset({
+    "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul",
+    "MatMulNBits", "DynamicQuantizeMatMul", "GatherBlockQuantized", "MatMulIntegerToFloat", "QAttention",
+    "DynamicQuantizeLSTM",
+})
+"""Operators that read weights someone already quantized."""
 
 
 TIED_WEIGHTS_KEY = "hessc.tied_weights"

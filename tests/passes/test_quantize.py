@@ -367,6 +367,17 @@ def test_nothing_to_compress_is_an_input_error(run_pass) -> None:
         PlanQuantizationPass(QuantConfig())(b.load_upgraded(b.matmul_model(k=32, n=16)))
 
 
+def test_an_already_quantized_model_is_refused_as_such(tmp_path) -> None:
+    """A model ORT's quantize_dynamic already made int8 is named so, with the fix."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(b.matmul_model(k=128, n=64), src)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    with pytest.raises(InputError, match=r"already quantized \(.*MatMulInteger.*\).*give it the float model"):
+        PlanQuantizationPass(QuantConfig())(b.load_upgraded(onnx.load(dst)))
+
+
 @pytest.mark.parametrize("bits", [0, 1, 5, 16])
 def test_bad_bits_is_an_input_error(bits: int) -> None:
     with pytest.raises(InputError, match=f"--bits {bits} is not supported; use one of 2, 3, 4, 8"):
