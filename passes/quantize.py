@@ -189,6 +189,8 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
         return static_int8_plan(ref, method, config.static_int8_limit)
     if ref.op == "Gather":
         bits = max(bits, config.embedding_min_bits)
+    if ref.op == "Conv" and ref.name not in overrides and bits < THIN_CONV_BITS and _thin(ref):
+        bits = THIN_CONV_BITS  # uniform codes only: a budget prices these weights like any other
     return meta.QuantPlan(
         ref.name, ref.op, ref.stored_shape, bits, group_size_for(ref, config.group_size), config.symmetric, method,
         ref.matrix_shape,
@@ -196,6 +198,14 @@ def plan_for(ref: qweights.WeightRef, config: QuantConfig, lookup: bool = False)
 
 
 STATIC_INT8_BITS = 8
+
+THIN_CONV_BITS = 8
+THIN_ROW = 32
+"""Under uniform codes below 8 bits, a conv whose output channels each read fewer than
+``THIN_ROW`` weights (depthwise convs, a 3-channel stem) keeps 8-bit codes: each output sums so
+few products that its rounding errors do not average out (EfficientNet-Lite0 at 4 bits on the
+portable target: see the README's conv results), and such weights are a small share of the bytes.
+A budget (``bits=3.5``, lossless) decides them by their curvature instead."""
 
 
 def static_int8_plan(ref: qweights.WeightRef, method: str, limit: int = 127) -> meta.QuantPlan | str:
@@ -250,6 +260,11 @@ def recurrent_plan(ref: qweights.WeightRef, config: QuantConfig) -> meta.QuantPl
         return "kept in float by the plan"
     return meta.QuantPlan(ref.name, ref.op, ref.stored_shape, RECURRENT_BITS, 0, True, "rtn", ref.matrix_shape,
                           narrow=config.recurrent_limit)
+
+
+def _thin(ref: qweights.WeightRef) -> bool:
+    """A conv whose output channels each read few weights: depthwise, or rows < ``THIN_ROW``."""
+    return _depthwise(ref) or ref.matrix_shape[1] < THIN_ROW
 
 
 def _depthwise(ref: qweights.WeightRef) -> bool:

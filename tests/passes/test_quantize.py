@@ -196,7 +196,8 @@ def test_conv_qdq_runs_in_ort_and_matches_the_dequantized_weights(
     c_out = 16
     stored = (c_out, c_in // group, kernel, kernel)
     proto = b.conv_model(c_in=c_in, c_out=c_out, kernel=kernel, group=group, seed=bits)
-    config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, min_numel=0)
+    # Named bits (as the allocator gives them): uniform codes would keep a depthwise conv at 8.
+    config = QuantConfig(bits=bits, group_size=group_size, symmetric=symmetric, min_numel=0, bits_override=(("W", bits),))
     model = _quantized(run_pass, proto, config)
     dq = _dq(model)
     plan = dq.meta[meta.QUANT_KEY]
@@ -221,6 +222,20 @@ def test_conv_qdq_runs_in_ort_and_matches_the_dequantized_weights(
     # The plan's byte count is what the graph stores.
     stored_bytes = sum(int(v.const_value.nbytes) for v in dq.inputs)
     assert quantize.stored_bytes(plan, 4) == stored_bytes
+
+
+@pytest.mark.parametrize("c_in, kernel, group, thin", [
+    (16, 3, 16, True),  # depthwise 3×3: 9 weights per output channel
+    (3, 3, 1, True),  # an RGB stem: 27
+    (8, 3, 1, False),  # 72
+    (64, 1, 1, False),  # 1×1 over 64 channels
+])
+def test_uniform_codes_keep_thin_convs_at_8_bits(run_pass, c_in: int, kernel: int, group: int, thin: bool) -> None:
+    proto = b.conv_model(c_in=c_in, c_out=16, kernel=kernel, group=group)
+    plan = _dq(_quantized(run_pass, proto, QuantConfig(bits=4, min_numel=0))).meta[meta.QUANT_KEY]
+    assert plan.bits == (8 if thin else 4)
+    named = QuantConfig(bits=4, min_numel=0, bits_override=(("W", 2),))  # a budget's choice stands
+    assert _dq(_quantized(run_pass, proto, named)).meta[meta.QUANT_KEY].bits == 2
 
 
 def test_conv_quantization_can_be_off() -> None:
