@@ -324,7 +324,8 @@ def _insert_pair(graph: ir.Graph, value: ir.Value, x: ir.Value, rng, grid, reade
     scale, zero = grid
     name = value.name
     # The scale has the activation's type (QuantizeLinear binds both): float16 in a float16 model.
-    s_val = frontend.new_initializer(graph, f"{name}_act_scale", np.array(scale, dtype=value.dtype.numpy()))
+    dtype = np.float32 if value.dtype is None else value.dtype.numpy()
+    s_val = frontend.new_initializer(graph, f"{name}_act_scale", np.array(scale, dtype=dtype))
     z_val = frontend.new_initializer(graph, f"{name}_act_zp", np.array(zero, dtype=np.uint8))
     q = ir.node("QuantizeLinear", [x, s_val, z_val], name=f"{name}_act_q")
     dq = ir.node("DequantizeLinear", [q.outputs[0], s_val, z_val], name=f"{name}_act_dq")
