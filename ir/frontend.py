@@ -351,6 +351,14 @@ def _fold_weight_transposes(graph: ir.Graph) -> None:
         logger.debug("folded Transpose of %s into %s", src.name, new_value.name)
 
 
+def release(value: ir.Value) -> None:
+    """Unmaps the file pages behind a weight kept as external data once a pass is done reading it
+    (the tensor maps its file again if read later), so that working through the weights one by
+    one holds one weight's pages at a time, not every weight's."""
+    if isinstance(value.const_value, ir.ExternalTensor):
+        value.const_value.release()
+
+
 def ensure_float_array(tensor: ir.TensorProtocol) -> np.ndarray:
     """A weight tensor as a float32 numpy array (memory-mapped tensors are read here)."""
     return np.asarray(tensor.numpy(), dtype=np.float32)

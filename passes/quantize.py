@@ -534,6 +534,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         ties = dict(model.meta.get(TIED_WEIGHTS_KEY) or {})
         for i, group in enumerate(groups):
             plan = self._materialize(group)
+            for value in group.values:
+                frontend.release(value)
             materialized[plan.name] = plan
             if group.tied:
                 ties[plan.name] = group.to_json()

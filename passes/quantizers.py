@@ -234,6 +234,12 @@ def _pack(
     )
 
 
+RTN_CHUNK = 1 << 22
+"""Weights of more elements than this are rounded a block of rows at a time (each group lies in
+one row, so the codes are the same): the temporaries stay a few times this size, not a few times
+the weight's (a 16384 × 16384 weight: 1 GiB in float32)."""
+
+
 def rtn(
     W: np.ndarray | torch.Tensor,
     bits: int,
@@ -270,6 +276,13 @@ def rtn(
     g = _check(tuple(W.shape), bits, group_size)
     if not 0.0 <= margin <= 0.5:
         raise ValueError(f"margin must be in [0, 0.5], got {margin}")
+    rows = max(1, RTN_CHUNK // max(1, W.shape[1]))
+    if W.shape[0] > rows:
+        parts = [rtn(W[i:i + rows], bits, group_size, symmetric, None if gradient is None else gradient[i:i + rows],
+                     margin, narrow) for i in range(0, W.shape[0], rows)]
+        zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+        return QuantizedWeight(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                               zps, parts[0].bits, group_size, parts[0].symmetric)
     w = _as_f32(W)
     out, n_in = w.shape
     wg = w.reshape(out * (n_in // g), g)

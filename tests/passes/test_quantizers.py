@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from hessc.passes import quantizers as quantizers_module
 from hessc.passes.quantizers import QuantizedWeight, gptq, rtn
 
 BITS = [2, 3, 4, 8]
@@ -340,3 +341,17 @@ def test_the_narrow_grid_keeps_codes_within_its_limit_for_rtn_and_gptq(limit: in
     assert np.all(g.scales > 0) and np.abs(g.codes.astype(np.int32)).max() <= limit
     with pytest.raises(ValueError, match="code limit"):
         rtn(W, 8, 0, narrow=128)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_large_weights_are_rounded_in_blocks_of_rows_to_the_same_codes(monkeypatch, symmetric: bool) -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((37, 64)).astype(np.float32)
+    grad = rng.standard_normal(w.shape).astype(np.float32)
+    whole = rtn(w, 4, 16, symmetric, grad, 0.1)
+    monkeypatch.setattr(quantizers_module, "RTN_CHUNK", 5 * 64)  # blocks of 5 rows, the last of 2
+    blocks = rtn(w, 4, 16, symmetric, grad, 0.1)
+    np.testing.assert_array_equal(blocks.codes, whole.codes)
+    np.testing.assert_array_equal(blocks.scales, whole.scales)
+    if not symmetric:
+        np.testing.assert_array_equal(blocks.zero_points, whole.zero_points)
