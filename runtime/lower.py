@@ -568,7 +568,7 @@ def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, sy
     if split is not None:
         packed_b = packing.nibbles_from_three_bit(*split, packed_zp, k, block, symmetric)
     k_blocks = packed_b.shape[1]
-    unpacked = packing.unpack_rows(packed_b.reshape(n_out, -1), bits, k_blocks * block)[:, :k].astype(np.int32)
+    rows_b = packed_b.reshape(n_out, -1)
     if packed_zp is None:
         zero = np.full((n_out, k_blocks), 1 << (bits - 1), dtype=np.int32)
         reference_zero = np.zeros((n_out, k_blocks), dtype=np.int32) if symmetric else zero
@@ -576,10 +576,18 @@ def _check_packed(name, codes, scales, zps, packed_b, packed_zp, bits, block, sy
         zero = packing.unpack_rows(packed_zp.reshape(n_out, -1), bits, k_blocks).astype(np.int32)
         reference_zero = zps.astype(np.int32)
     expand = np.repeat(np.arange(k_blocks), block)[:k]
-    lowered = (unpacked - zero[:, expand]) * scales[:, expand]
-    portable = (codes.astype(np.int32) - reference_zero[:, expand]) * scales[:, expand]
-    if not np.array_equal(lowered, portable):
-        raise VerificationError(f"{name}: the packed MatMulNBits weight differs from the portable form (a hessc bug)")
+    step = max(1, CHECK_CHUNK // max(1, k))  # a block of rows at a time: the temporaries stay small
+    for i in range(0, n_out, step):
+        rows = slice(i, i + step)
+        unpacked = packing.unpack_rows(rows_b[rows], bits, k_blocks * block)[:, :k].astype(np.int32)
+        lowered = (unpacked - zero[rows][:, expand]) * scales[rows][:, expand]
+        portable = (codes[rows].astype(np.int32) - reference_zero[rows][:, expand]) * scales[rows][:, expand]
+        if not np.array_equal(lowered, portable):
+            raise VerificationError(f"{name}: the packed MatMulNBits weight differs from the portable form (a hessc bug)")
+
+
+CHECK_CHUNK = 1 << 22
+"""Elements of a packed weight checked at a time."""
 
 
 class _GraphBuilder:

@@ -18,6 +18,7 @@ import pytest
 import builders as b
 from hessc.errors import InputError
 from hessc.passes.quantize import InsertQDQPass, PlanQuantizationPass, QuantConfig
+from hessc.runtime import lower as lower_module
 from hessc.runtime.lower import LOWERING_KEY, MS_DOMAIN, LowerConfig, LowerWeightsPass, lower
 
 KINDS = {
@@ -198,10 +199,11 @@ def test_corrupt_three_bit_codes_are_caught_weight_by_weight(run_pass, monkeypat
 
     def one_bit_flipped(*args, **kwargs):
         split = [a.copy() for a in good(*args, **kwargs)]
-        split[part].reshape(-1)[0] ^= 1  # a bit of the first code
+        split[part][-1].reshape(-1)[0] ^= 1  # a bit of a code of the last row
         return tuple(split)
 
     monkeypatch.setattr(packing, "three_bit_weights", one_bit_flipped)
+    monkeypatch.setattr(lower_module, "CHECK_CHUNK", 64)  # checked a few rows at a time: still caught
     with pytest.raises(VerificationError, match="differs from the portable form"):
         lower(model, LowerConfig(target="cpu"))
 
