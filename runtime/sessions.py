@@ -90,13 +90,14 @@ EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 def session_options(
     threads: int | None = None, optimize: bool = True, custom_op_libraries: Sequence[str | os.PathLike] = (),
-    spinning: bool = True, prepacking: bool = True,
+    spinning: bool = True, prepacking: bool = True, arena: bool = True,
 ):
     """ORT session options: intra-op threads, graph optimizations on or off, custom-op libraries,
     whether idle intra-op threads spin (``spinning``: ORT's default; off for sessions timed
     side by side, see :func:`interleaved_latency_ms`), and whether kernels prepack their constant
     weights (``prepacking``: ORT's default; each consumer of one shared initializer packs its own
-    copy).
+    copy), and whether freed tensors go back to ORT's CPU memory arena (``arena``: ORT's default;
+    off for a session that dequantizes whole weights on every run, whose arena would keep them).
 
     Raises:
         InputError: a library that is missing or that ONNX Runtime cannot load, named.
@@ -113,6 +114,7 @@ def session_options(
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not prepacking:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    opts.enable_cpu_mem_arena = arena
     for path in frontend.check_libraries(custom_op_libraries):
         try:
             opts.register_custom_ops_library(path)
@@ -198,6 +200,11 @@ class Session:
         return [i.name for i in self.inner.get_inputs()]
 
     @property
+    def provider(self) -> str:
+        """The session's first execution provider (where its nodes run unless placed elsewhere)."""
+        return self.inner.get_providers()[0]
+
+    @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.inner.get_outputs()]
 
@@ -272,6 +279,7 @@ def session(
     custom_op_libraries: Sequence[str | os.PathLike] = (),
     spinning: bool = True,
     prepacking: bool = True,
+    arena: bool = True,
 ) -> Session:
     """Opens an ONNX Runtime session for ``target`` (``cpu``, ``cuda`` or ``onnx``).
 
@@ -287,6 +295,7 @@ def session(
             side by side: a spinning pool takes the cores from the session timed next.
         prepacking: kernels prepack constant weights (ORT's default); off keeps one copy of an
             initializer read by several nodes (a shared basis) instead of one packed copy each.
+        arena: freed tensors stay in ORT's CPU memory arena for reuse (ORT's default).
 
     Raises:
         InputError: an unknown target; a missing or unloadable library; an op ONNX Runtime does
@@ -294,7 +303,7 @@ def session(
     """
     ort = _import_ort()
     targets.get(target)  # an InputError naming the targets
-    opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries), spinning, prepacking)
+    opts = session_options(threads, optimize, libraries_for(model, custom_op_libraries), spinning, prepacking, arena)
     source, keepalive = _source(model, opts)
     if target != "cuda":
         inner = _inference_session(source, opts, ["CPUExecutionProvider"])

@@ -209,6 +209,19 @@ def _summary(name: str, s: _Tally, feeds: int, unstable: str | None) -> OutputCo
                             "values", None, compared, s.prefix, s.non_finite)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ran:
+    """What the comparisons need of a session once its outputs are in: its output names and
+    provider (the session itself, and the weights it holds, are released)."""
+
+    output_names: tuple[str, ...]
+    provider: str
+
+    def __init__(self, session: sessions.Session) -> None:
+        object.__setattr__(self, "output_names", tuple(session.output_names))
+        object.__setattr__(self, "provider", session.provider)
+
+
 def compare_outputs(
     reference: sessions.Session, candidate: sessions.Session, feeds: Sequence[dict[str, np.ndarray]],
     reference_outputs: Sequence[Sequence[np.ndarray]] | None = None,
@@ -263,8 +276,8 @@ def compare_outputs(
         "rel_error": _rel(total.err2, total.ref2) if floats else None,
         "max_abs_error": total.max_abs if floats else None,
         "cosine": _cos(total.ref2, total.cand2, total.dot) if floats else None,
-        "reference_provider": reference.inner.get_providers()[0],
-        "candidate_provider": candidate.inner.get_providers()[0],
+        "reference_provider": reference.provider,
+        "candidate_provider": candidate.provider,
     }
     if any(c.comparable and c.how == "agreement" for c in per_output):
         overall["agreement"] = total.equal / total.elements if total.elements else 1.0
@@ -563,7 +576,13 @@ class VerifyInORTPass(ir.passes.InPlacePass):
                                            self.seed)
             randomness["seed"] = self.seed
         reference_path = str(reference_model) if isinstance(reference_model, Path) else reference_model
+        # One session at a time, each closed once its outputs are in: a model near the memory
+        # bound holds its float weights once, not once per session.
         reference = sessions.session(reference_path, "cpu", custom_op_libraries=libraries)
+        float_outputs = [reference.run(f) for f in feeds]
+        reference = _Ran(reference)
+        unstable = self._unstable(model, reference_path, libraries, feeds, reference.output_names, float_outputs,
+                                  randomness)
         if not _can_run(target):
             try:
                 candidate = sessions.session(result, "cpu")
@@ -574,14 +593,16 @@ class VerifyInORTPass(ir.passes.InPlacePass):
             where = "CPUExecutionProvider (no CUDA provider on this machine)"
         else:
             candidate = sessions.session(result, target.name)
-            where = candidate.inner.get_providers()[0]
+            where = candidate.provider
             if target.name == "cuda":
                 sessions.check_cuda_placement(model, feeds[0])
         # Each session runs the feeds once; every comparison below reads these outputs.
-        float_outputs = [reference.run(f) for f in feeds]
         outputs = [candidate.run(f) for f in feeds]
-        unstable = self._unstable(model, reference_path, libraries, feeds, reference, candidate, float_outputs,
-                                  result, randomness)
+        candidate = _Ran(candidate)
+        if randomness is not None and reference.provider != candidate.provider:
+            for name in sorted(noisy_outputs(result) - set(unstable)):
+                unstable[name] = (f"depends on random nodes, drawn on {candidate.provider} for the result and on "
+                                  f"{reference.provider} for the reference (different generators)")
         vs_float, per_float = compare_outputs(reference, candidate, feeds, float_outputs, outputs, unstable)
         record: dict[str, Any] = {"status": "passed", "provider": where}
         if vs_float["rel_error"] is not None:
@@ -609,25 +630,19 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         self._check_quality(model, feeds, float_outputs, outputs, vs_float, per_float, record)
         return ir.passes.PassResult(model, False)
 
-    def _unstable(self, model, reference_path, libraries, feeds, reference, candidate, float_outputs, result,
-                  randomness) -> dict[str, str]:
+    def _unstable(self, model, reference_path, libraries, feeds, names, float_outputs, randomness) -> dict[str, str]:
         """Outputs that cannot be compared whatever the result computes: those on which a second
-        reference session (generators restart per session) disagrees with the first, and, where the
-        result runs on another provider than the reference, those that depend on random nodes
-        (each provider has its own generator)."""
+        reference session (generators restart per session) disagrees with the first. (Where the
+        result runs on another provider than the reference, those that depend on random nodes are
+        added by the caller: each provider has its own generator.)"""
         custom = any(n.domain not in STANDARD_DOMAINS and (n.domain, n.op_type, n.overload or "") not in model.functions
                      for n in _all_nodes(model))
         if randomness is None and not custom:
             return {}
         again = sessions.session(reference_path, "cpu", custom_op_libraries=libraries)
-        unstable = unstable_outputs(reference.output_names, float_outputs, [again.run(f) for f in feeds])
+        unstable = unstable_outputs(names, float_outputs, [again.run(f) for f in feeds])
         if randomness is not None:
             randomness["reference_runs"] = 2
-            providers = reference.inner.get_providers()[0], candidate.inner.get_providers()[0]
-            if providers[0] != providers[1]:
-                for name in sorted(noisy_outputs(result) - set(unstable)):
-                    unstable[name] = (f"depends on random nodes, drawn on {providers[1]} for the result and on "
-                                      f"{providers[0]} for the reference (different generators)")
         return unstable
 
     def _check_quality(self, model, feeds, float_outputs, outputs, vs_float, per_float, record) -> None:
@@ -688,8 +703,12 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         shape on every feed (a length that moves with the kernels' rounding says nothing about
         them), and op by op when the outputs are far from float's or not all compared whole."""
         target = self.target
-        portable_session = sessions.session(portable, "cpu", optimize=False)
-        lowered, per_output = compare_outputs(portable_session, candidate, feeds, candidate_outputs=outputs,
+        # Unoptimized, the portable form dequantizes every weight on every run: without the arena
+        # those float copies are freed as each layer is done, not kept for the next run.
+        portable_session = sessions.session(portable, "cpu", optimize=False, arena=False)
+        portable_outputs = [portable_session.run(f) for f in feeds]
+        portable_session = _Ran(portable_session)
+        lowered, per_output = compare_outputs(portable_session, candidate, feeds, portable_outputs, outputs,
                                               unstable=unstable, align=False)
         record["vs_portable"] = (lowered if lowered["rel_error"] is not None else
                                  "skipped: no float output is comparable with the portable form's ("
