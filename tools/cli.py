@@ -146,7 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--quiet", action="store_true")
 
     b = sub.add_parser("bench", help="compare hessc with ONNX Runtime's quantizers on a real model")
-    b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, forms (a zoo of graph forms), kernels (the CPU's MatMul "
+    b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, forms (a zoo of graph forms), families (random-weight models of "
+                   "many transformers architectures, exported as a user would), kernels (the CPU's MatMul "
                    "kernels on one layer), or a .onnx path")
     b.add_argument("--bits", type=_bits_list, default=[4],
                    help="comma-separated: integers, fractional budgets (3.5) or 'lossless' (hessc methods)")
@@ -316,6 +317,11 @@ def _cmd_bench(args) -> int:
         from hessc.bench import forms
 
         forms.run_forms(Path(args.out), target=args.target)  # rounds by duration: the forms run in microseconds
+        return 0
+    if args.model == "families":
+        from hessc.bench import families
+
+        families.run_families(Path(args.out), target=args.target, bits=args.bits)
         return 0
     if args.model == "kernels":
         from hessc.bench import kernels
