@@ -270,7 +270,15 @@ def original_name(value: ir.Value) -> str:
 
 
 def normalize(model: ir.Model) -> None:
-    """Lifts constant weights to main-graph initializers and folds weight transposes, in every graph."""
+    """Lifts constant weights to main-graph initializers and folds weight transposes, in every graph.
+
+    Initializers that are also listed as graph inputs (older exporters, IR < 4: overridable
+    defaults) are weights, not inputs: they are taken off the input list, as ONNX Runtime's own
+    tools advise, so that compressing one does not leave an input nothing can feed."""
+    listed = sum(1 for v in model.graph.inputs if v.name in model.graph.initializers)
+    if listed:
+        common_passes.RemoveInitializersFromInputsPass()(model)
+        logger.info("%d initializers listed as graph inputs are treated as weights", listed)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
     common_passes.LiftSubgraphInitializersToMainGraphPass()(model)
     for graph in graphs(model):

@@ -44,6 +44,23 @@ def test_loads_path_and_model_proto(tmp_path) -> None:
         np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), b.weight((64, 32)))
 
 
+@pytest.mark.parametrize("target", ["cpu", "onnx"])
+def test_initializers_listed_as_graph_inputs_are_weights(tmp_path, target: str) -> None:
+    """Older exporters list every initializer as a graph input too (IR < 4): compressed, such a
+    weight must not be left as an input nothing can feed."""
+    proto = b.mlp_model()
+    proto.graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+                             for i in proto.graph.initializer)
+    path = tmp_path / "listed.onnx"
+    onnx.save(proto, path)
+    out = hessc.optimize(str(path), target=target, bits=4)
+    assert [v.name for v in out.graph.inputs] == ["x"]
+    feed = b.x_feed(64)
+    ref = b.run_ort(proto, feed)[0]
+    got = b.run_ort(out, feed)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2  # 4-bit codes of random weights
+
+
 def test_onnx_ir_model_is_normalised_in_place_and_returned() -> None:
     model = ir.serde.deserialize_model(b.matmul_model())
     assert frontend.load(model) is model
