@@ -282,6 +282,8 @@ def normalize(model: ir.Model) -> None:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
     common_passes.LiftSubgraphInitializersToMainGraphPass()(model)
     for graph in graphs(model):
+        _fold_weight_identities(graph)
+        _fold_weight_casts(graph)
         _fold_weight_transposes(graph)
     common_passes.RemoveUnusedNodesPass()(model)
 
@@ -329,6 +331,45 @@ def scoped_graphs(model: ir.Model) -> Iterator[tuple[ir.Graph, tuple[ir.Node, ..
 
     yield model.graph, ()
     yield from walk(model.graph, ())
+
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def _fold_weight_identities(graph: ir.Graph) -> None:
+    """``Identity(W)`` of an initializer is ``W``: its readers read the initializer, so that a
+    ``MatMul(x, Identity(W))`` weight is found (an Identity that is a graph output stays)."""
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or node.outputs[0].is_graph_output():
+            continue
+        src = node.inputs[0]
+        if src is not None and src.const_value is not None and src.is_initializer():
+            ir.convenience.replace_all_uses_with(node.outputs[0], src)
+            graph.remove(node, safe=True)
+
+
+def _fold_weight_casts(graph: ir.Graph) -> None:
+    """Replaces ``Cast(W)`` of a float initializer of two or more dimensions to another float type
+    (a float16 weight cast to float32 in front of its MatMul) by the cast initializer, so that the
+    weight is found and quantized where it is read."""
+    for node in list(graph):
+        if node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or src.const_value is None or not src.is_initializer() or src.dtype not in _FLOATS:
+            continue
+        to = ir.DataType(node.attributes.get_int("to", 0))
+        if to not in _FLOATS or len(src.const_value.shape) < 2 or node.outputs[0].is_graph_output():
+            continue
+        array = src.const_value.numpy().astype(to.numpy())
+        new_value = ir.Value(name=f"{src.name}_{to.name.lower()}", shape=ir.Shape(array.shape), type=ir.TensorType(to))
+        new_value.const_value = ir.tensor(array, name=new_value.name)
+        new_value.meta[meta.WEIGHT_NAME_KEY] = original_name(src)
+        new_value.meta[meta.SOURCE_BYTES_KEY] = int(src.const_value.nbytes)
+        (src.graph or graph).register_initializer(new_value)
+        ir.convenience.replace_all_uses_with(node.outputs[0], new_value)
+        graph.remove(node, safe=True)
+        logger.debug("folded Cast of %s into %s", src.name, new_value.name)
 
 
 def _fold_weight_transposes(graph: ir.Graph) -> None:

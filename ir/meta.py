@@ -32,6 +32,10 @@ for ``quantize_embeddings``, but stored and quantized on its own."""
 WEIGHT_NAME_KEY = "hessc.weight_name"
 """``value.meta`` key: the user-facing name of a weight (the original parameter name)."""
 
+SOURCE_BYTES_KEY = "hessc.source_bytes"
+"""``value.meta`` key: the bytes the source model stores for a weight the front door re-typed (a
+float16 weight cast to float32 where it is read), counted as the model's size before compression."""
+
 TIMINGS_KEY = "hessc.timings"
 """``model.meta`` key: wall-clock seconds per pass of the last ``optimize`` (not saved)."""
 

@@ -428,8 +428,10 @@ def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
     Args:
         model: the model.
         folded_copies: count the transposed copies the front door folded from tied embedding
-            tables (``meta.TIED_KEY``). False for the model as loaded: there a copy is the table
-            itself, which the source stores once; once compiled, whatever is left is stored.
+            tables (``meta.TIED_KEY``) and re-typed weights at their size. False for the model as
+            loaded: there a copy is the table itself, which the source stores once, and a cast
+            weight counts the bytes the source stores (``meta.SOURCE_BYTES_KEY``); once compiled,
+            whatever is left is stored.
     """
     total = 0
     for graph in frontend.graphs(model):
@@ -438,7 +440,8 @@ def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
                 continue
             if not folded_copies and v.meta.get(meta.TIED_KEY) in graph.initializers:
                 continue
-            total += int(v.const_value.nbytes)
+            # As loaded, a weight the front door cast counts what the source stores.
+            total += int(v.const_value.nbytes if folded_copies else v.meta.get(meta.SOURCE_BYTES_KEY, v.const_value.nbytes))
     return total
 
 

@@ -61,6 +61,25 @@ def test_initializers_listed_as_graph_inputs_are_weights(tmp_path, target: str) 
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.2  # 4-bit codes of random weights
 
 
+@pytest.mark.parametrize("wrap", ["Identity", "Cast"])
+def test_a_weight_read_through_an_identity_or_a_cast_is_found(wrap: str) -> None:
+    """``MatMul(x, Identity(W))`` and ``MatMul(x, Cast(W16, to=float))`` read a weight: the front
+    door folds the node, so the weight is planned (a float16 one at the float32 it is read as)."""
+    w = b.weight((64, 32))
+    stored = w.astype(np.float16) if wrap == "Cast" else w
+    attrs = {"to": TensorProto.FLOAT} if wrap == "Cast" else {}
+    nodes = [helper.make_node(wrap, ["W"], ["Wr"], **attrs), helper.make_node("MatMul", ["x", "Wr"], ["y"])]
+    proto = b.make_model(nodes, [b.x_input(64)], [b.y_output(32)], {"W": stored})
+    model = frontend.load(proto)
+    assert [n.op_type for n in model.graph] == ["MatMul"]
+    (ref,) = weights.iter_weights(model)
+    np.testing.assert_array_equal(ref.value.const_value.numpy(), stored.astype(np.float32))
+    assert ref.name == "W" and ref.value.dtype == ir.DataType.FLOAT
+    out = hessc.optimize(proto, target="onnx", bits=4)
+    summary = hessc.ir.meta.read_plan(out)["summary"]
+    assert summary["quantized_weights"] == 1 and summary["bytes_before"] == stored.nbytes
+
+
 def test_onnx_ir_model_is_normalised_in_place_and_returned() -> None:
     model = ir.serde.deserialize_model(b.matmul_model())
     assert frontend.load(model) is model
