@@ -207,15 +207,83 @@ def _export_torch(module, example_inputs) -> ir.Model:
     was_training = module.training
     module.eval()
     try:
-        program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False)
+        try:
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, verbose=False)
+        except Exception as first:
+            # Models that return objects beside their tensors (a transformers model's KV cache in
+            # its ModelOutput) do not export as they are; their tensors do.
+            wrapped = _tensor_outputs_module(module, args, kwargs or {})
+            if wrapped is None:
+                raise first
+            module_, inputs, names = wrapped
+            program = torch.onnx.export(module_, args, kwargs=kwargs, dynamo=True, verbose=False,
+                                        input_names=inputs, output_names=names)
     except Exception as e:
         raise InputError(
-            f"torch.onnx.export failed for {type(module).__name__}: {str(e).splitlines()[0][:200]}; "
+            f"torch.onnx.export failed for {type(module).__name__}: {_root_cause(e)[:300]}; "
             "check that the module runs on example_inputs and is exportable with torch.export"
         ) from e
     finally:
         module.train(was_training)
     return program.model
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error's first line (the exporter wraps the reason in several layers)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def _tensor_leaves(out: Any, prefix: str, found: list, dropped: list) -> None:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        found.append((prefix or "output", out))
+    elif isinstance(out, dict) or (hasattr(out, "items") and hasattr(out, "keys")):
+        for key, value in out.items():
+            _tensor_leaves(value, f"{prefix}.{key}" if prefix else str(key), found, dropped)
+    elif isinstance(out, (tuple, list)):
+        for i, value in enumerate(out):
+            _tensor_leaves(value, f"{prefix}.{i}" if prefix else f"output_{i}", found, dropped)
+    elif out is not None:
+        dropped.append(f"{prefix or 'output'} ({type(out).__name__})")
+
+
+def _tensor_outputs_module(module, args: tuple, kwargs: dict):
+    """``(a module returning only the tensors of module's output, its input names, the output
+    names)``, or None when its output holds nothing but tensors (then wrapping would not change
+    the export). The inputs keep the names of the module's own parameters."""
+    import inspect
+
+    import torch
+
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    found: list = []
+    dropped: list = []
+    _tensor_leaves(out, "", found, dropped)
+    if not dropped or not found:
+        return None
+    names = [name for name, _ in found]
+    logger.warning("exporting only the tensor outputs of %s (%s); left out: %s", type(module).__name__,
+                   ", ".join(names), ", ".join(dropped))
+
+    class TensorOutputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *a, **k):
+            leaves: list = []
+            _tensor_leaves(self.inner(*a, **k), "", leaves, [])
+            return tuple(t for _, t in leaves)
+
+    try:
+        inputs = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        inputs = None
+    return TensorOutputs().eval(), inputs, names
 
 
 @functools.cache

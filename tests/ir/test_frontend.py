@@ -107,6 +107,41 @@ def test_torch_module_without_example_inputs_is_an_input_error(torch_mlp) -> Non
         frontend.load(module)
 
 
+@pytest.mark.torch
+def test_a_module_returning_objects_beside_tensors_exports_its_tensors() -> None:
+    """A transformers model returns its KV cache object beside the logits; torch.export cannot
+    return such an object, so the module's tensors are exported, under their keys and the
+    module's own input names."""
+    torch = pytest.importorskip("torch")
+
+    class State:  # an object torch.export does not know
+        pass
+
+    class WithState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 32)
+
+        def forward(self, features):
+            return {"logits": self.linear(features), "cache": State()}
+
+    model = frontend.load(WithState(), (torch.randn(2, 64),))
+    assert [v.name for v in model.graph.inputs] == ["features"]
+    assert [v.name for v in model.graph.outputs] == ["logits"]
+
+
+@pytest.mark.torch
+def test_an_unexportable_module_is_refused_with_the_exporters_reason() -> None:
+    torch = pytest.importorskip("torch")
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            return x[: int(x.sum().item() > 0)] if x.sum() > 0 else x  # Python control flow on values
+
+    with pytest.raises(InputError, match=r"torch.onnx.export failed for DataDependent: \w+"):
+        frontend.load(DataDependent(), (torch.randn(4, 8),))
+
+
 def test_unknown_source_type_is_an_input_error() -> None:
     with pytest.raises(InputError, match="cannot load a int"):
         frontend.load(42)
