@@ -73,7 +73,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError
-from hessc.ir import meta
+from hessc.ir import frontend, meta
 from hessc.ir import weights as qweights
 from hessc import progress
 from hessc.passes import allocate, curvature, hessian, low_rank, quantize
@@ -469,9 +469,33 @@ class AllocateBitsPass(ir.passes.InPlacePass):
     size) and before insert-qdq; see the module docstring for the maths.
     """
 
-    def __init__(self, config: AllocationConfig) -> None:
+    def __init__(self, config: AllocationConfig, plan_config: quantize.QuantConfig | None = None) -> None:
         super().__init__()
         self.config = config
+        self.plan_config = plan_config
+
+    def precheck(self, model: ir.Model) -> None:
+        """Refuses a bit budget that cannot be met, before the curvature is measured: the weights
+        with a fixed form (the CPU's static int8 convs, recurrent weights, tables without a head)
+        and the smallest plain items of the weights that can have no low-rank form exceed it.
+        Planned on a copy with ``plan_config`` (the pipeline's planning), priced as :meth:`call`
+        prices them."""
+        if self.plan_config is None or self.config.budget_bits is None:
+            return
+        copy = frontend.clone(model, annotations=False)
+        quantize.PlanQuantizationPass(self.plan_config).call(copy)
+        config = self.config
+        targets = self._targets(copy)
+        fixed_numel, fixed_bytes = _fixed(self._outside_budget(copy, {id(r.value) for r in targets}))
+        numel = sum(r.matrix_shape[0] * r.matrix_shape[1] for r in targets)
+        # A lower bound on the allocated weights' bytes: the smallest plain item of each weight
+        # that can have no low-rank form (those can be smaller still, so they count nothing).
+        bits = [b for b in config.candidate_bits if b != FLOAT_BITS]
+        least = sum(min(quantize.stored_bytes(self._plan(r, b, "rtn"), _scale_bytes(config.scale_bytes, r),
+                                              config.kernel_layout) for b in bits)
+                    for r in targets if bits and not (config.low_rank and low_rank.supports(r) is None))
+        if 8 * (fixed_bytes + least) > config.budget_bits * (numel + fixed_numel):
+            raise InputError(_budget_message(config, least, numel, fixed_bytes, fixed_numel))
 
     @staticmethod
     def _groups(model: ir.Model) -> list[quantize.WeightGroup]:

@@ -132,7 +132,7 @@ def _plan(options, target):
 def _allocate(options, target):
     from hessc.passes import allocate_bits
 
-    return allocate_bits.AllocateBitsPass(allocation_config(options, target))
+    return allocate_bits.AllocateBitsPass(allocation_config(options, target), plan_config=_quant_config(options, target))
 
 
 def _split_low_rank(options, target):
