@@ -35,7 +35,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -209,17 +209,16 @@ def _summary(name: str, s: _Tally, feeds: int, unstable: str | None) -> OutputCo
                             "values", None, compared, s.prefix, s.non_finite)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ran:
+class _Ran(NamedTuple):
     """What the comparisons need of a session once its outputs are in: its output names and
     provider (the session itself, and the weights it holds, are released)."""
 
     output_names: tuple[str, ...]
     provider: str
 
-    def __init__(self, session: sessions.Session) -> None:
-        object.__setattr__(self, "output_names", tuple(session.output_names))
-        object.__setattr__(self, "provider", session.provider)
+
+def _ran(session: sessions.Session) -> _Ran:
+    return _Ran(tuple(session.output_names), session.provider)
 
 
 def compare_outputs(
@@ -580,7 +579,7 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         # bound holds its float weights once, not once per session.
         reference = sessions.session(reference_path, "cpu", custom_op_libraries=libraries)
         float_outputs = [reference.run(f) for f in feeds]
-        reference = _Ran(reference)
+        reference = _ran(reference)
         unstable = self._unstable(model, reference_path, libraries, feeds, reference.output_names, float_outputs,
                                   randomness)
         if not _can_run(target):
@@ -598,7 +597,7 @@ class VerifyInORTPass(ir.passes.InPlacePass):
                 sessions.check_cuda_placement(model, feeds[0])
         # Each session runs the feeds once; every comparison below reads these outputs.
         outputs = [candidate.run(f) for f in feeds]
-        candidate = _Ran(candidate)
+        candidate = _ran(candidate)
         if randomness is not None and reference.provider != candidate.provider:
             for name in sorted(noisy_outputs(result) - set(unstable)):
                 unstable[name] = (f"depends on random nodes, drawn on {candidate.provider} for the result and on "
@@ -707,7 +706,7 @@ class VerifyInORTPass(ir.passes.InPlacePass):
         # those float copies are freed as each layer is done, not kept for the next run.
         portable_session = sessions.session(portable, "cpu", optimize=False, arena=False)
         portable_outputs = [portable_session.run(f) for f in feeds]
-        portable_session = _Ran(portable_session)
+        portable_session = _ran(portable_session)
         lowered, per_output = compare_outputs(portable_session, candidate, feeds, portable_outputs, outputs,
                                               unstable=unstable, align=False)
         record["vs_portable"] = (lowered if lowered["rel_error"] is not None else

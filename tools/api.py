@@ -440,8 +440,9 @@ def _weight_bytes(model: ir.Model, *, folded_copies: bool = True) -> int:
                 continue
             if not folded_copies and v.meta.get(meta.TIED_KEY) in graph.initializers:
                 continue
+            nbytes = v.const_value.nbytes
             # As loaded, a weight the front door cast counts what the source stores.
-            total += int(v.const_value.nbytes if folded_copies else v.meta.get(meta.SOURCE_BYTES_KEY, v.const_value.nbytes))
+            total += int(nbytes if folded_copies else v.meta.get(meta.SOURCE_BYTES_KEY, nbytes))
     return total
 
 

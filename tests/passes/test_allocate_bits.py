@@ -502,23 +502,27 @@ def test_optimize_with_a_fractional_bit_budget(mlp_and_calibration) -> None:
     assert s["predicted_delta_loss"] == pytest.approx(sum(w["predicted_delta_loss"] for w in record["allocation"]["weights"]))
 
 
+def _latent_feeds(dtype, count: int = 8) -> list[dict[str, np.ndarray]]:
+    """``x`` [16, 64] batches on 4 latent directions plus a little noise."""
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((4, 64))
+    return [{"x": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(dtype)}
+            for _ in range(count)]
+
+
 @pytest.mark.torch
 def test_a_budget_holds_in_the_file_for_gemm_weights_stored_in_by_out() -> None:
     """GPT-2's Conv1D layers export as ``Gemm(x, W[in, out])`` (no transB): on the cpu target
     their codes, 3-bit ones included, are stored as the allocator priced them (MatMulNBits, 3-bit
     codes at 3 bits), so the file's effective bits are the allocation's."""
     import hessc
-    from onnx import helper
 
     nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["h"], name="fc1"),
              helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2")]
     inits = {"W1": b.weight((64, 128), 1), "b1": b.weight((128,), 2), "W2": b.weight((128, 64), 3, 0.1)}
     proto = b.make_model(nodes, [b.x_input(64)], [b.y_output(64)], inits)
-    rng = np.random.default_rng(0)
-    latent = rng.standard_normal((4, 64))
-    feeds = [{"x": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(np.float32)}
-             for _ in range(8)]
+    feeds = _latent_feeds(np.float32)
     out = hessc.optimize(b.load(proto), target="cpu", bits=3.5, calibration=feeds, low_rank=False)
     s = meta.read_plan(out)["summary"]
     assert s["effective_bits_per_weight"] == pytest.approx(s["planned_effective_bits"], abs=0.01)
@@ -539,10 +543,7 @@ def test_a_float16_model_is_priced_with_float16_scales() -> None:
              helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2")]
     inits = {"W1": b.weight((64, 128), 1), "W2": b.weight((128, 64), 3, 0.1)}
     proto = convert_float_to_float16(b.make_model(nodes, [b.x_input(64)], [b.y_output(64)], inits), keep_io_types=False)
-    rng = np.random.default_rng(0)
-    latent = rng.standard_normal((4, 64))
-    feeds = [{"x": (rng.standard_normal((16, 4)) @ latent + 0.05 * rng.standard_normal((16, 64))).astype(np.float16)}
-             for _ in range(8)]
+    feeds = _latent_feeds(np.float16)
     out = hessc.optimize(b.load(proto), target="onnx", bits=4.7, calibration=feeds, low_rank=False)
     s = meta.read_plan(out)["summary"]
     assert s["effective_bits_per_weight"] == s["planned_effective_bits"] == 4.625
