@@ -374,12 +374,24 @@ def subgraphs(node: ir.Node) -> list[ir.Graph]:
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Registers ``array`` as an initializer of ``graph`` called ``name``; returns its value."""
+    """Registers ``array`` as an initializer of ``graph`` called ``name`` (``name_1``, ``name_2``, ...
+    when that is taken: one source initializer may feed several rewritten nodes); returns its value."""
+    name = fresh_name(graph, name)
     tensor = ir.tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     graph.register_initializer(value)
     return value
+
+
+def fresh_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_k`` with the smallest ``k`` that no initializer or input of ``graph`` holds."""
+    taken = graph.initializers.keys() | {v.name for v in graph.inputs}
+    candidate, k = name, 0
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
 
 
 def scoped_graphs(model: ir.Model) -> Iterator[tuple[ir.Graph, tuple[ir.Node, ...]]]:

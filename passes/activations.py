@@ -389,6 +389,8 @@ def _quantize_bias(graph: ir.Graph, node: ir.Node) -> int:
     codes = np.clip(np.round(bias / safe), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
     base = node.inputs[2].name or f"{node.name}_bias"
     q = frontend.new_initializer(graph, f"{base}_q", codes)
+    if q.name != f"{base}_q":  # one bias read by several nodes: each gets its own names
+        base = q.name
     s = frontend.new_initializer(graph, f"{base}_scale", scale)
     dq = ir.node("DequantizeLinear", [q, s], attributes={"axis": 0}, name=f"{base}_dq")
     dq.outputs[0].name = f"{base}_dq"

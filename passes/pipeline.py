@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from typing import Callable, Sequence
 
@@ -315,6 +316,9 @@ class InstrumentedPass(ir.passes.PassBase):
         self.inner = inner
         self.check = check
 
+    def __repr__(self) -> str:
+        return f"pass {self.name}"
+
     @property
     def in_place(self) -> bool:
         return self.inner.in_place
@@ -389,16 +393,22 @@ def build_pipeline(
 def run(pipeline: ir.passes.PassBase, model: ir.Model) -> ir.Model:
     """Runs the pipeline on the model; returns the result (the same object for in-place pipelines).
 
-    onnx_ir wraps what a pass raises in ``PassError`` (once per layer of pass managers); hessc's
-    own errors come out as themselves, so callers and the CLI can act on them (exit code 2 and
-    the fix, not "internal error").
+    onnx_ir wraps what a pass raises in ``PassError`` (once per layer of pass managers); what the
+    pass raised comes out as itself: hessc's own errors so that callers and the CLI can act on them
+    (exit code 2 and the fix, not "internal error"), anything else with the pass it came from noted.
     """
     try:
         return pipeline(model).model
     except ir.passes.PassError as e:
         cause: BaseException | None = e
+        failed = None
         while isinstance(cause, ir.passes.PassError):
+            failed = re.search(r"'pass ([\w-]+)'", str(cause)) or failed
             cause = cause.__cause__
         if isinstance(cause, HesscError):
             raise cause from None
-        raise
+        if cause is None:
+            raise
+        if failed:
+            cause.add_note(f"in pass {failed.group(1)}")
+        raise cause from e

@@ -399,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # an internal error: one line, the details with --debug
         if args.debug:
             raise
-        print(f"hessc: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        where = "".join(f" ({note})" for note in getattr(e, "__notes__", ()))
+        print(f"hessc: internal error{where}: {type(e).__name__}: {e} (rerun with --debug for details)",
+              file=sys.stderr)
         return 1
 
 

@@ -111,18 +111,17 @@ def test_a_user_error_inside_a_pass_keeps_its_type() -> None:
         pipeline.run(pipeline.build_pipeline(options, targets.get("cpu")), model)
 
 
-def test_other_errors_stay_pass_errors() -> None:
+def test_other_errors_come_out_as_themselves_with_their_pass_named() -> None:
+    """A bug inside a pass reaches the CLI as the exception the pass raised (not onnx_ir's
+    "error at step 0"), noted with the pass it came from."""
     class Broken(ir.passes.InPlacePass):
         def call(self, model: ir.Model) -> ir.passes.PassResult:
             raise RuntimeError("a bug")
 
     steps = pipeline.Pipeline([pipeline.InstrumentedPass("broken", Broken())])
-    with pytest.raises(ir.passes.PassError) as info:
+    with pytest.raises(RuntimeError, match="a bug") as info:
         pipeline.run(steps, b.load(b.mlp_model()))
-    cause = info.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert isinstance(cause, RuntimeError)
+    assert info.value.__notes__ == ["in pass broken"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,13 +227,10 @@ def test_a_rotation_transforms_the_statistics_exactly_or_they_are_recomputed() -
     assert verified["status"] == "passed" and verified["vs_float"]["rel_error"] < 0.2
 
     # Invalidated instead: the allocator refuses, and names the fix ...
-    with pytest.raises(ir.passes.PassError) as info:
+    with pytest.raises(Exception) as info:
         pipeline.run(pipeline.build_pipeline(
             options, target, extra=[("allocate-bits", "rotate-input", RotateInputPass("W1", q, False))]), _prepared())
-    cause = info.value
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    assert "run annotate-hessian again" in str(cause) and "rotate-input" in str(cause)
+    assert "run annotate-hessian again" in str(info.value) and "rotate-input" in str(info.value)
     # ... and annotating again after the rotation recomputes them.
     again = pipeline.run(pipeline.build_pipeline(options, target, extra=[
         ("allocate-bits", "rotate-input", RotateInputPass("W1", q, False)),

@@ -96,6 +96,27 @@ def test_convs_become_fused_int8_kernels_on_the_cpu() -> None:
         assert _rel(lowered, portable) < 0.02, "the fused kernels compute the portable form"
 
 
+def test_one_bias_read_by_several_convs_gets_an_int32_copy_per_conv() -> None:
+    """The TorchScript exporter stores equal initializers once (zero biases of a random-weight net,
+    read through Identity): each conv's int32 bias has its own weight scale, so its own name."""
+    proto = _residual_net()
+    inits = {t.name: t for t in proto.graph.initializer}
+    inits["B3"].CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(inits["B0"]), "B3"))
+    shared = onnx.numpy_helper.from_array(np.zeros(16, np.float32), "B0")
+    inits["B0"].CopyFrom(shared)
+    for node in proto.graph.node:
+        if node.name == "project":
+            node.input[2] = "B0_read"
+    proto.graph.node.insert(0, helper.make_node("Identity", ["B0"], ["B0_read"]))
+    proto.graph.initializer.remove(inits["B3"])
+    out = hessc.optimize(b.load(proto), target="cpu", bits=4, calibration=_feeds())
+    assert meta.read_plan(out)["verification"]["status"] == "passed"
+    biases = [n.inputs[2] for n in out.graph if n.op_type == "Conv" and len(n.inputs) > 2 and n.inputs[2] is not None]
+    names = [v.name for v in biases]
+    assert len(names) == len(set(names)) >= 4
+    assert _optimized_ops(out)["QLinearConv"] == 4
+
+
 @pytest.mark.parametrize("tune", [False, True], ids=["int8", "tuned"])
 def test_a_float16_conv_net_gets_its_quantization_in_float16(tune: bool) -> None:
     """A float16 model (as converted for GPUs): activation scales, int32-bias scales and weights
