@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -377,11 +378,31 @@ def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Registers ``array`` as an initializer of ``graph`` called ``name`` (``name_1``, ``name_2``, ...
     when that is taken: one source initializer may feed several rewritten nodes); returns its value."""
     name = fresh_name(graph, name)
-    tensor = ir.tensor(array, name=name)
+    tensor = _packed(array, name) or ir.tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     graph.register_initializer(value)
     return value
+
+
+def _packed(array: np.ndarray, name: str) -> ir.PackedTensor | None:
+    """A 4- or 2-bit array as the packed tensor ONNX stores (two or four codes a byte, the first in
+    the low bits), or None for other types: numpy holds one code per byte, twice or four times
+    the bytes, for as long as the model lives."""
+    dtype = _SUB_BYTE.get(np.dtype(array.dtype))
+    if dtype is None:
+        return None
+    bits = dtype.bitwidth
+    per_byte = 8 // bits
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    packed = np.zeros(-(-flat.size // per_byte), dtype=np.uint8)
+    for i in range(per_byte):
+        lane = flat[i::per_byte] & np.uint8((1 << bits) - 1)
+        packed[: lane.size] |= lane << np.uint8(i * bits)
+    return ir.PackedTensor(packed, dtype, shape=array.shape, name=name)
+
+
+_SUB_BYTE = {np.dtype(t.numpy()): t for t in (ir.DataType.UINT4, ir.DataType.INT4, ir.DataType.UINT2, ir.DataType.INT2)}
 
 
 def fresh_name(graph: ir.Graph, name: str) -> str:
@@ -486,6 +507,26 @@ def release(value: ir.Value) -> None:
     one holds one weight's pages at a time, not every weight's."""
     if isinstance(value.const_value, ir.ExternalTensor):
         value.const_value.release()
+
+
+def is_external(value: ir.Value) -> bool:
+    """Whether the weight's bytes sit in an external-data file (memory-mapped when read)."""
+    return isinstance(value.const_value, ir.ExternalTensor)
+
+
+def drop_pages(value: ir.Value, start: int, stop: int) -> None:
+    """Gives the file pages behind bytes ``[start, stop)`` of an external weight (counted from
+    its first byte) back to the system: a weight read a block at a time holds one block's pages,
+    not all of them. They are read from the file again if touched later."""
+    tensor = value.const_value
+    raw = getattr(tensor, "raw", None) if isinstance(tensor, ir.ExternalTensor) else None
+    if raw is None:
+        return
+    page = mmap.PAGESIZE
+    lo = ((tensor.offset or 0) + start) // page * page
+    hi = ((tensor.offset or 0) + stop) // page * page
+    if hi > lo:
+        raw.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def ensure_float_array(tensor: ir.TensorProtocol) -> np.ndarray:

@@ -56,6 +56,10 @@ kept for ``confirm-lossless`` (which re-runs plan → materialize on clones of i
 MATERIALIZED_KEY = "hessc.materialized"
 """``model.meta`` key: ``{weight name: QuantPlan}`` of the weights ``insert-qdq`` quantized."""
 
+WEIGHT_ERRORS_KEY = "hessc.weight_errors"
+"""``model.meta`` key: ``{weight name: ‖W − dequantized‖ / ‖W‖}`` of each weight ``insert-qdq``
+quantized, measured against the float weight as it was read (verification's weight-by-weight check)."""
+
 SKIPPED_KEY = "hessc.skipped"
 """``model.meta`` key: ``{weight name: reason}`` of the weights that stay in float."""
 

@@ -193,14 +193,14 @@ def _lower(options, target):
 
     return lower.LowerWeightsPass(lower.LowerConfig(
         target=target.name, fp16=options.fp16_for(target), accuracy_level=1 if options.activations == 16 else 4,
-        keep_portable=options.verify,
+        keep_portable=options.verify, max_memory=options.max_memory,
     ))
 
 
 def _tune(options, target):
     from hessc.runtime import tune
 
-    return tune.TuneKernelsPass()
+    return tune.TuneKernelsPass(max_memory=options.max_memory)
 
 
 def _verify(options, target):
@@ -209,6 +209,7 @@ def _verify(options, target):
     return verification.VerifyInORTPass(
         target, seed=options.seed, max_loss_increase=options.max_loss_increase,
         min_output_cosine=options.min_output_cosine, allow_degraded=options.allow_degraded,
+        max_memory=options.max_memory,
     )
 
 

@@ -407,6 +407,81 @@ def quantize_matrix(
     return q, in_dim
 
 
+def _quantize_read_once(ref: qweights.WeightRef, plan: meta.QuantPlan, hessian, gradient):
+    """:func:`quantize_matrix` and :func:`relative_error` of one weight; ``(q, in, error)``.
+
+    A large RTN weight kept as external data is read once, a block of its stored rows at a time,
+    each block's file pages given back once it is rounded: resident memory holds its codes, not
+    its float bytes. Groups run along the input dimension and never across a block (blocks of
+    output rows, or of whole groups of input columns where the weight is stored ``(in, out)``), so
+    the codes equal the whole weight's."""
+    matrix = ref.matrix()
+    out_dim, in_dim = matrix.shape
+    stored = ref.value
+    blockwise = (plan.method in ("rtn", "rtn-grad") and matrix.size > STREAM_ELEMENTS
+                 and frontend.is_external(stored) and ref.op not in ("ConvTranspose",) and not ref.recurrent
+                 and (not ref.transposed or (plan.group_size and in_dim % plan.group_size == 0)))
+    if not blockwise:
+        q, in_dim = quantize_matrix(matrix, plan, hessian, gradient)
+        return q, in_dim, relative_error(q, matrix)
+    group = plan.group_size or in_dim
+    columns = ref.transposed  # stored (in, out): a block of stored rows is a block of input columns
+    span, width = (in_dim, out_dim) if columns else (out_dim, in_dim)
+    step = max(1, STREAM_ELEMENTS // max(1, width))
+    if columns:
+        step = max(group, step // group * group)
+    whole, err2, ref2 = None, 0.0, 0.0
+    row_bytes = width * int(stored.dtype.itemsize)
+    for start in range(0, span, step):
+        stop = min(start + step, span)
+        cut = (slice(None), slice(start, stop)) if columns else (slice(start, stop), slice(None))
+        piece = np.ascontiguousarray(matrix[cut])
+        q, _ = quantize_matrix(piece, plan, None, None if gradient is None else gradient[cut])
+        if whole is None:  # the codes of the whole weight, filled block by block
+            padded = math.ceil(in_dim / group) * group
+            whole = quantizers.QuantizedWeight(
+                np.empty((out_dim, padded), q.codes.dtype), np.empty((out_dim, padded // group), q.scales.dtype),
+                None if q.zero_points is None else np.empty((out_dim, padded // group), q.zero_points.dtype),
+                q.bits, plan.group_size, q.symmetric)
+        groups = (slice(None), slice(start // group, stop // group)) if columns else cut
+        whole.codes[cut if columns else (cut[0], slice(None))] = q.codes
+        whole.scales[groups] = q.scales
+        if q.zero_points is not None:
+            whole.zero_points[groups] = q.zero_points
+        e, piece2 = relative_error(q, piece), float(np.sum(np.square(piece, dtype=np.float64)))
+        err2, ref2 = err2 + e * e * piece2, ref2 + piece2
+        frontend.drop_pages(stored, start * row_bytes, stop * row_bytes)
+    return whole, in_dim, (math.sqrt(err2 / ref2) if ref2 > 0 else 0.0)
+
+
+STREAM_ELEMENTS = 1 << 24
+"""Weights of more elements than this, kept as external data, are quantized a block of about this
+many elements at a time (RTN), their pages given back after each block."""
+
+
+def relative_error(q: quantizers.QuantizedWeight, matrix: np.ndarray) -> float:
+    """``‖W − dequantized‖ / ‖W‖`` of an (out, in) matrix and its codes (padded columns past ``in``
+    ignored), a block of rows at a time: a weight of any size is checked in bounded memory."""
+    out_dim, in_dim = matrix.shape
+    block = q.block
+    step = max(1, ERROR_CHUNK // max(1, q.codes.shape[1]))
+    err2 = ref2 = 0.0
+    for i in range(0, out_dim, step):
+        rows = slice(i, i + step)
+        codes = q.codes[rows].astype(np.int32)
+        if q.zero_points is not None:
+            codes -= np.repeat(q.zero_points[rows].astype(np.int32), block, axis=1)
+        deq = (codes.astype(np.float32) * np.repeat(q.scales[rows].astype(np.float32), block, axis=1))[:, :in_dim]
+        w = np.asarray(matrix[rows], dtype=np.float32)
+        err2 += float(np.sum(np.square(w - deq, dtype=np.float64)))
+        ref2 += float(np.sum(np.square(w, dtype=np.float64)))
+    return math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+
+
+ERROR_CHUNK = 1 << 22
+"""Elements of a weight dequantized at a time by :func:`relative_error`."""
+
+
 def stored_bytes(plan: meta.QuantPlan, scale_bytes: int, kernel_layout: bool = False) -> int:
     """Bytes of codes (at their container width), scales and zero points of one weight.
 
@@ -531,6 +606,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         retied = _retie_float_copies(model)
         groups = [g for g in weight_groups(list(qweights.iter_weights(model))) if g.plan() is not None]
         materialized = dict(model.meta.get(meta.MATERIALIZED_KEY) or {})
+        self.errors = dict(model.meta.get(meta.WEIGHT_ERRORS_KEY) or {})
         ties = dict(model.meta.get(TIED_WEIGHTS_KEY) or {})
         for i, group in enumerate(groups):
             plan = self._materialize(group)
@@ -541,6 +617,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 ties[plan.name] = group.to_json()
             progress.report("quantize", i + 1, len(groups))
         model.meta[meta.MATERIALIZED_KEY] = materialized
+        model.meta[meta.WEIGHT_ERRORS_KEY] = self.errors
         if ties:
             model.meta[TIED_WEIGHTS_KEY] = ties
         return ir.passes.PassResult(model, bool(groups) or retied > 0 or raised)
@@ -559,7 +636,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
             hessian = curvature.hessian_for(ref) if plan.method == "gptq" else None
             gradient = curvature.gradient_for(ref) if plan.method == "rtn-grad" else None
-        q, in_dim = quantize_matrix(ref.matrix(), plan, hessian, gradient)
+        q, in_dim, self.errors[plan.name] = _quantize_read_once(ref, plan, hessian, gradient)
         scale_type = ref.value.dtype
         scale_np = q.scales.astype(scale_type.numpy())
         codes = q.codes[:, :in_dim]

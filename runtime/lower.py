@@ -56,7 +56,7 @@ import onnx_ir as ir
 from hessc.errors import InputError, VerificationError
 from hessc.ir import frontend, meta
 from hessc.passes.activations import ACT_QUANT_KEY
-from hessc.runtime import packing, targets
+from hessc.runtime import memory, packing, targets
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class LowerConfig:
         three_bit: store 3-bit MatMul/Gemm codes at 3 bits, rebuilt into the 4-bit kernel layout
             when ORT opens the session (False: in the 4-bit container, 4 bits per weight).
         keep_portable: keep ``Model.clone()`` of the portable form under
-            ``model.meta[PORTABLE_KEY]`` for verification to compare against.
+            ``model.meta[PORTABLE_KEY]`` for verification to compare against, where the
+            whole-model checks fit ``max_memory`` (:func:`memory.whole_model_check`).
+        max_memory: the user's memory bound in bytes (None: the machine's available memory).
     """
 
     target: str = "cpu"
@@ -90,6 +92,7 @@ class LowerConfig:
     fp16: bool = False
     three_bit: bool = True
     keep_portable: bool = False
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         targets.get(self.target)
@@ -131,7 +134,8 @@ class LowerWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         config = self.config
-        if config.keep_portable and targets.get(config.target).lowers_weights:
+        if (config.keep_portable and targets.get(config.target).lowers_weights
+                and memory.whole_model_check(model, config.max_memory) is None):
             model.meta[PORTABLE_KEY] = frontend.clone(model)
         rewriter = _Rewriter(config)
         modified = rewriter.run(model)
@@ -143,6 +147,22 @@ class LowerWeightsPass(ir.passes.InPlacePass):
             modified = True
         model.meta[LOWERING_KEY] = summary
         return ir.passes.PassResult(model, modified)
+
+
+def _drop_dead_dequantize(dq: ir.Node) -> None:
+    """Removes a ``DequantizeLinear`` its rewrite left unread, with the codes only it read, as soon
+    as that weight is done: the codes of one form and the packed weights of the other are never
+    both held for the whole model."""
+    graph = dq.graph
+    if graph is None or dq.outputs[0].uses() or dq.outputs[0].is_graph_output():
+        return
+    inputs = [v for v in dq.inputs if v is not None]
+    graph.remove(dq, safe=True)
+    for value in inputs:
+        owner = value.graph
+        if (owner is not None and value.name in owner.initializers and not value.uses()
+                and not value.is_graph_input() and not value.is_graph_output()):
+            owner.initializers.pop(value.name)
 
 
 class _Rewriter:
@@ -172,7 +192,9 @@ class _Rewriter:
         for node in found:
             if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or node.graph is None:
                 continue
-            modified |= self._lower(model, node)
+            if self._lower(model, node):
+                modified = True
+                _drop_dead_dequantize(node)
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -282,7 +304,7 @@ class _Rewriter:
         )
 
     def _to_matmul_nbits(self, model, dq, uses, q, scale, zp, bits, block, transposed) -> bool:
-        codes = q.const_value.numpy().astype(np.int16)
+        codes = q.const_value.numpy()  # a byte per code; widened a block of rows at a time when packed
         scales = scale.const_value.numpy()
         zps = None if zp is None else zp.const_value.numpy().astype(np.int16)
         if transposed:  # stored (K, N) → (N, K)
@@ -316,7 +338,7 @@ class _Rewriter:
         split = None
         if self.config.three_bit and plan_bits == 3 and bits == 4 and (symmetric or zps is not None):
             try:
-                split = packing.three_bit_weights(codes, None if symmetric else zps, symmetric)
+                split = packing.three_bit_weights(codes.astype(np.int16), None if symmetric else zps, symmetric)
             except ValueError as e:
                 raise VerificationError(f"{q.name}: planned at 3 bits, but {e} (a hessc bug)") from e
         _check_packed(

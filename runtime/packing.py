@@ -69,20 +69,27 @@ def matmul_nbits_weights(
     """
     n_out, k = codes.shape
     k_blocks = math.ceil(k / block_size)
-    unsigned = to_unsigned(codes, bits, symmetric)
-    fill = 1 << (bits - 1) if symmetric else 0
-    padded = np.full((n_out, k_blocks * block_size), fill, dtype=np.uint8)
-    padded[:, :k] = unsigned
-    if not symmetric and zero_points is not None:
-        # Padding codes equal to the block's zero point dequantize to exactly zero.
-        last = zero_points[:, -1].astype(np.uint8)
-        padded[:, k:] = last[:, None]
     blob = block_size * bits // 8
-    packed_b = pack_rows(padded.reshape(n_out * k_blocks, block_size), bits).reshape(n_out, k_blocks, blob)
-    if symmetric or zero_points is None:
-        return packed_b, None
-    zp = pack_rows(zero_points.astype(np.uint8), bits).reshape(-1)
-    return packed_b, zp
+    packed_b = np.empty((n_out, k_blocks, blob), dtype=np.uint8)
+    with_zp = not symmetric and zero_points is not None
+    zp_row = math.ceil(k_blocks * bits / 8)
+    packed_zp = np.empty((n_out, zp_row), dtype=np.uint8) if with_zp else None
+    fill = 1 << (bits - 1) if symmetric else 0
+    step = max(1, PACK_CHUNK // max(1, k))  # rows pack independently: a block of rows at a time
+    for i in range(0, n_out, step):
+        rows = slice(i, min(i + step, n_out))
+        padded = np.full((rows.stop - i, k_blocks * block_size), fill, dtype=np.uint8)
+        padded[:, :k] = to_unsigned(codes[rows], bits, symmetric)
+        if with_zp:
+            # Padding codes equal to the block's zero point dequantize to exactly zero.
+            padded[:, k:] = zero_points[rows, -1].astype(np.uint8)[:, None]
+            packed_zp[rows] = pack_rows(zero_points[rows].astype(np.uint8), bits).reshape(rows.stop - i, zp_row)
+        packed_b[rows] = pack_rows(padded.reshape(-1, block_size), bits).reshape(-1, k_blocks, blob)
+    return packed_b, (packed_zp.reshape(-1) if with_zp else None)
+
+
+PACK_CHUNK = 1 << 22
+"""Codes packed at a time by :func:`matmul_nbits_weights` (its temporaries stay this small)."""
 
 
 THREE_BIT_GROUP = 8  # codes per group: 2 bytes of lows and 1 byte of highs

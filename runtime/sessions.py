@@ -47,8 +47,9 @@ def serialized(model: ir.Model) -> tuple[Any, str | None, Any]:
     """The model as an ``onnx.ModelProto`` ORT can open without copying its weights.
 
     Weights in external data stay references to their files, and ORT is pointed at their folder;
-    only weights from several folders, or in-memory weights past protobuf's 2 GB limit, go through
-    one temporary copy with external data.
+    weights from several folders, or more than :data:`IN_MEMORY_BYTES` of in-memory weights, go
+    through one temporary copy with external data, written a tensor at a time (a proto and its
+    serialized bytes would hold two more copies of them, and protobuf stops at 2 GB).
 
     Returns:
         The proto, the folder of its external data (or None), and an object that keeps a temporary
@@ -59,12 +60,16 @@ def serialized(model: ir.Model) -> tuple[Any, str | None, Any]:
     tensors = [v.const_value for g in frontend.graphs(model) for v in g.initializers.values() if v.const_value is not None]
     base_dirs = {str(t.base_dir) for t in tensors if isinstance(t, ir.ExternalTensor)}
     in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-    if len(base_dirs) <= 1 and in_memory < (1 << 31) - (64 << 20):
+    if len(base_dirs) <= 1 and in_memory < IN_MEMORY_BYTES:
         return ir.to_proto(model), (base_dirs.pop() if base_dirs else None), None
     tmp = tempfile.TemporaryDirectory(prefix="hessc-")
     path = Path(tmp.name) / "model.onnx"
     ir.save(model, path, external_data="model.onnx.data")
     return onnx.load(str(path), load_external_data=False), tmp.name, tmp
+
+
+IN_MEMORY_BYTES = 256 << 20
+"""In-memory weight bytes above which a session opens a temporary external-data copy of the model."""
 
 
 def _source(model: Any, opts) -> tuple[str | bytes, Any]:

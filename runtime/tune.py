@@ -38,6 +38,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.ir import frontend, meta
+from hessc.runtime import memory
 
 logger = logging.getLogger(__name__)
 
@@ -205,16 +206,23 @@ def serving_feed(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
 class TuneKernelsPass(ir.passes.InPlacePass):
     """Sets each MatMulNBits's ``accuracy_level`` to the fastest at the serving shape, measured."""
 
-    def __init__(self, levels: Sequence[int] = LEVELS, cache: TimingCache | None = None) -> None:
+    def __init__(self, levels: Sequence[int] = LEVELS, cache: TimingCache | None = None,
+                 max_memory: int | None = None) -> None:
         super().__init__()
         self.levels = tuple(levels)
         self.cache = cache
+        self.max_memory = max_memory
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         main = [n for n in model.graph if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN]
         inner = sum(1 for g in frontend.graphs(model) if g is not model.graph
                     for n in g if n.op_type == "MatMulNBits" and n.domain == MS_DOMAIN)
         if not main:
+            return ir.passes.PassResult(model, False)
+        too_large = memory.session_fits(model, self.max_memory)  # the serving shapes are read from one
+        if too_large:
+            model.meta[TUNE_KEY] = {"skipped": too_large}
+            logger.info("tune-kernels skipped (each MatMulNBits keeps its accuracy_level): %s", too_large)
             return ir.passes.PassResult(model, False)
         cache = self.cache if self.cache is not None else default_cache()
         feed = serving_feed(model)

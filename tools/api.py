@@ -26,7 +26,7 @@ from hessc.errors import InputError
 from hessc.ir import frontend, meta
 from hessc.options import CompileOptions
 from hessc.runtime import calibration as calib
-from hessc.runtime import targets
+from hessc.runtime import memory, targets
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def optimize(
     check_allocation: bool = True,
     low_rank: bool = True,
     share: float | None = None,
+    max_memory: int | str | None = None,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -176,6 +177,11 @@ def optimize(
             each role's layers coloured greedily by the predicted loss change, non-adjacent
             layers allowed, one shared basis per colour stored once, private coefficients per
             layer (:mod:`hessc.passes.share_weights`). Needs calibration.
+        max_memory: resident memory (bytes, or a size such as ``"2.5G"``) the compile may use
+            beyond its streaming work: the end-to-end checks (verification against the float
+            model, the latency check) hold the whole model in ONNX Runtime sessions and run only
+            where they fit; where they do not, verification goes weight by weight and says so.
+            None: they fit where they take at most 70% of the machine's available memory.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -196,6 +202,7 @@ def optimize(
         max_loss_increase=max_loss_increase, min_output_cosine=min_output_cosine, allow_degraded=allow_degraded,
         rotate=rotate, int8_range=int8_range, tune=tune, check_allocation=check_allocation,
         low_rank=low_rank, share=share,
+        max_memory=memory.parse_size(max_memory) if isinstance(max_memory, str) else max_memory,
     )
     target_record = targets.get(options.target)
     from hessc.passes import pipeline
@@ -211,6 +218,7 @@ def optimize(
             model.meta[meta.CALIBRATION_KEY] = _calibration(model, calibration, labels, loss, options)
         model.meta[REFERENCE_KEY] = source.path if source.path is not None else frontend.clone(model)
         bytes_before = _weight_bytes(model, folded_copies=False)
+        model.meta[memory.REFERENCE_BYTES_KEY] = bytes_before
         model = pipeline.run(pipeline.build_pipeline(options, target_record), model)
     meta.write_plan(model, _plan_record(model, options, target_record, bytes_before))
     # Wall-clock facts stay out of the saved model, so outputs are byte-identical for a seed.
@@ -218,7 +226,7 @@ def optimize(
     timings["total"] = round(time.perf_counter() - started, 3)
     model.meta[meta.TIMINGS_KEY] = timings
     if options.verify and options.measure_latency:
-        model.meta[meta.LATENCY_KEY] = _latency(model, target_record.name)
+        model.meta[meta.LATENCY_KEY] = _latency(model, target_record.name, options.max_memory)
     return model
 
 
@@ -373,7 +381,7 @@ LATENCY_MS = 300.0
 """Time per model of the float-vs-optimized latency check (interleaved rounds, 5 to 500)."""
 
 
-def _latency(model: ir.Model, target: str) -> dict | None:
+def _latency(model: ir.Model, target: str, max_memory: int | None) -> dict | None:
     """Median latency of the float and the optimized model at the serving shape (the first
     calibration feed's, else a generated one), interleaved; a warning names what runs slower.
     Not saved: wall-clock values would make outputs differ run to run."""
@@ -382,6 +390,10 @@ def _latency(model: ir.Model, target: str) -> dict | None:
 
     if target == "cuda" and not sessions.cuda_available():
         return None
+    too_large = memory.whole_model_check(model, max_memory)
+    if too_large:
+        logger.info("latency check skipped: %s", too_large)
+        return {"skipped": too_large}
     reference_source = model.meta[REFERENCE_KEY]
     reference = sessions.session(str(reference_source) if isinstance(reference_source, Path) else reference_source, "cpu",
                                  custom_op_libraries=model.meta.get(meta.CUSTOM_OPS_KEY, ()), spinning=False)

@@ -56,6 +56,15 @@ def _bits(text: str) -> int | float | str:
         raise argparse.ArgumentTypeError(f"expected a number of bits (4, 3.5) or 'lossless', got {text!r}") from None
 
 
+def _size(text: str) -> int:
+    from hessc.runtime.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _name_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -111,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--share", type=float, metavar="FRACTION",
                    help="cross-layer weight sharing first: remove this share of the repeated layers' parameters "
                         "(e.g. 0.2), layers of one role sharing bases where the loss predicts it pays")
+    o.add_argument("--max-memory", type=_size, metavar="SIZE",
+                   help="resident memory for the whole-model checks (e.g. 2.5G): verification against the float "
+                        "model and the latency check run only where their sessions fit, else verification goes "
+                        "weight by weight (default: 70%% of the memory this machine has available)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep embedding tables (and output heads tied to them) in float")
     o.add_argument("--no-tune", action="store_true",
@@ -148,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compare hessc with ONNX Runtime's quantizers on a real model")
     b.add_argument("--model", required=True, help="minilm, smollm2, efficientnet, forms (a zoo of graph forms), families (random-weight models of "
                    "many transformers architectures, exported as a user would), kernels (the CPU's MatMul "
-                   "kernels on one layer), or a .onnx path")
+                   "kernels on one layer), memory (peak memory of optimize on a synthetic model of --size-gib), "
+                   "or a .onnx path")
     b.add_argument("--bits", type=_bits_list, default=[4],
                    help="comma-separated: integers, fractional budgets (3.5) or 'lossless' (hessc methods)")
     b.add_argument("--group-size", type=_int_list, default=[32])
@@ -169,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--serving-tokens", type=_int_list, metavar="N,M",
                    help="minilm/smollm2: 4-bit hessc (tuned at each length) vs fp32 and ORT's 4-bit RTN, latency at "
                         "these sequence lengths")
+    b.add_argument("--size-gib", type=float, default=8.0, help="memory: the synthetic model's size (default 8)")
+    b.add_argument("--max-memory", help="memory: also run each method under this --max-memory (e.g. 2.5G)")
     b.add_argument("--quiet", action="store_true")
     b.add_argument("--json", action="store_true")
 
@@ -217,7 +233,7 @@ def _cmd_optimize(args) -> int:
         allow_degraded=args.allow_degraded, rotate=args.rotate, int8_range=args.int8_range,
         tune=not args.no_tune, check_allocation=not args.no_allocation_check,
         low_rank=not args.no_low_rank, share=args.share,
-        quantize_embeddings=not args.float_embeddings,
+        quantize_embeddings=not args.float_embeddings, max_memory=args.max_memory,
     )
     api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
@@ -235,8 +251,10 @@ def _cmd_optimize(args) -> int:
     elif not args.quiet:
         ver = record.get("verification", {}).get("vs_float")
         extra = f", output cosine to fp32 {ver['cosine']:.4f}" if ver else ""
+        if record.get("verification", {}).get("mode") == "weight by weight":
+            extra += ", verified weight by weight (the float model's session does not fit: the plan's verification)"
         latency = model.meta.get(meta.LATENCY_KEY)
-        if latency:
+        if latency and "skipped" not in latency:
             extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms at {latency['input']}"
         bits = (f"{s['effective_bits_per_weight']} effective bits/weight" if s.get("effective_bits_per_weight")
                 else f"no weight stored quantized ({len(record.get('skipped') or {})} kept in float: the plan's "
@@ -322,6 +340,13 @@ def _cmd_bench(args) -> int:
         from hessc.bench import families
 
         families.run_families(Path(args.out), target=args.target, bits=args.bits)
+        return 0
+    if args.model == "memory":
+        from hessc.bench import memory
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip() in ("rtn", "gptq")] or ["rtn"]
+        bits = args.bits[0] if args.bits and isinstance(args.bits[0], int) else 4
+        memory.run_memory(Path(args.out), args.size_gib, methods=methods, bits=bits, max_memory=args.max_memory)
         return 0
     if args.model == "kernels":
         from hessc.bench import kernels

@@ -82,6 +82,7 @@ class CompileOptions:
     check_allocation: bool = True
     low_rank: bool = True
     share: float | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         target = targets.get(self.target)
@@ -114,6 +115,8 @@ class CompileOptions:
         if self.rounding == "gradient" and not self.budgeted:
             raise InputError("rounding='gradient' is chosen by the bit allocator: give a budget (bits=3.5, "
                              "budget_bytes=N) or bits='lossless'")
+        if self.max_memory is not None and not (isinstance(self.max_memory, int) and self.max_memory > 0):
+            raise InputError(f"--max-memory {self.max_memory} must be a positive number of bytes")
         if self.share is not None and not (isinstance(self.share, (int, float)) and 0 < self.share < 1):
             raise InputError(f"--share {self.share}: give the share of the shared layers' parameters to remove, "
                              "between 0 and 1 (0.2 removes a fifth)")

@@ -71,7 +71,9 @@ def plan_markdown(
         if rows:
             out += ["", table(["outputs", "samples", "relative error", "cosine", "max abs error"], rows)]
         out.append("")
-    if latency:
+    if latency and latency.get("skipped"):
+        out += ["## Latency", "", f"Not measured: {latency['skipped']}.", ""]
+    elif latency:
         shape = ", ".join(f"{k} {v}" for k, v in latency["input"].items())
         out += ["## Latency", "", f"Median of interleaved runs (about 0.3 s each) on {latency['provider']}, "
                 f"input {shape}.", "",
@@ -79,7 +81,9 @@ def plan_markdown(
                       [[latency["float"], latency["optimized"], f"{latency['float'] / latency['optimized']:.2f}x"]]), ""]
         if latency.get("slower"):
             out += [f"Slower than float: {latency['slower']}.", ""]
-    if record.get("tuning"):
+    if record.get("tuning", {}).get("skipped"):
+        out += ["## Kernel tuning", "", f"Skipped: {record['tuning']['skipped']}.", ""]
+    elif record.get("tuning"):
         tuning = record["tuning"]
         shape = ", ".join(f"{k} {v}" for k, v in tuning["serving_input"].items())
         rows = [[t["layer"], t["nodes"], *(t["ms"].get(f, "-") for f in ("level-4", "level-1")),

@@ -1,7 +1,7 @@
 """Elementwise, linear-algebra and reduction operators (default domain).
 
 Unary and binary elementwise ops, comparisons and logic, variadic Max / Min / Sum / Mean, MatMul,
-Gemm, Einsum, the Reduce* family, ArgMax and ArgMin.
+Gemm, Einsum, DFT, the Reduce* family, ArgMax and ArgMin.
 """
 
 from __future__ import annotations
@@ -170,6 +170,33 @@ def _gemm(ctx, a, b, c=None):
 @register_op("", "Einsum")
 def _einsum(ctx, *xs):
     return torch.einsum(ctx.attr("equation").replace(" ", ""), *xs)
+
+
+# ---- spectral
+
+
+def _dft(ctx, x, dft_length, axis: int):
+    """ONNX DFT: the last dimension holds (real) or (real, imaginary); ``axis`` is a signal axis."""
+    axis = axis + x.dim() if axis < 0 else axis
+    signal = torch.complex(x[..., 0], x[..., 1]) if x.shape[-1] == 2 else x[..., 0]
+    n = None if dft_length is None else int(dft_length.reshape(-1)[0])
+    if ctx.attr("inverse", 0):
+        y = torch.fft.ifft(signal, n=n, dim=axis)
+    else:
+        y = torch.fft.fft(signal, n=n, dim=axis)
+    if ctx.attr("onesided", 0):
+        y = y.narrow(axis, 0, y.shape[axis] // 2 + 1)
+    return torch.view_as_real(y.to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)).to(x.dtype)
+
+
+@register_op("", "DFT", 17)
+def _dft17(ctx, x, dft_length=None):
+    return _dft(ctx, x, dft_length, int(ctx.attr("axis", 1)))
+
+
+@register_op("", "DFT", 20)
+def _dft20(ctx, x, dft_length=None, axis=None):
+    return _dft(ctx, x, dft_length, -2 if axis is None else int(axis.reshape(-1)[0]))
 
 
 # ---- reductions

@@ -558,6 +558,27 @@ def test_norms_and_reductions_vs_ort():
     _assert_matches_ort(model, {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)})
 
 
+@pytest.mark.parametrize("opset,complex_in,inverse,onesided,axis,length", [
+    (20, False, 0, 0, -2, None), (20, True, 0, 0, 1, None), (20, True, 1, 0, -2, 10),
+    (20, False, 0, 1, 2, None), (17, True, 0, 0, 1, 6), (17, False, 0, 1, 2, None),
+])
+def test_dft_vs_ort(opset, complex_in, inverse, onesided, axis, length):
+    """DFT (an FNet-style token mixer): forward, inverse, one-sided, a length, either axis form."""
+    rng = np.random.default_rng(7)
+    shape = [2, 8, 6, 2 if complex_in else 1]
+    inits = {"n": np.array(length or 0, np.int64)} if length else {}
+    names = ["x", "n" if length else ""]
+    attrs = {"inverse": inverse, "onesided": onesided}
+    if opset >= 20:
+        inits["axis"] = np.array(axis, np.int64)
+        names.append("axis")
+    else:
+        attrs["axis"] = axis
+    model = _single_node("DFT", [("x", F32, shape)], [("y", F32)], attrs, inits,
+                         opset=opset, node_inputs=names)
+    _assert_matches_ort(model, {"x": rng.standard_normal(shape).astype(np.float32)}, tol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # quantization
 

@@ -580,3 +580,39 @@ def test_a_head_untied_from_its_table_is_quantized_on_its_own(run_pass) -> None:
     run_pass(InsertQDQPass(), model)
     codes = {n.inputs[0].name for n in b.nodes_of(model, "DequantizeLinear")}
     assert {"E_q", "E_T_q"} <= codes and not b.nodes_of(model, "Transpose")
+
+
+@pytest.mark.parametrize("kind,group,bits,symmetric", [
+    ("matmul", 16, 4, False),   # stored (in, out): blocks of whole input groups
+    ("matmul", 16, 2, True),
+    ("gemm", 16, 4, False),     # stored (out, in): blocks of rows
+    ("gemm", 64, 3, False),     # a partial last group
+    ("matmul", 64, 4, False),   # groups that do not tile the input: read whole
+])
+def test_a_large_external_weight_is_quantized_a_block_at_a_time_to_the_same_codes(
+        run_pass, monkeypatch, tmp_path, kind: str, group: int, bits: int, symmetric: bool) -> None:
+    """Read from external data a block of stored rows at a time (each block's pages given back),
+    a weight gets the codes, scales and measured error of the whole-weight quantization."""
+    k, n = 208, 96
+    proto = b.matmul_model(k=k, n=n) if kind == "matmul" else b.gemm_model(k=k, n=n)
+    model = b.load_upgraded(proto)
+    ir.save(model, tmp_path / "m.onnx", external_data="m.onnx.data", size_threshold_bytes=0)
+    config = QuantConfig(bits=bits, group_size=group, symmetric=symmetric)
+
+    def quantized(limit: int):
+        monkeypatch.setattr(quantize, "STREAM_ELEMENTS", limit)
+        m = ir.load(tmp_path / "m.onnx")
+        assert isinstance(next(iter(m.graph.initializers.values())).const_value, ir.ExternalTensor)
+        run_pass(PlanQuantizationPass(config), m)
+        run_pass(InsertQDQPass(), m)
+        dq = b.nodes_of(m, "DequantizeLinear")[0]
+        return [x.const_value.numpy() for x in dq.inputs[1:] if x is not None] + [b.dequantize_linear(dq)], \
+            next(iter(m.meta[meta.WEIGHT_ERRORS_KEY].values()))
+
+    (whole, whole_error), (blocks, block_error) = quantized(1 << 30), quantized(7 * 64)
+    for a, c in zip(whole, blocks):
+        np.testing.assert_array_equal(a, c)
+    w = numpy_helper.to_array(proto.graph.initializer[0]).astype(np.float64)
+    deq = whole[-1].astype(np.float64).reshape(w.shape)
+    assert whole_error == pytest.approx(np.linalg.norm(w - deq) / np.linalg.norm(w), rel=1e-5)
+    assert block_error == pytest.approx(whole_error, rel=1e-6)

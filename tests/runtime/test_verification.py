@@ -220,3 +220,68 @@ def test_a_language_model_whose_loss_collapses_is_refused() -> None:
                          min_output_cosine=-1.0, allow_degraded=True)
     quality = meta.read_plan(out)["verification"]["quality"]
     assert quality["degraded"] and quality["next_token_loss"] > quality["next_token_loss_float"]
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory bound: weight by weight where the float model's session does not fit
+
+
+def test_without_room_for_the_float_model_verification_goes_weight_by_weight_and_says_so() -> None:
+    import hessc
+    from hessc.runtime import memory
+
+    proto = b.mlp_model(k=128, hidden=128, n=64)
+    feeds = [b.x_feed(128, batch=4, seed=s) for s in range(3)]
+    roomy = hessc.optimize(b.load(proto), bits=4, calibration=feeds, measure_latency=True)
+    assert meta.read_plan(roomy)["verification"].get("mode") is None  # end to end: it fits
+    bounded = hessc.optimize(b.load(proto), bits=4, calibration=feeds, measure_latency=True,
+                             max_memory=1 << 20)  # less than this process holds
+    record = meta.read_plan(bounded)
+    ver = record["verification"]
+    assert ver["mode"] == "weight by weight" and ver["status"] == "passed (weight by weight)"
+    assert ver["end_to_end"].startswith("skipped: the whole-model sessions need about")
+    assert "--max-memory" in ver["end_to_end"] and ver["ran"].startswith("skipped")
+    assert ver["weights"]["checked"] == len(record["weights"]) == 2
+    errors = bounded.meta[meta.WEIGHT_ERRORS_KEY]
+    assert 0 < ver["weights"]["max_rel_error"] == round(max(errors.values()), 6) < 0.2
+    assert "vs_float" not in ver and PORTABLE_KEY not in bounded.meta  # no float session, no portable copy
+    assert bounded.meta[meta.LATENCY_KEY]["skipped"] == ver["end_to_end"].removeprefix("skipped: ")
+    assert record["tuning"]["skipped"]
+    # The same weights as the end-to-end compile: the bound changes the checks, not the result.
+    same = {n.name: n for n in roomy.graph}
+    for node in bounded.graph:
+        if node.op_type == "MatMulNBits":
+            np.testing.assert_array_equal(node.inputs[1].const_value.numpy(),
+                                          same[node.name].inputs[1].const_value.numpy())
+
+
+def test_weight_by_weight_refuses_a_weight_no_closer_than_zero_and_runs_the_result_where_it_fits() -> None:
+    from hessc.runtime import memory
+
+    model = _lowered()
+    model.meta[memory.REFERENCE_BYTES_KEY] = 1 << 40  # a float model far larger than this machine
+    model.meta.pop(memory.WHOLE_MODEL_KEY)  # decided in the lowering, before the size was known
+    errors = dict(model.meta[meta.WEIGHT_ERRORS_KEY])
+    VerifyInORTPass(targets.get("cpu"))(model)
+    ver = model.meta[VERIFICATION_KEY]
+    assert ver["mode"] == "weight by weight" and ver["ran"] == {"provider": "CPUExecutionProvider", "feeds": 3,
+                                                              "outputs": 1}
+    model.meta[meta.WEIGHT_ERRORS_KEY] = {**errors, "W1": 1.3}
+    with pytest.raises(VerificationError, match="no closer to their float weights than zero"):
+        VerifyInORTPass(targets.get("cpu"))(model)
+
+
+@pytest.mark.parametrize("text,size", [("2.5G", int(2.5 * 2**30)), ("800M", 800 << 20), ("1024", 1024),
+                                       ("3GiB", 3 << 30), ("1t", 1 << 40)])
+def test_sizes_parse(text: str, size: int) -> None:
+    from hessc.runtime.memory import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_a_bad_max_memory_is_a_usage_error(capsys) -> None:
+    from hessc.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", "in.onnx", "-o", "out.onnx", "--max-memory", "lots"])
+    assert info.value.code == 2 and "is not a size" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def run(bits: int = 4, group_size: int = 32, quiet: bool = False) -> dict:
     print(table(["model", "file", "eff. bits/weight", "cosine to fp32", "Lee Pearson",
                  f"latency ms (one sequence of {tokens} tokens)"], rows))
     tuning = plan.get("tuning")
-    if tuning:
+    if tuning and tuning.get("layers"):
         chosen = ", ".join(f"{t['layer'].split()[2]}x{t['layer'].split()[3]}: {t['chosen']} ({t['vs_fp32']}x fp32)"
                            for t in tuning["layers"])
         print(f"\nkernels tuned at {tokens} tokens on this CPU (accuracy level 4 = int8 compute, 1 = fp32): {chosen}")
