@@ -4,14 +4,13 @@ memory).
 
 The model is a chain of ``layers`` square fp32 MatMuls whose weights sit in one external-data file
 (written a layer at a time, never all in memory); each compile runs as a user would run it, the
-``hessc`` command in a child process, and its peak resident memory is the child's own
-(``wait4``'s ``ru_maxrss``), printed beside the bound ``1 GiB + 3 x the largest weight``.
+``hessc`` command in a child process, and its peak resident memory is the child's own (its
+``VmHWM`` as it exits), printed beside the bound ``1 GiB + 3 x the largest weight``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -54,16 +53,31 @@ def write_chain(path: Path, size_gib: float, layers: int = 8, seed: int = 0) -> 
     return width
 
 
-def measure(command: list[str]) -> dict:
-    """Runs ``command``; its exit code, wall seconds, peak RSS (its own, from ``wait4``) and last line."""
+_CHILD = """import sys
+from hessc.cli import main
+code = main(sys.argv[1:])
+peak = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
+print(f"{PEAK_MARK} {peak}", file=sys.stderr)
+sys.exit(code)
+"""
+PEAK_MARK = "hessc-peak-rss-kib"
+
+
+def measure(arguments: list[str]) -> dict:
+    """Runs ``hessc ARGUMENTS`` in a child process; its exit code, wall seconds, peak RSS and last line.
+
+    The peak is the child's own high-water mark (``VmHWM``, read as it exits): ``ru_maxrss`` of a
+    child started by ``vfork`` also counts the parent's pages at the time of the fork."""
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.replace("{PEAK_MARK}", PEAK_MARK), *arguments],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [line.rstrip() for line in child.stdout]  # drain before waiting: no pipe deadlock
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": child.returncode, "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_gib": round(usage.ru_maxrss * 1024 / GIB, 2), "last_line": lines[-1] if lines else "",
-            "log": lines}
+    rc = child.wait()
+    peaks = [int(line.split()[1]) for line in lines if line.startswith(PEAK_MARK)]
+    lines = [line for line in lines if not line.startswith(PEAK_MARK)]
+    return {"rc": rc, "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": round(peaks[-1] * 1024 / GIB, 2) if peaks else None,
+            "last_line": lines[-1] if lines else "", "log": lines}
 
 
 def run_memory(out_dir: Path, size_gib: float = 8.0, layers: int = 8, methods=("rtn",), bits: int = 4,
@@ -80,8 +94,7 @@ def run_memory(out_dir: Path, size_gib: float = 8.0, layers: int = 8, methods=("
     runs = [(m, []) for m in methods] + [(m, ["--max-memory", max_memory]) for m in methods if max_memory]
     for method, extra in runs:
         out = out_dir / f"out-{method}.onnx"
-        command = [sys.executable, "-m", "hessc.cli", "optimize", str(src), "-o", str(out), "--bits", str(bits),
-                   "--method", method, *extra]
+        command = ["optimize", str(src), "-o", str(out), "--bits", str(bits), "--method", method, *extra]
         if method == "gptq":
             calibration = out_dir / "calibration.npz"
             np.savez(calibration, x=np.random.default_rng(1).standard_normal((8, 4, width), dtype=np.float32))
