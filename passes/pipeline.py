@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from typing import Callable, Sequence
 
@@ -317,9 +316,6 @@ class InstrumentedPass(ir.passes.PassBase):
         self.inner = inner
         self.check = check
 
-    def __repr__(self) -> str:
-        return f"pass {self.name}"
-
     @property
     def in_place(self) -> bool:
         return self.inner.in_place
@@ -330,7 +326,12 @@ class InstrumentedPass(ir.passes.PassBase):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         start = time.perf_counter()
-        result = self.inner(model)
+        try:
+            result = self.inner(model)
+        except Exception as e:
+            if not isinstance(e, (HesscError, ir.passes.PassError)):
+                e.add_note(f"in pass {self.name}")  # onnx_ir's PassError names no pass
+            raise
         _return_freed_memory()
         elapsed = time.perf_counter() - start
         ran = list(model.meta.get(PASSES_KEY, []))
@@ -402,14 +403,10 @@ def run(pipeline: ir.passes.PassBase, model: ir.Model) -> ir.Model:
         return pipeline(model).model
     except ir.passes.PassError as e:
         cause: BaseException | None = e
-        failed = None
         while isinstance(cause, ir.passes.PassError):
-            failed = re.search(r"'pass ([\w-]+)'", str(cause)) or failed
             cause = cause.__cause__
         if isinstance(cause, HesscError):
             raise cause from None
         if cause is None:
             raise
-        if failed:
-            cause.add_note(f"in pass {failed.group(1)}")
         raise cause from e

@@ -463,15 +463,13 @@ def relative_error(q: quantizers.QuantizedWeight, matrix: np.ndarray) -> float:
     """``‖W − dequantized‖ / ‖W‖`` of an (out, in) matrix and its codes (padded columns past ``in``
     ignored), a block of rows at a time: a weight of any size is checked in bounded memory."""
     out_dim, in_dim = matrix.shape
-    block = q.block
     step = max(1, ERROR_CHUNK // max(1, q.codes.shape[1]))
     err2 = ref2 = 0.0
     for i in range(0, out_dim, step):
         rows = slice(i, i + step)
-        codes = q.codes[rows].astype(np.int32)
-        if q.zero_points is not None:
-            codes -= np.repeat(q.zero_points[rows].astype(np.int32), block, axis=1)
-        deq = (codes.astype(np.float32) * np.repeat(q.scales[rows].astype(np.float32), block, axis=1))[:, :in_dim]
+        part = dataclasses.replace(q, codes=q.codes[rows], scales=q.scales[rows],
+                                   zero_points=None if q.zero_points is None else q.zero_points[rows])
+        deq = part.dequantize()[:, :in_dim]
         w = np.asarray(matrix[rows], dtype=np.float32)
         err2 += float(np.sum(np.square(w - deq, dtype=np.float64)))
         ref2 += float(np.sum(np.square(w, dtype=np.float64)))

@@ -159,10 +159,15 @@ def _drop_dead_dequantize(dq: ir.Node) -> None:
     inputs = [v for v in dq.inputs if v is not None]
     graph.remove(dq, safe=True)
     for value in inputs:
-        owner = value.graph
-        if (owner is not None and value.name in owner.initializers and not value.uses()
-                and not value.is_graph_input() and not value.is_graph_output()):
-            owner.initializers.pop(value.name)
+        _pop_if_unread(value)
+
+
+def _pop_if_unread(value: ir.Value) -> None:
+    """Takes an initializer no node, input or output reads out of its graph."""
+    owner = value.graph
+    if (owner is not None and owner.initializers.get(value.name) is value and not value.uses()
+            and not value.is_graph_input() and not value.is_graph_output()):
+        owner.initializers.pop(value.name)
 
 
 class _Rewriter:
@@ -200,9 +205,8 @@ class _Rewriter:
             model.graph.opset_imports.setdefault(MS_DOMAIN, 1)
             ir.passes.common.RemoveUnusedNodesPass()(model)
             for graph in list(frontend.graphs(model))[1:]:  # the pass above prunes only the main graph's
-                for name, value in list(graph.initializers.items()):
-                    if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
-                        graph.initializers.pop(name)
+                for value in list(graph.initializers.values()):
+                    _pop_if_unread(value)
         return modified
 
     def _lower(self, model: ir.Model, dq: ir.Node) -> bool:
