@@ -353,6 +353,7 @@ def normalize(model: ir.Model) -> None:
     for graph in graphs(model):
         _fold_weight_identities(graph)
         _fold_weight_casts(graph)
+        _fold_table_transposes(graph)
         _fold_weight_transposes(graph)
     common_passes.RemoveUnusedNodesPass()(model)
 
@@ -471,6 +472,39 @@ def _fold_weight_casts(graph: ir.Graph) -> None:
         ir.convenience.replace_all_uses_with(node.outputs[0], new_value)
         graph.remove(node, safe=True)
         logger.debug("folded Cast of %s into %s", src.name, new_value.name)
+
+
+def _fold_table_transposes(graph: ir.Graph) -> None:
+    """Replaces ``Gather(Transpose(W), ids)`` of a 2-D initializer (an output head ``W [D, V]``
+    whose transpose is the embedding table, as onnxruntime-genai's builder ties them) by a lookup
+    in the transposed initializer ``E = Wᵀ``; ``W``, where a MatMul still reads it, is marked as
+    the head tied to ``E`` (``meta.TIED_KEY``), the form a tied table takes after
+    :func:`_fold_weight_transposes`."""
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        src = node.inputs[0]
+        if src is None or src.const_value is None or not src.is_initializer():
+            continue
+        perm = node.attributes.get_ints("perm", None)
+        if len(src.const_value.shape) != 2 or (perm is not None and tuple(perm) != (1, 0)):
+            continue
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if out.is_graph_output() or not uses or not all(
+                u.node.op_type == "Gather" and u.idx == 0 and u.node.attributes.get_int("axis", 0) == 0 for u in uses):
+            continue
+        array = src.const_value.numpy().T.copy()
+        table = ir.Value(name=fresh_name(graph, f"{src.name}_table"), shape=ir.Shape(array.shape),
+                         type=ir.TensorType(src.dtype))
+        table.const_value = ir.tensor(array, name=table.name)
+        table.meta[meta.WEIGHT_NAME_KEY] = original_name(src)
+        (src.graph or graph).register_initializer(table)
+        ir.convenience.replace_all_uses_with(out, table)
+        graph.remove(node, safe=True)
+        if any(u.node.op_type == "MatMul" and u.idx == 1 for u in src.uses()):
+            src.meta[meta.TIED_KEY] = table.name
+        logger.debug("folded the lookup through Transpose(%s) into %s", src.name, table.name)
 
 
 def _fold_weight_transposes(graph: ir.Graph) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from hessc.errors import InputError
+from hessc.runtime import decoder
 
 Feed = dict[str, np.ndarray]
 
@@ -72,9 +73,14 @@ def _from_npz(path: Path, names: list[str], shapes: dict) -> list[Feed]:
 def feeds_from(calibration: Any, model: ir.Model, limit: int | None = None) -> list[Feed]:
     """Normalises calibration data into checked feeds for the model's graph inputs."""
     names = [v.name for v in model.graph.inputs if not v.is_initializer()]
+    cache = decoder.find(model)
     if isinstance(calibration, (str, os.PathLike)):
         shapes = {v.name: v.shape for v in model.graph.inputs}
-        feeds = _from_npz(Path(calibration), names, shapes)
+        path = Path(calibration)
+        if cache is not None and not _npz_has(path, cache.past_inputs):
+            # token ids (and their mask) alone: the cache is computed below
+            names = [n for n in (cache.ids, cache.mask, cache.positions) if n and _npz_has(path, [n])] or [cache.ids]
+        feeds = _from_npz(path, names, shapes)
     else:
         feeds = []
         for item in _iterate(calibration):
@@ -89,9 +95,23 @@ def feeds_from(calibration: Any, model: ir.Model, limit: int | None = None) -> l
                 break
     if not feeds:
         raise InputError("the calibration data is empty; pass at least one sample")
+    if cache is not None and not all(n in feed for feed in feeds for n in cache.past_inputs):
+        if limit:
+            feeds = feeds[: -(-limit // decoder.STEPS_PER_SAMPLE)]
+        feeds = decoder.expand(model, cache, feeds)
     for i, feed in enumerate(feeds):
         check_feed(feed, model, f"calibration sample {i}")
     return feeds[:limit] if limit else feeds
+
+
+def _npz_has(path: Path, names: Sequence[str]) -> bool:
+    """Whether the .npz holds every name, as one array or per sample (``name__i``)."""
+    try:
+        keys = set(np.load(path, allow_pickle=False).keys())
+    except Exception:
+        return False  # _from_npz reports the unreadable file
+    prefixes = {k.rpartition("__")[0] for k in keys}
+    return all(n in keys or n in prefixes for n in names)
 
 
 def _iterate(calibration: Any) -> Iterable:
@@ -221,17 +241,22 @@ def _fmt(dims) -> str:
 def generated_feeds(model: ir.Model, count: int = 2, seed: int = 0) -> list[Feed]:
     """Random feeds for a model without calibration: token ids below the smallest table size.
 
+    A decoder with a KV cache gets a prefill on an empty cache, then a one-token decode step on a
+    random one, alternately (:func:`hessc.runtime.decoder.generated`).
+
     A scalar input is more often a switch or a count than data: a bool scalar (an ``If``
     condition) alternates True, False from feed to feed, so both branches run, and an integer
     scalar (a ``Loop`` trip count) is at least 1, so the body runs.
     """
     rng = np.random.default_rng(seed)
     vocab = _smallest_table(model)
+    cache = decoder.find(model)
+    skip = set(cache.past_inputs) | {cache.mask, cache.positions} if cache is not None else set()
     feeds = []
     for sample in range(count):
         feed = {}
         for value in model.graph.inputs:
-            if value.is_initializer():
+            if value.is_initializer() or value.name in skip:
                 continue
             dims = [d if isinstance(d, int) else (1 if i == 0 else 16) for i, d in enumerate(value.shape or [])]
             dtype = value.dtype.numpy() if value.dtype is not None else np.float32
@@ -247,6 +272,8 @@ def generated_feeds(model: ir.Model, count: int = 2, seed: int = 0) -> list[Feed
             else:
                 array = rng.standard_normal(dims)
             feed[value.name] = np.asarray(array, dtype=dtype)  # a 0-d array for a scalar input
+        if cache is not None:  # a prefill, then a one-token decode step on a cache
+            feed = decoder.generated(model, cache, feed, rng, decode=sample % 2 == 1)
         feeds.append(feed)
     return feeds
 

@@ -194,9 +194,13 @@ def _rows_at(model: ir.Model, nodes: Sequence[ir.Node], feed: dict[str, np.ndarr
 
 
 def serving_feed(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
-    """The feed the serving shape is read from: the first calibration feed, else a generated one."""
+    """The feed the serving shape is read from: the first calibration feed, else a generated one;
+    for a decoder with a KV cache, a one-token decode step (generation's shape)."""
     from hessc.runtime import calibration as calib
+    from hessc.runtime import decoder
 
+    if decoder.find(model) is not None:
+        return calib.generated_feeds(model, count=2, seed=seed)[1]
     calibration = model.meta.get(meta.CALIBRATION_KEY)
     if calibration is not None and calibration.feeds:
         return calibration.feeds[0]

@@ -366,3 +366,36 @@ def decoder_model(
 
 def ids_feed(vocab: int = 40, shape: Sequence[int] = (2, 7), seed: int = 1) -> dict[str, np.ndarray]:
     return {"ids": np.random.default_rng(seed).integers(0, vocab, size=tuple(shape)).astype(np.int64)}
+
+
+def tiny_genai_decoder(folder, layers: int = 2, tie: bool = True, seed: int = 0):
+    """A tiny Llama (hidden 64, 4 heads over 2 KV heads of 16, vocabulary 259 of a byte-level BPE
+    tokenizer trained on one sentence) with random weights, through onnxruntime-genai's model
+    builder for the CPU in fp32: ``folder/genai/model.onnx`` with ``GroupQueryAttention``, a KV
+    cache and ``genai_config.json``. Returns the genai folder."""
+    from pathlib import Path
+
+    import tokenizers
+    import torch
+    import transformers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from hessc.bench import zoo
+
+    folder = Path(folder)
+    tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(fast), max_position_embeddings=256, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    )
+    lm = transformers.LlamaForCausalLM(config).eval()
+    lm.save_pretrained(folder / "hf")
+    fast.save_pretrained(folder / "hf")
+    return zoo.build_genai(folder / "hf", folder / "genai", "fp32")

@@ -30,3 +30,11 @@ def run_pass() -> Callable[[ir.passes.PassBase, ir.Model], ir.passes.PassResult]
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama through onnxruntime-genai's builder: its genai folder (built once)."""
+    import builders
+
+    return builders.tiny_genai_decoder(tmp_path_factory.mktemp("tiny-decoder"))

@@ -21,12 +21,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from hessc import __version__, progress as progress_channel
+from hessc import __version__, genai, progress as progress_channel
 from hessc.errors import InputError
 from hessc.ir import frontend, meta
 from hessc.options import CompileOptions
 from hessc.runtime import calibration as calib
-from hessc.runtime import memory, targets
+from hessc.runtime import decoder, memory, targets
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,9 @@ def optimize(
         if calibration is not None:
             model.meta[meta.CALIBRATION_KEY] = _calibration(model, calibration, labels, loss, options)
         model.meta[REFERENCE_KEY] = source.path if source.path is not None else frontend.clone(model)
+        folder = genai.source_folder(source.path)
+        if folder is not None and decoder.find(model) is not None:
+            model.meta[GENAI_KEY] = (folder, options.target, source.path.name)
         bytes_before = _weight_bytes(model, folded_copies=False)
         model.meta[memory.REFERENCE_BYTES_KEY] = bytes_before
         model = pipeline.run(pipeline.build_pipeline(options, target_record), model)
@@ -404,6 +407,10 @@ def _latency(model: ir.Model, target: str, max_memory: int | None) -> dict | Non
         "float": round(fp, 3), "optimized": round(opt, 3),
         "input": {k: list(v.shape) for k, v in feed.items()}, "provider": candidate.inner.get_providers()[0],
     }
+    cache = decoder.find(model)
+    if cache is not None:  # a decode step: its new tokens and the cache it reads
+        latency["input"] = {k: v for k, v in latency["input"].items() if k not in cache.past_inputs}
+        latency["cached_tokens"] = int(feed[cache.past_inputs[0]].shape[cache.seq_axis])
     if latency["optimized"] > 1.05 * latency["float"]:
         latency["slower"] = _slower_reason(model, target)
         logger.warning("the optimized model runs slower than the float model at this input (%.2f ms vs %.2f ms): %s",
@@ -491,12 +498,21 @@ def build_plan_record(model: ir.Model, target: str, bytes_before: int, scale_byt
     }
 
 
+GENAI_KEY = "hessc.genai_source"
+"""In ``model.meta``: (source folder, target, model file name) of a decoder read from an
+onnxruntime-genai folder, which :func:`save` writes back as one."""
+
+
 def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
     """Saves a model atomically (no half-written file on failure).
 
+    A decoder read from an onnxruntime-genai folder is written as one: ``path`` may name the
+    folder (the model keeps its file name), and its ``genai_config.json`` and tokenizer files are
+    written beside the model (:mod:`hessc.genai`).
+
     Args:
         model: the model.
-        path: the ``.onnx`` file to write.
+        path: the ``.onnx`` file to write (or, for a genai decoder, its folder).
         external_data: store weights in ``<name>.data`` beside it. Default: when over 1 GiB, or
             when the model still reads weights from another file (a model loaded with external
             data): the saved model never points at files that are not beside it. False loads
@@ -505,7 +521,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     Returns:
         The written path.
     """
-    path = Path(path)
+    source = model.meta.get(GENAI_KEY)
+    path = genai.output_file(path, source[0] if source else None, source[2] if source else "model.onnx")
     if path.is_dir():
         raise InputError(f"{path} is a directory; pass a file path ending in .onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -529,6 +546,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         os.replace(tmp_model, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if source is not None:
+        written = genai.write_folder(source[0], path, source[1])
+        logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     return path
 
 
@@ -536,6 +556,7 @@ def check_output_path(input_path: str | os.PathLike | None, output: str | os.Pat
     """Refuses an output that would overwrite the input model or its external data."""
     if input_path is None:
         return
+    output = genai.output_file(output, genai.source_folder(input_path), Path(input_path).name)
     src, dst = Path(input_path).resolve(), Path(output).resolve()
     if src == dst or dst == src.with_name(src.name + ".data"):
         raise InputError(f"the output {output} would overwrite the input model; choose another -o path")

@@ -235,7 +235,7 @@ def _cmd_optimize(args) -> int:
         low_rank=not args.no_low_rank, share=args.share,
         quantize_embeddings=not args.float_embeddings, max_memory=args.max_memory,
     )
-    api.save(model, args.output, external_data=True if args.external_data else None)
+    written = api.save(model, args.output, external_data=True if args.external_data else None)
     record = meta.read_plan(model)
     if args.report:
         plot = Path(args.report).with_suffix(".png")
@@ -246,7 +246,7 @@ def _cmd_optimize(args) -> int:
             plot=plot.name if has_plot else None))
     s = record["summary"]
     if args.json:
-        print(json.dumps({"output": args.output, "summary": s, "verification": record.get("verification"),
+        print(json.dumps({"output": str(written), "summary": s, "verification": record.get("verification"),
                           "passes": record.get("passes"), "seconds": model.meta.get(meta.TIMINGS_KEY)}, indent=2))
     elif not args.quiet:
         ver = record.get("verification", {}).get("vs_float")
@@ -256,10 +256,12 @@ def _cmd_optimize(args) -> int:
         latency = model.meta.get(meta.LATENCY_KEY)
         if latency and "skipped" not in latency:
             extra += f", latency {latency['float']:.2f} -> {latency['optimized']:.2f} ms at {latency['input']}"
+            if "cached_tokens" in latency:
+                extra += f" after {latency['cached_tokens']} cached tokens"
         bits = (f"{s['effective_bits_per_weight']} effective bits/weight" if s.get("effective_bits_per_weight")
                 else f"no weight stored quantized ({len(record.get('skipped') or {})} kept in float: the plan's "
                      "`skipped` says why)")
-        print(f"wrote {args.output}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
+        print(f"wrote {written}: weights {s['bytes_before'] / 2**20:.1f} MiB -> {s['bytes_after'] / 2**20:.1f} MiB, "
               f"{bits}{extra}")
     return 0
 

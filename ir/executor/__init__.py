@@ -35,13 +35,15 @@ Layout (one topic per module):
     * the operator library, by family: ``ops_math`` (elementwise, linear algebra, reductions),
       ``ops_tensor`` (types, shapes, indexing, constants), ``ops_nn`` (activations, softmax,
       normalization, convolution, pooling), ``ops_recurrent`` (LSTM, GRU, RNN), ``ops_control`` (If, Loop), ``ops_quant`` (Q/DQ,
-      MatMulNBits, GatherBlockQuantized) and ``ops_contrib`` (com.microsoft fused ops). Importing
+      MatMulNBits, GatherBlockQuantized), ``ops_attention`` (GroupQueryAttention, RotaryEmbedding)
+      and ``ops_contrib`` (the other com.microsoft fused ops). Importing
       this package imports them all, which registers every operator.
 """
 
 from __future__ import annotations
 
 # The operator modules register their ops when imported (the order does not matter).
+from hessc.ir.executor import ops_attention  # noqa: F401
 from hessc.ir.executor import ops_contrib  # noqa: F401
 from hessc.ir.executor import ops_control  # noqa: F401
 from hessc.ir.executor import ops_math  # noqa: F401

@@ -800,6 +800,54 @@ def efficientnet() -> ZooModel:
 
 
 # --------------------------------------------------------------------------------------------------
+# decoders with a KV cache, as onnxruntime-genai's model builder writes them
+
+
+def build_genai(hf_dir: Path, out: Path, precision: str = "fp32", provider: str = "cpu") -> Path:
+    """Runs onnxruntime-genai's model builder on a transformers checkpoint folder into ``out``
+    (``model.onnx`` with ``GroupQueryAttention`` and a KV cache, ``genai_config.json``, tokenizer).
+
+    Args:
+        hf_dir: a ``save_pretrained`` folder (config, weights, tokenizer).
+        out: the folder to write (replaced atomically).
+        precision: the builder's ``-p``: ``fp32``, ``fp16`` or ``int4`` (its RTN, block 32).
+        provider: the builder's ``-e``: ``cpu`` or ``cuda``.
+    """
+    import subprocess
+    import sys
+
+    _require("onnxruntime_genai", "onnxruntime-genai")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(tmp / "model"),
+             "-p", precision, "-e", provider, "-c", str(tmp / "hf-cache")],
+            env=env, capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise InputError(f"onnxruntime-genai's builder failed on {hf_dir} ({done.stderr.strip()[-500:]})")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def smollm2_genai(precision: str = "fp32") -> Path:
+    """SmolLM2-135M-Instruct as onnxruntime-genai's builder writes it for the CPU (cached)."""
+    import onnxruntime_genai
+
+    fp32_dir = _smollm2_fp32_dir()
+    out = cache_dir() / f"smollm2-genai-{precision}-{_key(fp32_dir / 'model.safetensors', onnxruntime_genai.__version__)}"
+    if (out / "genai_config.json").exists():
+        return out
+    logger.info("building SmolLM2 with onnxruntime-genai's builder (%s, one time)", precision)
+    return build_genai(fp32_dir, out, precision)
+
+
+# --------------------------------------------------------------------------------------------------
 
 _FACTORIES: dict[str, Callable[[], ZooModel]] = {"minilm": minilm, "efficientnet": efficientnet}
 
