@@ -183,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--serving-tokens", type=_int_list, metavar="N,M",
                    help="minilm/smollm2: 4-bit hessc (tuned at each length) vs fp32 and ORT's 4-bit RTN, latency at "
                         "these sequence lengths")
+    b.add_argument("--decode", action="store_true",
+                   help="smollm2: decoding with a KV cache in onnxruntime-genai, hessc at --bits against genai's builder "
+                        "(fp32, int4): perplexity, prefill ms, decode tokens/s to 512 and at 2048 cached tokens, greedy agreement")
+    b.add_argument("--rounds", type=int, default=3, help="--decode: interleaved timing rounds")
     b.add_argument("--size-gib", type=float, default=8.0, help="memory: the synthetic model's size (default 8)")
     b.add_argument("--max-memory", help="memory: also run each method under this --max-memory (e.g. 2.5G)")
     b.add_argument("--quiet", action="store_true")
@@ -356,6 +360,14 @@ def _cmd_bench(args) -> int:
         kernels.run_kernels(Path(args.out))
         return 0
 
+    if args.decode:
+        from hessc.bench import decode
+
+        decode.check_model(args.model)
+        method = next((m for m in args.methods.split(",") if m in ("rtn", "gptq")), "rtn")
+        decode.run_decode(args.bits, Path(args.out), eval_tokens=args.eval_tokens, rounds=args.rounds,
+                          calibration_samples=args.calibration_samples or 8, method=method)
+        return 0
     if args.param_reduction:
         from hessc.bench import reduction
 

@@ -31,10 +31,10 @@ def source_folder(path: str | os.PathLike | None) -> Path | None:
 
 
 def output_file(output: str | os.PathLike, source: Path | None, model_name: str) -> Path:
-    """Where the model goes: ``output`` itself, or ``output/<model_name>`` when ``output`` is a
-    folder (an existing directory, or a path without ``.onnx`` for a genai source)."""
+    """Where the model goes: ``output`` itself, or, for a genai source, ``output/<model_name>``
+    when ``output`` names a folder (an existing directory, or a path without ``.onnx``)."""
     out = Path(output)
-    if out.is_dir() or (source is not None and out.suffix != ".onnx"):
+    if source is not None and (out.is_dir() or out.suffix != ".onnx"):
         return out / model_name
     return out
 
