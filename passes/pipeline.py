@@ -196,6 +196,12 @@ def _lower(options, target):
     ))
 
 
+def _fuse(options, target):
+    from hessc.runtime import fuse
+
+    return fuse.FuseSiblingsPass()
+
+
 def _tune(options, target):
     from hessc.runtime import tune
 
@@ -257,6 +263,9 @@ PASSES: tuple[PassSpec, ...] = (
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
+    PassSpec("fuse-siblings", "fuse MatMulNBits layers that read the same input (gate and up, Q, K and V) into "
+             "one kernel and a Split: fewer kernels per token (measured on the CPU)",
+             _fuse, lambda o, t: t.name == "cpu"),
     PassSpec("tune-kernels", "time each MatMulNBits layer at the serving shape at int8 and fp32 compute "
              "(cached per machine) and keep the faster; not where --activations fixes the compute",
              _tune, lambda o, t: o.tune and t.name == "cpu" and o.activations is None),

@@ -366,7 +366,8 @@ def _cmd_bench(args) -> int:
         decode.check_model(args.model)
         method = next((m for m in args.methods.split(",") if m in ("rtn", "gptq")), "rtn")
         decode.run_decode(args.bits, Path(args.out), eval_tokens=args.eval_tokens, rounds=args.rounds,
-                          calibration_samples=args.calibration_samples or 8, method=method)
+                          calibration_samples=args.calibration_samples or 8, method=method,
+                          group_size=args.group_size[0])
         return 0
     if args.param_reduction:
         from hessc.bench import reduction

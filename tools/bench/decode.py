@@ -3,7 +3,7 @@ cache in onnxruntime-genai, hessc against onnxruntime-genai's own model builder.
 
 Every variant is an onnxruntime-genai folder run by its ``Generator``: fp32 and int4 from genai's
 builder (its RTN: symmetric 4-bit blocks of 32, ``accuracy_level`` 4), and hessc at each of
-``bits`` compiled from the builder's fp32 folder with the zoo's calibration (token ids; hessc runs
+``bits`` (one group size and method) compiled from the builder's fp32 folder with the zoo's calibration (token ids; hessc runs
 them as prefill and continuation on the real cache). Per variant, in one run on one machine:
 
 * stored bytes (model and external data) and bits per parameter of the float model;
@@ -92,13 +92,14 @@ def _perplexity(folder: Path, zm) -> float:
 
 
 def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: int = 4096, rounds: int = 3,
-               calibration_samples: int = 8, method: str = "rtn") -> dict:
+               calibration_samples: int = 8, method: str = "rtn", group_size: int = 32) -> dict:
     """Builds the genai folders, compiles hessc at each of ``bits``, and measures every variant."""
     import onnx
     import onnxruntime_genai as og
 
     import hessc
     from hessc.bench import zoo
+    from hessc.ir import meta
 
     zm = zoo.load_zoo("smollm2", eval_tokens=eval_tokens)
     fp32 = zoo.smollm2_genai("fp32")
@@ -107,17 +108,25 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
     stream = zoo._token_stream(evaluation, LONG_CACHE)
     graph = onnx.load(str(fp32 / "model.onnx"), load_external_data=False).graph
     params = sum(int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) >= 2 and "cache" not in t.name)
-    results: dict = {"model": "smollm2", "rounds": rounds, "method": method, "rows": []}
+    results: dict = {"model": "smollm2", "rounds": rounds, "method": method, "group_size": group_size, "rows": []}
+    seconds: dict[str, float] = {}
+    degraded: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="hessc-decode-") as tmp:
         calibration = zm.calibration(calibration_samples, 0)
         for b in bits:
-            label = f"hessc {b}" + (" bits" if isinstance(b, int) else " effective bits" if b != "lossless" else "")
+            label = f"hessc {b}" + (" bits" if isinstance(b, int) else " effective bits" if b != "lossless" else "") + \
+                f" (group {group_size}, {method})"
             out = Path(tmp) / f"hessc-{b}"
             started = time.perf_counter()
+            # Measured even where verification finds it degraded (the row says so); no low-rank
+            # items: each factor pair is two more kernels per decoded token.
             compiled = hessc.optimize(str(fp32 / "model.onnx"), target="cpu", bits=b, calibration=calibration,
-                                      method=method, measure_latency=False)
+                                      method=method, group_size=group_size, measure_latency=False,
+                                      allow_degraded=True, low_rank=False)
             hessc.save(compiled, out)
-            logger.info("%s compiled in %.0f s", label, time.perf_counter() - started)
+            seconds[label] = round(time.perf_counter() - started, 1)
+            quality = (meta.read_plan(compiled).get("verification") or {}).get("quality") or {}
+            degraded[label] = quality.get("status") == "degraded" or bool(quality.get("degraded"))
             folders[label] = out
         models = {label: og.Model(str(folder)) for label, folder in folders.items()}
         rows = {label: {"method": label, "stored_mb": round(_stored_bytes(folder) / 1e6, 2),
@@ -143,6 +152,9 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
                 prefixes.append(next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref))))
             rows[label]["agree_first_32"] = f"{sum(p >= 32 for p in prefixes)}/{len(prefixes)}"
             rows[label]["mean_agreeing_prefix"] = round(float(np.mean(prefixes)), 1)
+    for label in rows:
+        rows[label]["optimize_s"] = seconds.get(label, "–")
+        rows[label]["degraded"] = degraded.get(label, False)
     genai_int4 = rows["genai int4 (builder RTN, block 32)"]
     for row in rows.values():
         row["decode_x_genai_int4"] = round(row["decode_to_512_tok_s"] / genai_int4["decode_to_512_tok_s"], 3)
@@ -150,7 +162,8 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "decode.json").write_text(json.dumps(results, indent=2))
     columns = ["method", "stored_mb", "bits_per_param", "perplexity", "prefill_128_ms", "decode_to_512_tok_s",
-               "decode_at_2048_tok_s", "decode_x_genai_int4", "agree_first_32", "mean_agreeing_prefix"]
+               "decode_at_2048_tok_s", "decode_x_genai_int4", "agree_first_32", "mean_agreeing_prefix", "optimize_s",
+               "degraded"]
     text = table(columns, [[row[c] for c in columns] for row in results["rows"]])
     (out_dir / "decode.md").write_text(text + "\n")
     print(text)
