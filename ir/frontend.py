@@ -41,6 +41,7 @@ def load(
     example_inputs: tuple | dict | None = None,
     *,
     custom_op_libraries: Sequence[str | os.PathLike] = (),
+    kv_cache: bool = False,
 ) -> ir.Model:
     """Loads a model from any accepted source into a normalised ``onnx_ir.Model``.
 
@@ -49,6 +50,8 @@ def load(
             or ``torch.fx.GraphModule``.
         example_inputs: for torch sources, the positional inputs (tuple) or keyword inputs
             (dict) used for export.
+        kv_cache: for a transformers causal LM (torch), export the decoder as it is served, with
+            its KV cache as inputs and outputs (:func:`_export_with_cache`).
         custom_op_libraries: shared libraries that register the model's custom ops with ONNX
             Runtime. They are recorded in ``model.meta[CUSTOM_OPS_KEY]`` (added to any already
             there), so every session hessc opens on the model loads them.
@@ -68,12 +71,14 @@ def load(
     elif isinstance(source, ir.Model):
         model = source
     elif _is_torch_module(source):
-        model = _export_torch(source, example_inputs)
+        model = _export_with_cache(source, example_inputs) if kv_cache else _export_torch(source, example_inputs)
     else:
         raise InputError(
             f"cannot load a {type(source).__name__}: pass an ONNX file path, an onnx.ModelProto, "
             "an onnx_ir.Model, or a torch.nn.Module with example_inputs"
         )
+    if kv_cache and not _is_torch_module(source):
+        raise InputError("kv_cache=True exports a torch decoder with its cache; an ONNX model has its inputs already")
     check_opset(model)
     libraries = tuple(dict.fromkeys((*model.meta.get(meta.CUSTOM_OPS_KEY, ()), *libraries)))
     check_domains(model, libraries)
@@ -223,6 +228,75 @@ def _export_torch(module, example_inputs) -> ir.Model:
         raise InputError(
             f"torch.onnx.export failed for {type(module).__name__}: {_root_cause(e)[:300]}; "
             "check that the module runs on example_inputs and is exportable with torch.export"
+        ) from e
+    finally:
+        module.train(was_training)
+    return program.model
+
+
+CACHE_EXAMPLE_TOKENS = 3
+"""Cached tokens of the example the cache is exported with (not 0 or 1: torch.export
+specializes those sizes); the exported graph takes any length, an empty cache included."""
+
+
+def _export_with_cache(module, example_inputs) -> ir.Model:
+    """A transformers causal LM exported as a decoder with a KV cache: inputs ``input_ids``,
+    ``attention_mask`` (over cached and new tokens) and ``past_key_values.N.key``/``.value``
+    (``[batch, kv_heads, past, head_dim]``), outputs ``logits`` and ``present.N.key``/``.value``,
+    every batch, sequence and cache length dynamic (the names onnxruntime-genai reads)."""
+    import torch
+
+    config = getattr(module, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if config is None or not layers or not heads:
+        raise InputError(
+            f"kv_cache=True exports a transformers causal LM (a module with a .config giving num_hidden_layers and "
+            f"num_attention_heads); {type(module).__name__} is not one: export it with its cache yourself"
+        )
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if isinstance(example_inputs, dict):
+        ids = example_inputs.get("input_ids")
+    else:
+        ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        raise InputError("kv_cache=True needs example_inputs=(input_ids,) with input_ids of shape [batch, tokens]")
+    from transformers import DynamicCache
+
+    class WithCache(torch.nn.Module):
+        def __init__(self, lm) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, past):
+            cache = DynamicCache(config=self.lm.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    dtype = next(module.parameters()).dtype
+    batch, past_len = ids.shape[0], CACHE_EXAMPLE_TOKENS
+    past = tuple(torch.zeros(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers))
+    mask = torch.ones(batch, past_len + ids.shape[1], dtype=torch.int64)
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
+    cache_names = [f"{kind}.{i}.{part}" for kind in ("past_key_values",) for i in range(layers) for part in ("key", "value")]
+    present_names = [f"present.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    logger.info("exporting %s with its KV cache (%d layers) with torch.onnx.export(dynamo=True)", type(module).__name__, layers)
+    was_training = module.training
+    module.eval()
+    try:
+        program = torch.onnx.export(
+            WithCache(module), (ids, mask, past), dynamo=True, verbose=False,
+            input_names=["input_ids", "attention_mask", *cache_names], output_names=["logits", *present_names],
+            dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in past)),
+        )
+    except Exception as e:
+        raise InputError(
+            f"torch.onnx.export failed for {type(module).__name__} with its KV cache: {_root_cause(e)[:300]}; "
+            "check that it runs with past_key_values, or export it without kv_cache"
         ) from e
     finally:
         module.train(was_training)

@@ -8,7 +8,8 @@ followed by a ``Split`` on the last axis does the same work in fewer kernels. Me
 CPU: SmolLM2's gate and up at one token ~10% faster fused (``hessc bench --model smollm2
 --decode``). Layers fuse only where everything but N agrees (K, bits, block size, compute
 precision, zero points present or not, no bias or ``g_idx``) and the weights are initializers
-(not the graph that rebuilds 3-bit codes); the stored bytes do not change.
+read by that layer alone (not the graph that rebuilds 3-bit codes, not a weight shared across
+layers); the stored bytes do not change.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def _signature(node: ir.Node):
         return None
     if weights[0] is None or weights[1] is None:
         return None
+    if any(v is not None and len(v.uses()) != 1 for v in weights):
+        return None  # a weight other layers read too (shared across layers): a fused copy would store it twice
     attrs = tuple(node.attributes.get_int(k, 0) for k in _KEYS)
     return attrs, weights[2] is not None, weights[1].dtype, weights[2].dtype if weights[2] is not None else None
 

@@ -368,19 +368,16 @@ def ids_feed(vocab: int = 40, shape: Sequence[int] = (2, 7), seed: int = 1) -> d
     return {"ids": np.random.default_rng(seed).integers(0, vocab, size=tuple(shape)).astype(np.int64)}
 
 
-def tiny_genai_decoder(folder, layers: int = 2, tie: bool = True, seed: int = 0):
+def tiny_llama(folder, layers: int = 2, tie: bool = True, seed: int = 0):
     """A tiny Llama (hidden 64, 4 heads over 2 KV heads of 16, vocabulary 259 of a byte-level BPE
-    tokenizer trained on one sentence) with random weights, through onnxruntime-genai's model
-    builder for the CPU in fp32: ``folder/genai/model.onnx`` with ``GroupQueryAttention``, a KV
-    cache and ``genai_config.json``. Returns the genai folder."""
+    tokenizer trained on one sentence) with random weights, saved with its tokenizer in
+    ``folder/hf``; returns that folder."""
     from pathlib import Path
 
     import tokenizers
     import torch
     import transformers
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from hessc.bench import zoo
 
     folder = Path(folder)
     tok = tokenizers.Tokenizer(models.BPE(unk_token=None))
@@ -398,4 +395,16 @@ def tiny_genai_decoder(folder, layers: int = 2, tie: bool = True, seed: int = 0)
     lm = transformers.LlamaForCausalLM(config).eval()
     lm.save_pretrained(folder / "hf")
     fast.save_pretrained(folder / "hf")
-    return zoo.build_genai(folder / "hf", folder / "genai", "fp32")
+    return folder / "hf"
+
+
+def tiny_genai_decoder(folder, layers: int = 2, tie: bool = True, seed: int = 0):
+    """:func:`tiny_llama` through onnxruntime-genai's model builder for the CPU in fp32:
+    ``folder/genai/model.onnx`` with ``GroupQueryAttention``, a KV cache and ``genai_config.json``.
+    Returns the genai folder."""
+    from pathlib import Path
+
+    from hessc.bench import zoo
+
+    hf = tiny_llama(folder, layers, tie, seed)
+    return zoo.build_genai(hf, Path(folder) / "genai", "fp32")

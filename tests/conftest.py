@@ -38,3 +38,11 @@ def tiny_decoder(tmp_path_factory) -> Path:
     import builders
 
     return builders.tiny_genai_decoder(tmp_path_factory.mktemp("tiny-decoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama's ``save_pretrained`` folder (with its tokenizer)."""
+    import builders
+
+    return builders.tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

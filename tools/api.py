@@ -40,8 +40,10 @@ class _Source:
     path: Path | None
 
 
-def _load_source(model: Any, example_inputs, custom_op_libraries: Sequence[str] = ()) -> _Source:
+def _load_source(model: Any, example_inputs, custom_op_libraries: Sequence[str] = (), kv_cache: bool = False) -> _Source:
     kwargs = {"custom_op_libraries": tuple(custom_op_libraries)} if custom_op_libraries else {}
+    if kv_cache:
+        kwargs["kv_cache"] = True
     if isinstance(model, (str, os.PathLike)):
         return _Source(frontend.load(model, **kwargs), Path(model))
     if isinstance(model, ir.Model):
@@ -85,6 +87,7 @@ def optimize(
     low_rank: bool = True,
     share: float | None = None,
     max_memory: int | str | None = None,
+    kv_cache: bool = False,
 ) -> ir.Model:
     """Compresses a model's weights and lowers it for an ONNX Runtime target.
 
@@ -182,6 +185,9 @@ def optimize(
             model, the latency check) hold the whole model in ONNX Runtime sessions and run only
             where they fit; where they do not, verification goes weight by weight and says so.
             None: they fit where they take at most 70% of the machine's available memory.
+        kv_cache: a transformers causal LM (torch) is exported as a decoder with its KV cache
+            (``past_key_values.N.key`` → ``present.N.key``, every length dynamic), as it is served;
+            calibration is then token ids alone, run as prefill and continuation steps.
 
     Returns:
         The optimized model; ``metadata_props["hessc.plan"]`` records every decision.
@@ -209,7 +215,7 @@ def optimize(
     from hessc.runtime.verification import REFERENCE_KEY
 
     with progress_channel.listening(progress):
-        source = _load_source(model, example_inputs, options.custom_op_libraries)
+        source = _load_source(model, example_inputs, options.custom_op_libraries, kv_cache=kv_cache)
         model = source.model
         if input_shapes:
             frontend.fix_input_shapes(model, input_shapes)

@@ -51,3 +51,15 @@ def test_the_pass_is_in_the_cpu_pipeline_only():
 
     assert "fuse-siblings" in pipeline.default_names(CompileOptions(target="cpu"), targets.get("cpu"))
     assert "fuse-siblings" not in pipeline.default_names(CompileOptions(target="cuda"), targets.get("cuda"))
+
+
+def test_weights_shared_across_layers_are_not_copied():
+    """A weight that another layer reads too (ALBERT shares its layers) stays one weight."""
+    model = hessc.optimize(builders.load(_gated_mlp()), target="cpu", bits=4, disable_passes=["fuse-siblings"], verify=False)
+    gate = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    twin = ir.node("MatMulNBits", [model.graph.inputs[0], *gate.inputs[1:]], attributes=dict(gate.attributes),
+                   domain=fuse.MS_DOMAIN)
+    model.graph.append(twin)
+    model.graph.outputs.append(twin.outputs[0])
+    twin.outputs[0].name = "twin"
+    assert fuse.fuse_siblings(model.graph) == 0

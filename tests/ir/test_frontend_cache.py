@@ -1,0 +1,51 @@
+"""The torch front door exports a transformers decoder with its KV cache (``kv_cache=True``), and
+hessc compiles it over prefill and continuation steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import builders
+import hessc
+from hessc.errors import InputError
+from hessc.ir import frontend, meta
+from hessc.runtime import decoder
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+
+
+def test_export_with_cache_runs_prefill_and_continuation_like_torch(lm, tmp_path):
+    model = frontend.load(lm, (torch.ones((1, 5), dtype=torch.int64),), kv_cache=True)
+    cache = decoder.find(model)
+    assert cache is not None and len(cache.pairs) == 4 and cache.seq_axis == 2
+    assert cache.shapes["past_key_values.1.value"] == (-1, 2, -1, 16)
+    ids = np.random.default_rng(0).integers(3, 250, size=(1, 10)).astype(np.int64)
+    prefill, continuation = decoder.expand(model, cache, [{"input_ids": ids}])
+    path = tmp_path / "decoder.onnx"
+    hessc.save(model, path)
+    (got,) = builders.run_ort(str(path), continuation)[:1]
+    with torch.no_grad():
+        ref = lm(input_ids=torch.as_tensor(ids), use_cache=False).logits.numpy()
+    np.testing.assert_allclose(got, ref[:, 5:], atol=1e-4)
+
+
+def test_optimize_a_decoder_with_its_cache(lm):
+    calibration = [{"input_ids": np.random.default_rng(i).integers(3, 250, size=(1, 16))} for i in range(4)]
+    out = hessc.optimize(lm, example_inputs=(torch.ones((1, 8), dtype=torch.int64),), kv_cache=True, bits=4,
+                         calibration=calibration)
+    record = meta.read_plan(out)
+    assert record["verification"]["status"] == "passed"
+    assert record["verification"]["vs_float"]["samples"] == 4 * decoder.STEPS_PER_SAMPLE
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in out.graph}
+
+
+def test_kv_cache_needs_a_transformers_decoder():
+    with pytest.raises(InputError, match="transformers causal LM"):
+        frontend.load(torch.nn.Linear(4, 4), (torch.ones((1, 4)),), kv_cache=True)
