@@ -300,7 +300,15 @@ def _export_with_cache(module, example_inputs) -> ir.Model:
         ) from e
     finally:
         module.train(was_training)
-    return program.model
+    model = program.model
+    model.meta[meta.DECODER_CONFIG_KEY] = {
+        "type": getattr(config, "model_type", "llama"), "layers": layers, "heads": heads, "kv_heads": kv_heads,
+        "head_size": head_dim, "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
+        "context_length": getattr(config, "max_position_embeddings", 4096),
+        "bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": getattr(config, "eos_token_id", None),
+        "pad_token_id": getattr(config, "pad_token_id", None), "source": getattr(config, "_name_or_path", "") or "",
+    }
+    return model
 
 
 def _root_cause(error: BaseException) -> str:

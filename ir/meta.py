@@ -70,6 +70,11 @@ CUSTOM_OPS_KEY = "hessc.custom_op_libraries"
 """``model.meta`` key: the paths (a tuple of str) of the shared libraries that register the model's
 custom ops with ONNX Runtime; every session hessc opens on the model loads them (not saved)."""
 
+DECODER_CONFIG_KEY = "hessc.decoder_config"
+"""In ``model.meta``: what a runtime needs to know of a decoder exported with its KV cache (the
+transformers config's type, sizes and token ids, and the folder it was loaded from), for
+writing an onnxruntime-genai folder (:mod:`hessc.genai`)."""
+
 STALE_KEY = "hessc.stale"
 """``value.meta`` key: ``{annotation key: reason}`` of annotations a rewrite invalidated
 (:func:`invalidate`); a pass that reads one of them refuses until it is recomputed."""

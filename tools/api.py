@@ -514,7 +514,9 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
 
     A decoder read from an onnxruntime-genai folder is written as one: ``path`` may name the
     folder (the model keeps its file name), and its ``genai_config.json`` and tokenizer files are
-    written beside the model (:mod:`hessc.genai`).
+    written beside the model (:mod:`hessc.genai`). A decoder exported with its cache
+    (``kv_cache=True``) saved to a folder (a path without ``.onnx``) is written as a genai folder
+    too: ``model.onnx``, a config from its transformers config, its tokenizer files.
 
     Args:
         model: the model.
@@ -528,7 +530,10 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         The written path.
     """
     source = model.meta.get(GENAI_KEY)
-    path = genai.output_file(path, source[0] if source else None, source[2] if source else "model.onnx")
+    exported = model.meta.get(meta.DECODER_CONFIG_KEY)
+    # A decoder exported with its cache becomes a genai folder where the path names a folder.
+    exported_folder = exported is not None and (Path(path).is_dir() or Path(path).suffix != ".onnx")
+    path = genai.output_file(path, source is not None or exported_folder, source[2] if source else "model.onnx")
     if path.is_dir():
         raise InputError(f"{path} is a directory; pass a file path ending in .onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -554,6 +559,10 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         shutil.rmtree(tmp, ignore_errors=True)
     if source is not None:
         written = genai.write_folder(source[0], path, source[1])
+        logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
+    elif exported_folder:
+        target = ((meta.read_plan(model) or {}).get("summary") or {}).get("target", "cpu")
+        written = genai.write_config(exported, decoder.find(model), path, target)
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     return path
 

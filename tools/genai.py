@@ -5,12 +5,16 @@ A decoder read from such a folder (onnxruntime-genai's model builder writes them
 as one: the optimized model, its ``genai_config.json`` (the decoder's file name and the target's
 execution provider updated, everything else kept), and every other file of the source folder
 (tokenizer, chat template, processor configs). Model files and their external data are not copied.
+A transformers decoder hessc exported with its cache (``kv_cache=True``) saved to a folder gets a
+config written from its transformers config and its cache's names, and the tokenizer files of the
+folder it was loaded from.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,13 +34,68 @@ def source_folder(path: str | os.PathLike | None) -> Path | None:
     return folder if (folder / CONFIG).is_file() else None
 
 
-def output_file(output: str | os.PathLike, source: Path | None, model_name: str) -> Path:
-    """Where the model goes: ``output`` itself, or, for a genai source, ``output/<model_name>``
-    when ``output`` names a folder (an existing directory, or a path without ``.onnx``)."""
+def output_file(output: str | os.PathLike, decoder: bool, model_name: str = "model.onnx") -> Path:
+    """Where the model goes: ``output`` itself, or, for a decoder written as a genai folder,
+    ``output/<model_name>`` when ``output`` names a folder (an existing directory, or a path
+    without ``.onnx``)."""
     out = Path(output)
-    if source is not None and (out.is_dir() or out.suffix != ".onnx"):
+    if decoder and (out.is_dir() or out.suffix != ".onnx"):
         return out / model_name
     return out
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[str]:
+    """Writes ``genai_config.json`` for a decoder hessc exported with its cache (``decoder``:
+    ``meta.DECODER_CONFIG_KEY``; ``cache``: its :class:`hessc.runtime.decoder.KVCache`), and the
+    tokenizer files of the folder it was loaded from, when there is one. The cache is a growing
+    one (``past_present_share_buffer`` off): the exported attention concatenates past and new keys.
+    """
+    def template(name: str) -> str:
+        return re.sub(r"\.0\.", ".%d.", name, count=1)
+
+    key_past, value_past = cache.pairs[0][0], cache.pairs[1][0]
+    key_present, value_present = cache.pairs[0][1], cache.pairs[1][1]
+    inputs = {"input_ids": cache.ids, "past_key_names": template(key_past), "past_value_names": template(value_past)}
+    if cache.mask:
+        inputs["attention_mask"] = cache.mask
+    if cache.positions:
+        inputs["position_ids"] = cache.positions
+    eos = decoder.get("eos_token_id")
+    config = {
+        "model": {
+            "bos_token_id": decoder.get("bos_token_id") if decoder.get("bos_token_id") is not None else 1,
+            "context_length": decoder["context_length"],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": _PROVIDERS.get(target, [])},
+                "filename": model_path.name, "head_size": decoder["head_size"], "hidden_size": decoder["hidden_size"],
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": template(key_present),
+                            "present_value_names": template(value_present)},
+                "num_attention_heads": decoder["heads"], "num_hidden_layers": decoder["layers"],
+                "num_key_value_heads": decoder["kv_heads"],
+            },
+            "eos_token_id": eos if eos is not None else 2,
+            "pad_token_id": decoder.get("pad_token_id") if decoder.get("pad_token_id") is not None else (eos if eos is not None else 2),
+            "type": decoder["type"], "vocab_size": decoder["vocab_size"],
+        },
+        "search": {"do_sample": False, "max_length": decoder["context_length"], "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 50, "top_p": 1.0},
+    }
+    out = model_path.parent
+    written = []
+    source = Path(decoder["source"]) if decoder.get("source") else None
+    if source is not None and source.is_dir() and source.resolve() != out.resolve():
+        for name in _TOKENIZER_FILES:
+            if (source / name).is_file():
+                _copy_atomic(source / name, out / name)
+                written.append(name)
+    _write_atomic(out / CONFIG, json.dumps(config, indent=4) + "\n")
+    return [*written, CONFIG]
 
 
 def write_folder(source: Path, model_path: Path, target: str) -> list[str]:

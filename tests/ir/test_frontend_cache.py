@@ -49,3 +49,32 @@ def test_optimize_a_decoder_with_its_cache(lm):
 def test_kv_cache_needs_a_transformers_decoder():
     with pytest.raises(InputError, match="transformers causal LM"):
         frontend.load(torch.nn.Linear(4, 4), (torch.ones((1, 4)),), kv_cache=True)
+
+
+def test_saved_to_a_folder_it_generates_in_onnxruntime_genai_as_torch_does(lm, tiny_llama, tmp_path):
+    """The exported decoder (kept in float: insert-qdq off) saved to a folder is a genai folder
+    whose greedy tokens are transformers' own."""
+    import json
+
+    import onnxruntime_genai as og
+
+    out = hessc.optimize(lm, example_inputs=(torch.ones((1, 8), dtype=torch.int64),), kv_cache=True,
+                         disable_passes=["insert-qdq"])
+    folder = tmp_path / "genai"
+    assert hessc.save(out, folder) == folder / "model.onnx"
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    assert (folder / "tokenizer.json").is_file()
+    prompt = [1, 40, 41, 42, 43]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    got = [int(t) for t in generator.get_sequence(0)]
+    with torch.no_grad():
+        ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
+    assert got == ref
