@@ -35,7 +35,7 @@ def _signature(node: ir.Node):
     inputs = list(node.inputs)
     if len(inputs) > 4 and any(v is not None for v in inputs[4:]):
         return None  # g_idx or bias
-    weights = inputs[1:4]
+    weights = (inputs + [None] * 4)[1:4]
     if any(v is not None and (v.const_value is None or not v.is_initializer()) for v in weights):
         return None
     if weights[0] is None or weights[1] is None:
@@ -69,10 +69,9 @@ def fuse_siblings(graph: ir.Graph) -> int:
         first = nodes[0]
         sizes = [n.attributes.get_int("N") for n in nodes]
         base = first.name or "matmul_nbits"
-        weights = [
-            _stack(graph, [n.inputs[i] for n in nodes], f"{base}_fused_{part}")
-            for i, part in ((1, "B"), (2, "scales"), (3, "zero_points")) if first.inputs[i] is not None
-        ]
+        present = [i for i in (1, 2, 3) if i < len(first.inputs) and first.inputs[i] is not None]
+        weights = [_stack(graph, [n.inputs[i] for n in nodes], f"{base}_fused_{('B', 'scales', 'zero_points')[i - 1]}")
+                   for i in present]
         attributes = {k: ir.AttrInt64(k, first.attributes.get_int(k, 0)) for k in _KEYS}
         attributes["N"] = ir.AttrInt64("N", sum(sizes))
         inputs = [first.inputs[0], weights[0], weights[1]] + ([weights[2]] if len(weights) > 2 else [])

@@ -364,10 +364,12 @@ def _cmd_bench(args) -> int:
         from hessc.bench import decode
 
         decode.check_model(args.model)
-        method = next((m for m in args.methods.split(",") if m in ("rtn", "gptq")), "rtn")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if methods == ["hessc", "ort-rtn", "ort-default"]:  # the default --methods: hessc's default quantizer
+            methods = ["rtn"]
         decode.run_decode(args.bits, Path(args.out), eval_tokens=args.eval_tokens, rounds=args.rounds,
-                          calibration_samples=args.calibration_samples or 8, method=method,
-                          group_size=args.group_size[0])
+                          calibration_samples=args.calibration_samples or 8, methods=methods,
+                          group_sizes=args.group_size)
         return 0
     if args.param_reduction:
         from hessc.bench import reduction

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 import onnx
 from onnx import helper
 
@@ -24,11 +25,13 @@ def _gated_mlp(k: int = 64, hidden: int = 96) -> onnx.ModelProto:
     return builders.make_model(nodes, [builders.x_input(k)], [builders.y_output(k)], inits)
 
 
-def test_siblings_fuse_into_one_kernel_with_the_same_outputs():
+@pytest.mark.parametrize("symmetric", [False, True], ids=["zero-points", "symmetric"])
+def test_siblings_fuse_into_one_kernel_with_the_same_outputs(symmetric):
     proto = _gated_mlp()
     feed = builders.x_feed(64, batch=3)
-    unfused = hessc.optimize(builders.load(proto), target="cpu", bits=4, disable_passes=["fuse-siblings"], verify=False, tune=False)
-    fused = hessc.optimize(builders.load(proto), target="cpu", bits=4, verify=False, tune=False)
+    unfused = hessc.optimize(builders.load(proto), target="cpu", bits=4, disable_passes=["fuse-siblings"], verify=False,
+                             tune=False, symmetric=symmetric)
+    fused = hessc.optimize(builders.load(proto), target="cpu", bits=4, verify=False, tune=False, symmetric=symmetric)
     assert builders.op_types(unfused).count("MatMulNBits") == 3
     assert builders.op_types(fused).count("MatMulNBits") == 2 and "Split" in builders.op_types(fused)
     (node,) = [n for n in fused.graph if n.op_type == "MatMulNBits" and n.attributes.get_int("N") == 192]

@@ -91,9 +91,14 @@ def _perplexity(folder: Path, zm) -> float:
     return zm.evaluate(run)["perplexity"]
 
 
+METHODS = ("rtn", "gptq", "rtn-sym", "gptq-sym")
+"""hessc's quantizers here; ``-sym``: symmetric (no zero points: genai int4's format and bytes)."""
+
+
 def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: int = 4096, rounds: int = 3,
-               calibration_samples: int = 8, method: str = "rtn", group_size: int = 32) -> dict:
-    """Builds the genai folders, compiles hessc at each of ``bits``, and measures every variant."""
+               calibration_samples: int = 8, methods: Sequence[str] = ("rtn",), group_sizes: Sequence[int] = (32,)) -> dict:
+    """Builds the genai folders, compiles hessc at each of ``bits`` × ``group_sizes`` × ``methods``,
+    and measures every variant."""
     import onnx
     import onnxruntime_genai as og
 
@@ -108,21 +113,25 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
     stream = zoo._token_stream(evaluation, LONG_CACHE)
     graph = onnx.load(str(fp32 / "model.onnx"), load_external_data=False).graph
     params = sum(int(np.prod(t.dims)) for t in graph.initializer if len(t.dims) >= 2 and "cache" not in t.name)
-    results: dict = {"model": "smollm2", "rounds": rounds, "method": method, "group_size": group_size, "rows": []}
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise InputError(f"--decode takes the methods {', '.join(METHODS)}, not {', '.join(unknown)}")
+    results: dict = {"model": "smollm2", "rounds": rounds, "rows": []}
     seconds: dict[str, float] = {}
     degraded: dict[str, bool] = {}
     with tempfile.TemporaryDirectory(prefix="hessc-decode-") as tmp:
         calibration = zm.calibration(calibration_samples, 0)
-        for b in bits:
+        variants = [(b, g, m) for g in group_sizes for b in bits for m in methods]
+        for b, group_size, method in variants:
             label = f"hessc {b}" + (" bits" if isinstance(b, int) else " effective bits" if b != "lossless" else "") + \
                 f" (group {group_size}, {method})"
-            out = Path(tmp) / f"hessc-{b}"
+            out = Path(tmp) / f"hessc-{b}-{group_size}-{method}"
             started = time.perf_counter()
             # Measured even where verification finds it degraded (the row says so); no low-rank
             # items: each factor pair is two more kernels per decoded token.
             compiled = hessc.optimize(str(fp32 / "model.onnx"), target="cpu", bits=b, calibration=calibration,
-                                      method=method, group_size=group_size, measure_latency=False,
-                                      allow_degraded=True, low_rank=False)
+                                      method=method.removesuffix("-sym"), symmetric=method.endswith("-sym"),
+                                      group_size=group_size, measure_latency=False, allow_degraded=True, low_rank=False)
             hessc.save(compiled, out)
             seconds[label] = round(time.perf_counter() - started, 1)
             quality = (meta.read_plan(compiled).get("verification") or {}).get("quality") or {}
