@@ -556,12 +556,8 @@ def _fold_weight_casts(graph: ir.Graph) -> None:
         logger.debug("folded Cast of %s into %s", src.name, new_value.name)
 
 
-def _fold_table_transposes(graph: ir.Graph) -> None:
-    """Replaces ``Gather(Transpose(W), ids)`` of a 2-D initializer (an output head ``W [D, V]``
-    whose transpose is the embedding table, as onnxruntime-genai's builder ties them) by a lookup
-    in the transposed initializer ``E = Wᵀ``; ``W``, where a MatMul still reads it, is marked as
-    the head tied to ``E`` (``meta.TIED_KEY``), the form a tied table takes after
-    :func:`_fold_weight_transposes`."""
+def _weight_transposes(graph: ir.Graph):
+    """``(Transpose node, its 2-D initializer)`` of each plain transpose of a weight in ``graph``."""
     for node in list(graph):
         if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
             continue
@@ -569,8 +565,17 @@ def _fold_table_transposes(graph: ir.Graph) -> None:
         if src is None or src.const_value is None or not src.is_initializer():
             continue
         perm = node.attributes.get_ints("perm", None)
-        if len(src.const_value.shape) != 2 or (perm is not None and tuple(perm) != (1, 0)):
-            continue
+        if len(src.const_value.shape) == 2 and (perm is None or tuple(perm) == (1, 0)):
+            yield node, src
+
+
+def _fold_table_transposes(graph: ir.Graph) -> None:
+    """Replaces ``Gather(Transpose(W), ids)`` of a 2-D initializer (an output head ``W [D, V]``
+    whose transpose is the embedding table, as onnxruntime-genai's builder ties them) by a lookup
+    in the transposed initializer ``E = Wᵀ``; ``W``, where a MatMul still reads it, is marked as
+    the head tied to ``E`` (``meta.TIED_KEY``), the form a tied table takes after
+    :func:`_fold_weight_transposes`."""
+    for node, src in _weight_transposes(graph):
         out = node.outputs[0]
         uses = list(out.uses())
         if out.is_graph_output() or not uses or not all(
@@ -591,15 +596,7 @@ def _fold_table_transposes(graph: ir.Graph) -> None:
 
 def _fold_weight_transposes(graph: ir.Graph) -> None:
     """Replaces ``Transpose(W)`` of a 2-D initializer feeding a MatMul by a transposed initializer."""
-    for node in list(graph):
-        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
-            continue
-        src = node.inputs[0]
-        if src is None or src.const_value is None or not src.is_initializer():
-            continue
-        perm = node.attributes.get_ints("perm", None)
-        if len(src.const_value.shape) != 2 or (perm is not None and tuple(perm) != (1, 0)):
-            continue
+    for node, src in _weight_transposes(graph):
         out = node.outputs[0]
         if not all(use.node.op_type == "MatMul" and use.idx == 1 for use in out.uses()):
             continue
