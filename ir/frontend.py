@@ -282,7 +282,7 @@ def _export_with_cache(module, example_inputs) -> ir.Model:
     past = tuple(torch.zeros(batch, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * layers))
     mask = torch.ones(batch, past_len + ids.shape[1], dtype=torch.int64)
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past_sequence", "total_sequence"))
-    cache_names = [f"{kind}.{i}.{part}" for kind in ("past_key_values",) for i in range(layers) for part in ("key", "value")]
+    cache_names = [f"past_key_values.{i}.{part}" for i in range(layers) for part in ("key", "value")]
     present_names = [f"present.{i}.{part}" for i in range(layers) for part in ("key", "value")]
     logger.info("exporting %s with its KV cache (%d layers) with torch.onnx.export(dynamo=True)", type(module).__name__, layers)
     was_training = module.training

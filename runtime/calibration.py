@@ -77,9 +77,10 @@ def feeds_from(calibration: Any, model: ir.Model, limit: int | None = None) -> l
     if isinstance(calibration, (str, os.PathLike)):
         shapes = {v.name: v.shape for v in model.graph.inputs}
         path = Path(calibration)
-        if cache is not None and not _npz_has(path, cache.past_inputs):
+        held = _npz_names(path) if cache is not None else set()
+        if cache is not None and not set(cache.past_inputs) <= held:
             # token ids (and their mask) alone: the cache is computed below
-            names = [n for n in (cache.ids, cache.mask, cache.positions) if n and _npz_has(path, [n])] or [cache.ids]
+            names = [n for n in (cache.ids, cache.mask, cache.positions) if n and n in held] or [cache.ids]
         feeds = _from_npz(path, names, shapes)
     else:
         feeds = []
@@ -104,14 +105,13 @@ def feeds_from(calibration: Any, model: ir.Model, limit: int | None = None) -> l
     return feeds[:limit] if limit else feeds
 
 
-def _npz_has(path: Path, names: Sequence[str]) -> bool:
-    """Whether the .npz holds every name, as one array or per sample (``name__i``)."""
+def _npz_names(path: Path) -> set[str]:
+    """The input names an .npz holds, as one array or per sample (``name__i``)."""
     try:
         keys = set(np.load(path, allow_pickle=False).keys())
     except Exception:
-        return False  # _from_npz reports the unreadable file
-    prefixes = {k.rpartition("__")[0] for k in keys}
-    return all(n in keys or n in prefixes for n in names)
+        return set()  # _from_npz reports the unreadable file
+    return keys | {k.rpartition("__")[0] for k in keys}
 
 
 def _iterate(calibration: Any) -> Iterable:

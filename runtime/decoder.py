@@ -108,7 +108,7 @@ def find(model: ir.Model) -> KVCache | None:
     pairs = tuple(sorted(((pasts[k].name, presents[k].name) for k in pasts), key=lambda p: order.index(p[0])))
     first_past, first_present = pasts[next(iter(pasts))], presents[next(iter(pasts))]
     seq_axis = _seq_axis(first_past, first_present)
-    shapes = {past: _resolve(model, pasts[k], presents[k], seq_axis) for k in pasts for past in [pasts[k].name]}
+    shapes = {value.name: _resolve(value, presents[k], seq_axis) for k, value in pasts.items()}
     names = {v.name: v for v in inputs}
     mask = next((n for n in names if "attention_mask" in n.lower()), None)
     positions = next((n for n in names if "position_ids" in n.lower()), None)
@@ -125,7 +125,7 @@ def _seq_axis(past: ir.Value, present: ir.Value) -> int:
     return len(a) - 2
 
 
-def _resolve(model: ir.Model, past: ir.Value, present: ir.Value, seq_axis: int) -> tuple[int, ...]:
+def _resolve(past: ir.Value, present: ir.Value, seq_axis: int) -> tuple[int, ...]:
     """The past input's shape: batch and sequence as -1, every other axis a size."""
     dims = list(past.shape)
     out = list(present.shape) if present.shape is not None and len(present.shape) == len(dims) else [None] * len(dims)

@@ -531,9 +531,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     """
     source = model.meta.get(GENAI_KEY)
     exported = model.meta.get(meta.DECODER_CONFIG_KEY)
-    # A decoder exported with its cache becomes a genai folder where the path names a folder.
-    exported_folder = exported is not None and (Path(path).is_dir() or Path(path).suffix != ".onnx")
-    path = genai.output_file(path, source is not None or exported_folder, source[2] if source else "model.onnx")
+    requested = Path(path)
+    path = genai.output_file(requested, source is not None or exported is not None, source[2] if source else "model.onnx")
     if path.is_dir():
         raise InputError(f"{path} is a directory; pass a file path ending in .onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -560,7 +559,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
     if source is not None:
         written = genai.write_folder(source[0], path, source[1])
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
-    elif exported_folder:
+    elif exported is not None and path != requested:  # a decoder exported with its cache, saved to a folder
         target = ((meta.read_plan(model) or {}).get("summary") or {}).get("target", "cpu")
         written = genai.write_config(exported, decoder.find(model), path, target)
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
@@ -571,7 +570,7 @@ def check_output_path(input_path: str | os.PathLike | None, output: str | os.Pat
     """Refuses an output that would overwrite the input model or its external data."""
     if input_path is None:
         return
-    output = genai.output_file(output, genai.source_folder(input_path), Path(input_path).name)
+    output = genai.output_file(output, genai.source_folder(input_path) is not None, Path(input_path).name)
     src, dst = Path(input_path).resolve(), Path(output).resolve()
     if src == dst or dst == src.with_name(src.name + ".data"):
         raise InputError(f"the output {output} would overwrite the input model; choose another -o path")

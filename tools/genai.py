@@ -127,32 +127,25 @@ def write_folder(source: Path, model_path: Path, target: str) -> list[str]:
     return written
 
 
-def _readable(path: str) -> None:
-    """``mkstemp`` makes files only its owner reads: give the file the mode a new file gets."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
+def _atomic(dst: Path, write) -> None:
+    """Writes ``dst`` through ``write(temporary path)`` and a rename, with the mode a new file
+    gets (``mkstemp`` makes files only their owner reads)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", dir=dst.parent)
     os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
-        _readable(tmp)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _write_atomic(dst: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _readable(tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _atomic(dst, lambda tmp: Path(tmp).write_text(text))

@@ -135,7 +135,7 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
             hessc.save(compiled, out)
             seconds[label] = round(time.perf_counter() - started, 1)
             quality = (meta.read_plan(compiled).get("verification") or {}).get("quality") or {}
-            degraded[label] = quality.get("status") == "degraded" or bool(quality.get("degraded"))
+            degraded[label] = bool(quality.get("degraded"))
             folders[label] = out
         models = {label: og.Model(str(folder)) for label, folder in folders.items()}
         rows = {label: {"method": label, "stored_mb": round(_stored_bytes(folder) / 1e6, 2),
