@@ -150,9 +150,9 @@ def _resolve(past: ir.Value, present: ir.Value, seq_axis: int) -> tuple[int, ...
 
 def _size_from_readers(past: ir.Value, axis: int, rank: int) -> int | None:
     """A cache axis's size from the attention that reads it: the head size of a
-    ``GroupQueryAttention`` (``[B, kv_heads, S, head]``), or the other input of a ``Concat``."""
-    for use in past.uses():
-        node = use.node
+    ``GroupQueryAttention`` (``[B, kv_heads, S, head]``), or the other input of a ``Concat``, read
+    through the ``Cast`` an fp16 lowering puts between a float32 cache input and its reader."""
+    for node, past in _readers_through_casts(past):
         if node.op_type == "GroupQueryAttention" and rank == 4 and axis in (1, 3):
             attrs = {a.name: a.value for a in node.attributes.values()}
             heads, kv_heads = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0))
@@ -172,6 +172,20 @@ def _size_from_readers(past: ir.Value, axis: int, rank: int) -> int | None:
     return None
 
 
+def _readers_through_casts(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
+    """(reader, the value it reads) for the readers of ``value`` and, through ``Cast`` nodes, of
+    its casts."""
+    found, stack = [], [value]
+    while stack:
+        v = stack.pop()
+        for use in v.uses():
+            if use.node.op_type == "Cast":
+                stack.extend(use.node.outputs)
+            else:
+                found.append((use.node, v))
+    return found
+
+
 def _last_dim_of_weight(value: ir.Value | None) -> int | None:
     """The output width of the MatMul/Gemm/MatMulNBits that produces ``value`` (a projection)."""
     node = value.producer() if value is not None else None
@@ -186,7 +200,7 @@ def _last_dim_of_weight(value: ir.Value | None) -> int | None:
             shape = weight.const_value.shape
             trans = node.op_type == "Gemm" and any(a.name == "transB" and a.value for a in node.attributes.values())
             return int(shape[0] if trans else shape[-1])
-    if node.op_type == "Add":  # a bias after the projection
+    if node.op_type in ("Add", "Cast"):  # a bias after the projection, an fp16 cast
         for x in node.inputs:
             width = _last_dim_of_weight(x)
             if width is not None:

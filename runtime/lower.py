@@ -20,7 +20,8 @@ matches that ``DequantizeLinear`` together with its consumers and rewrites them:
   points packed over the whole table instead of per row (``Target.embedding_whole_blocks``: CUDA),
   and they differ (an odd number of 4-bit blocks per row), the lookup reads a float table that a
   graph of standard operators dequantizes from the same bytes (folded when the session opens);
-* ``target="cuda"`` additionally converts float tensors to fp16 (inputs and outputs keep their types)
+* ``target="cuda"`` additionally converts float tensors to fp16 (inputs and outputs keep their types,
+  but a KV cache becomes fp16)
   when asked, since the CUDA kernels of MatMulNBits are fastest in fp16.
 
 3-bit codes (no 3-bit kernel exists) run as 4-bit ``MatMulNBits`` but are stored at 3 bits:
@@ -846,19 +847,26 @@ def fuse_rms_norms(model: ir.Model) -> int:
 
 
 def to_fp16(model: ir.Model) -> ir.Model:
-    """Float tensors to fp16, keeping the graph's input and output types (for the CUDA provider).
+    """Float tensors to fp16, keeping the graph's input and output types (for the CUDA provider),
+    except a decoder's KV cache, which becomes fp16 like the attention that reads it (no cast of
+    the whole cache at every step; onnxruntime-genai allocates the cache in the model's types).
 
     Decomposed RMSNorms are fused first (:func:`fuse_rms_norms`), so their statistics are
     accumulated in fp32.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from hessc.runtime import decoder
+
+    cache = decoder.find(model)
+    cached = {name for pair in cache.pairs for name in pair} if cache is not None else set()
+    keep = [v.name for v in (*model.graph.inputs, *model.graph.outputs) if v.name not in cached]
     metadata = dict(model.metadata_props)
     fused = fuse_rms_norms(model)
     logger.info("fused %d RMSNorms before fp16 conversion", fused)
     ir.external_data.load_to_model(model)  # the converter reads tensors inline
     proto = convert_float_to_float16(
-        ir.to_proto(model), keep_io_types=True, disable_shape_infer=True, op_block_list=["RandomNormalLike"]
+        ir.to_proto(model), keep_io_types=keep, disable_shape_infer=True, op_block_list=["RandomNormalLike"]
     )
     converted = ir.from_proto(proto)
     converted.metadata_props.update(metadata)

@@ -183,6 +183,9 @@ def _inference_session(source: str | bytes, opts, providers: list):
         raise error from e
 
 
+_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 @dataclasses.dataclass
 class Session:
     """A ready ONNX Runtime session for one target.
@@ -199,6 +202,7 @@ class Session:
     _inputs: dict | None = None
     _outputs: list | None = None
     _dynamic_outputs: bool = False
+    _float_inputs: dict[str, np.dtype] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -213,7 +217,17 @@ class Session:
     def output_names(self) -> list[str]:
         return [o.name for o in self.inner.get_outputs()]
 
+    def _typed(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float feeds in the float type each input declares: an fp16 lowering keeps the graph's
+        inputs in their types except a KV cache, which the same feeds reach in fp32."""
+        if self._float_inputs is None:
+            self._float_inputs = {i.name: np.dtype(_FLOAT_TYPES[i.type]) for i in self.inner.get_inputs()
+                                  if i.type in _FLOAT_TYPES}
+        return {k: a.astype(self._float_inputs[k]) if k in self._float_inputs and a.dtype != self._float_inputs[k]
+                and np.issubdtype(a.dtype, np.floating) else a for k, a in feeds.items()}
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = self._typed(feeds)
         if self.target != "cuda":
             return self.inner.run(None, feeds)
         self.run_bound(feeds)
@@ -221,6 +235,7 @@ class Session:
 
     def run_bound(self, feeds: dict[str, np.ndarray]) -> None:
         """Runs with outputs left in device buffers on CUDA (the serving path: no copy back)."""
+        feeds = self._typed(feeds)
         if self.target != "cuda":
             self.inner.run(None, feeds)
             return
