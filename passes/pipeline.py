@@ -196,6 +196,12 @@ def _lower(options, target):
     ))
 
 
+def _fuse_attention(options, target):
+    from hessc.runtime import fuse_attention
+
+    return fuse_attention.FuseAttentionPass()
+
+
 def _fuse(options, target):
     from hessc.runtime import fuse
 
@@ -261,6 +267,9 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("insert-activation-qdq", "uint8 per-tensor Q/DQ on those activations (the static int8 region "
              "in the form ORT fuses into QLinearConv, QLinearAdd, ...)",
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
+    PassSpec("fuse-attention", "a KV-cache decoder's attention (found by onnxscript's SDPA fusion, the cache "
+             "concatenation and head repeat matched, the mask run and checked causal) as one GroupQueryAttention "
+             "per layer (onnxruntime-genai's form)", _fuse_attention, lambda o, t: t.name in ("cpu", "cuda")),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
     PassSpec("fuse-siblings", "fuse MatMulNBits layers that read the same input (gate and up, Q, K and V) into "

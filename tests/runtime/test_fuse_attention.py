@@ -1,0 +1,105 @@
+"""fuse-attention: a torch-exported decoder's attention over its KV cache becomes one
+GroupQueryAttention per layer, with the same outputs in ONNX Runtime, and only where the mask is
+the plain causal mask."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import builders
+import hessc
+from hessc.ir import frontend, meta
+from hessc.runtime import decoder, fuse_attention
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama):
+    import transformers
+
+    lm = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    return frontend.load(lm, (torch.ones((1, 5), dtype=torch.int64),), kv_cache=True)
+
+
+def _feeds(cache, past: int, new: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {cache.ids: rng.integers(3, 250, size=(1, new)).astype(np.int64),
+             cache.mask: np.ones((1, past + new), np.int64)}
+    for name, _ in cache.pairs:
+        shape = [1 if d == -1 else d for d in cache.shapes[name]]
+        shape[cache.seq_axis] = past
+        feeds[name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def test_cached_attention_becomes_group_query_attention_with_the_same_outputs(exported, tmp_path):
+    fused = frontend.clone(exported)
+    count, reason = fuse_attention.fuse_attention(fused)
+    assert (count, reason) == (2, None)
+    ops = collections.Counter(n.op_type for n in fused.graph)
+    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
+    assert [v.name for v in fused.graph.outputs] == [v.name for v in exported.graph.outputs]
+    cache = decoder.find(exported)
+    hessc.save(exported, tmp_path / "plain.onnx")
+    hessc.save(fused, tmp_path / "fused.onnx")
+    for past, new in ((0, 5), (6, 1), (6, 3)):
+        feeds = _feeds(cache, past, new)
+        want = builders.run_ort(str(tmp_path / "plain.onnx"), feeds)
+        got = builders.run_ort(str(tmp_path / "fused.onnx"), feeds)
+        for w, g in zip(want, got):  # logits, then every present key and value
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mask_that_is_not_causal_is_left_unfused(exported):
+    # Found by onnxscript's SDPA rule on a copy: the value the attention adds to its scores.
+    probe = frontend.clone(exported)
+    from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
+
+    fuse_sdpa(probe, apply_shape_inference=True)
+    mask_name = next(n.inputs[3].name for n in probe.graph if n.op_type == "SDPA")
+    model = frontend.clone(exported)
+    mask = next(v for n in model.graph for v in n.outputs if v.name == mask_name)
+    zero = ir.val("zero", const_value=ir.tensor(np.zeros((), mask.dtype.numpy())))
+    model.graph.initializers.add(zero)
+    uses = list(mask.uses())
+    seen_everywhere = ir.node("Mul", [mask, zero], name="bidirectional")
+    model.graph.insert_after(mask.producer(), seen_everywhere)
+    for use in uses:
+        use.node.replace_input_with(use.idx, seen_everywhere.outputs[0])
+    count, reason = fuse_attention.fuse_attention(model)
+    assert count == 0 and "not the plain causal mask" in reason
+    assert not any(n.op_type in ("GroupQueryAttention", "SDPA") for n in model.graph)
+
+
+def test_the_pass_runs_for_the_cpu_and_cuda_targets_only():
+    from hessc.options import CompileOptions
+    from hessc.passes import pipeline
+    from hessc.runtime import targets
+
+    for target, fused in (("cpu", True), ("cuda", True), ("onnx", False)):
+        names = pipeline.default_names(CompileOptions(target=target), targets.get(target))
+        assert ("fuse-attention" in names) is fused
+        if fused:
+            assert names.index("fuse-attention") == names.index(f"lower-{target}") - 1
+
+
+def test_a_compiled_decoder_runs_group_query_attention_and_passes_verification(exported):
+    calibration = [{"input_ids": np.random.default_rng(i).integers(3, 250, size=(1, 16))} for i in range(2)]
+    compiled = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False)
+    assert sum(n.op_type == "GroupQueryAttention" for n in compiled.graph) == 2
+    assert compiled.meta[fuse_attention.FUSION_KEY] == {"GroupQueryAttention": 2}
+    assert meta.read_plan(compiled)["verification"]["status"] == "passed"
+    unfused = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False,
+                             disable_passes=["fuse-attention"])
+    assert not any(n.op_type == "GroupQueryAttention" for n in unfused.graph)
+
+
+def test_a_model_without_cache_is_not_touched():
+    model = builders.load(builders.mlp_model())
+    before = [n.op_type for n in model.graph]
+    assert fuse_attention.fuse_attention(model) == (0, "no KV cache")
+    assert [n.op_type for n in model.graph] == before
