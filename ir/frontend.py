@@ -256,7 +256,9 @@ def _export_with_cache(module, example_inputs) -> ir.Model:
         )
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if isinstance(example_inputs, dict):
+    if example_inputs is None:  # token ids set only the ranks and types: every dim is dynamic
+        ids = torch.ones((1, 2 * CACHE_EXAMPLE_TOKENS), dtype=torch.int64)
+    elif isinstance(example_inputs, dict):
         ids = example_inputs.get("input_ids")
     else:
         ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else example_inputs
@@ -287,9 +289,11 @@ def _export_with_cache(module, example_inputs) -> ir.Model:
     logger.info("exporting %s with its KV cache (%d layers) with torch.onnx.export(dynamo=True)", type(module).__name__, layers)
     was_training = module.training
     module.eval()
+    wrapper = WithCache(module)
+    wrapper.training = False  # like the module it wraps (put back in its own mode below)
     try:
         program = torch.onnx.export(
-            WithCache(module), (ids, mask, past), dynamo=True, verbose=False,
+            wrapper, (ids, mask, past), dynamo=True, verbose=False,
             input_names=["input_ids", "attention_mask", *cache_names], output_names=["logits", *present_names],
             dynamic_shapes=({0: b, 1: s}, {0: b, 1: t}, tuple({0: b, 2: p} for _ in past)),
         )

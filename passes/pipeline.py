@@ -202,6 +202,12 @@ def _fuse_attention(options, target):
     return fuse_attention.FuseAttentionPass()
 
 
+def _fuse_norms(options, target):
+    from hessc.runtime import fuse_norms
+
+    return fuse_norms.FuseNormsPass()
+
+
 def _fuse(options, target):
     from hessc.runtime import fuse
 
@@ -270,11 +276,13 @@ PASSES: tuple[PassSpec, ...] = (
     PassSpec("fuse-attention", "a KV-cache decoder's attention (found by onnxscript's SDPA fusion, the cache "
              "concatenation and head repeat matched, the mask run and checked causal) as one GroupQueryAttention "
              "per layer (onnxruntime-genai's form)", _fuse_attention, lambda o, t: t.name in ("cpu", "cuda")),
+    PassSpec("fuse-norms", "decomposed RMSNorms and the residual adds before them (and LayerNorm's) as ORT's "
+             "fused norms (onnxscript's ORT fusion rules)", _fuse_norms, lambda o, t: t.name in ("cpu", "cuda")),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
     PassSpec("fuse-siblings", "fuse MatMulNBits layers that read the same input (gate and up, Q, K and V) into "
-             "one kernel and a Split: fewer kernels per token (measured on the CPU)",
-             _fuse, lambda o, t: t.name == "cpu"),
+             "one kernel and a Split: fewer kernels per token (measured on the CPU and on CUDA)",
+             _fuse, lambda o, t: t.name in ("cpu", "cuda")),
     PassSpec("tune-kernels", "time each MatMulNBits layer at the serving shape at int8 and fp32 compute "
              "(cached per machine) and keep the faster; not where --activations fixes the compute",
              _tune, lambda o, t: o.tune and t.name == "cpu" and o.activations is None),

@@ -44,7 +44,7 @@ def output_file(output: str | os.PathLike, decoder: bool, model_name: str = "mod
     return out
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
@@ -90,7 +90,7 @@ def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[st
     written = []
     source = Path(decoder["source"]) if decoder.get("source") else None
     if source is not None and source.is_dir() and source.resolve() != out.resolve():
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 _copy_atomic(source / name, out / name)
                 written.append(name)

@@ -78,3 +78,9 @@ def test_saved_to_a_folder_it_generates_in_onnxruntime_genai_as_torch_does(lm, t
     with torch.no_grad():
         ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
     assert got == ref
+
+
+def test_a_decoder_exports_with_its_cache_without_example_inputs(lm):
+    """Token ids set only ranks and types (every dim is dynamic): no example is needed."""
+    cache = decoder.find(frontend.load(lm, kv_cache=True))
+    assert cache is not None and len(cache.pairs) == 4 and cache.mask == "attention_mask"

@@ -27,13 +27,13 @@ def _names(**kwargs) -> list[str]:
 def test_default_pipelines_read_in_execution_order() -> None:
     # With calibration data the CPU runs its convs as static int8: activation ranges and Q/DQ.
     assert _names() == ["upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges",
-                        "tune-int8-regions", "insert-activation-qdq", "fuse-attention", "lower-cpu", "fuse-siblings", "tune-kernels",
+                        "tune-int8-regions", "insert-activation-qdq", "fuse-attention", "fuse-norms", "lower-cpu", "fuse-siblings", "tune-kernels",
                         "verify-in-ort"]
     assert "tune-int8-regions" not in _names(tune=False)
     assert _names(has_calibration=False) == ["upgrade-opset", "plan-quantization", "insert-qdq", "fuse-attention",
-                                             "lower-cpu", "fuse-siblings", "tune-kernels", "verify-in-ort"]
+                                             "fuse-norms", "lower-cpu", "fuse-siblings", "tune-kernels", "verify-in-ort"]
     # --activations fixes the compute: nothing to tune.
-    assert _names(activations=16) == ["upgrade-opset", "plan-quantization", "insert-qdq", "fuse-attention", "lower-cpu",
+    assert _names(activations=16) == ["upgrade-opset", "plan-quantization", "insert-qdq", "fuse-attention", "fuse-norms", "lower-cpu",
                                       "fuse-siblings",
                                       "verify-in-ort"]
     assert "tune-kernels" not in _names(tune=False)
@@ -84,11 +84,11 @@ def test_the_plan_lists_the_passes_that_ran() -> None:
 
     out = hessc.optimize(b.load(b.mlp_model()), target="cpu", bits=4)
     ran = meta.read_plan(out)["passes"]
-    assert [p["name"] for p in ran] == ["upgrade-opset", "plan-quantization", "insert-qdq", "fuse-attention", "lower-cpu",
+    assert [p["name"] for p in ran] == ["upgrade-opset", "plan-quantization", "insert-qdq", "fuse-attention", "fuse-norms", "lower-cpu",
                                         "fuse-siblings", "tune-kernels", "verify-in-ort"]
     # tune-kernels modifies the model where this machine's timings pick fp32 compute; an MLP's
     # layers read different inputs: nothing to fuse.
-    assert [p["modified"] for p in ran if p["name"] != "tune-kernels"] == [True, True, True, False, True, False, False]
+    assert [p["modified"] for p in ran if p["name"] != "tune-kernels"] == [True, True, True, False, False, True, False, False]
     assert set(out.meta[meta.TIMINGS_KEY]) == {p["name"] for p in ran} | {"total"}
 
 

@@ -47,13 +47,14 @@ def test_layers_that_differ_beyond_n_stay_apart():
     assert fuse.fuse_siblings(model.graph) == 0
 
 
-def test_the_pass_is_in_the_cpu_pipeline_only():
+def test_the_pass_is_in_the_cpu_and_cuda_pipelines():
     from hessc.passes import pipeline
     from hessc.options import CompileOptions
     from hessc.runtime import targets
 
     assert "fuse-siblings" in pipeline.default_names(CompileOptions(target="cpu"), targets.get("cpu"))
-    assert "fuse-siblings" not in pipeline.default_names(CompileOptions(target="cuda"), targets.get("cuda"))
+    assert "fuse-siblings" in pipeline.default_names(CompileOptions(target="cuda"), targets.get("cuda"))
+    assert "fuse-siblings" not in pipeline.default_names(CompileOptions(target="onnx"), targets.get("onnx"))
 
 
 def test_weights_shared_across_layers_are_not_copied():

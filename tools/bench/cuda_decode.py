@@ -49,16 +49,20 @@ def checkpoint(shape: str, tokenizer: Path, out: Path) -> Path:
     model = transformers.LlamaForCausalLM(config).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    for f in tokenizer.iterdir():
-        shutil.copy(f, out / f.name)
+    from hessc.genai import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (tokenizer / name).is_file():
+            shutil.copy(tokenizer / name, out / name)
     return out
 
 
 def _dims(dims: list, cache: int) -> list[int]:
     """Static dims kept; the builder's symbolic ones filled for one new token after ``cache``."""
-    named = {"batch_size": 1, "sequence_length": 1, "past_sequence_length": cache,
-             "total_sequence_length": cache + 1, "kv_cache_dim": 64}
-    return [d if isinstance(d, int) else named[d] for d in dims]
+    named = {"batch_size": 1, "sequence_length": 1, "past_sequence_length": cache,  # genai's builder
+             "total_sequence_length": cache + 1, "kv_cache_dim": 64,
+             "batch": 1, "sequence": 1, "past_sequence": cache, "total_sequence": cache + 1}  # hessc's export
+    return [d if isinstance(d, int) else sum(named[part.strip()] for part in str(d).split("+")) for d in dims]
 
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -132,7 +136,7 @@ def stored_mb(folder: Path) -> float:
 
 
 def run(shape: str, work: Path, tokenizer: Path, provider: str, cache: int, rounds: int, runs: int,
-        hessc_bits: list) -> dict:
+        hessc_bits: list, torch_export: bool = False) -> dict:
     import hessc
     from hessc.bench import zoo
 
@@ -162,6 +166,21 @@ def run(shape: str, work: Path, tokenizer: Path, provider: str, cache: int, roun
         hessc.save(compiled, out)
         folders[f"hessc {bits}"] = out
         log[f"hessc {bits} s"] = round(time.perf_counter() - started, 1)
+    if torch_export:  # the torch front door on the same checkpoint
+        import transformers
+
+        started = time.perf_counter()
+        try:
+            lm = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+            compiled = hessc.optimize(lm, kv_cache=True, target=target, bits=hessc_bits[0], method="rtn",
+                                      measure_latency=False, allow_degraded=True, low_rank=False)
+            out = work / f"{shape}-hessc-torch-{hessc_bits[0]}"
+            shutil.rmtree(out, ignore_errors=True)
+            hessc.save(compiled, out)
+            folders[f"hessc {hessc_bits[0]} from torch (kv_cache=True)"] = out
+        except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
+            log["hessc from torch error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        log["hessc from torch s"] = round(time.perf_counter() - started, 1)
     rows = {label: {"variant": label, "stored_mb": stored_mb(folder)} for label, folder in folders.items()}
     for graph in ((False, True) if provider == "cuda" else (False,)):
         key = f"step_ms_cache_{cache}" + ("_cuda_graph" if graph else "")
@@ -187,7 +206,7 @@ def run(shape: str, work: Path, tokenizer: Path, provider: str, cache: int, roun
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hessc.bench.cuda_decode", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.json and its config")
+    parser.add_argument("--tokenizer", type=Path, required=True, help="a folder with tokenizer files (tokenizer.json, ...)")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for the models")
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--provider", choices=("cuda", "cpu"), default="cuda")
@@ -195,13 +214,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--bits", default="4", help="hessc's bits, comma-separated")
+    parser.add_argument("--torch", action="store_true", help="also compile the checkpoint through the torch front door")
     args = parser.parse_args(argv)
     if args.provider == "cuda":
         import onnxruntime
 
         onnxruntime.preload_dlls()
     bits = [float(b) if "." in b else int(b) for b in args.bits.split(",")]
-    result = run(args.shape, args.work, args.tokenizer, args.provider, args.cache, args.rounds, args.runs, bits)
+    result = run(args.shape, args.work, args.tokenizer, args.provider, args.cache, args.rounds, args.runs, bits, args.torch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

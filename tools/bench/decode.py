@@ -137,6 +137,23 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
             quality = (meta.read_plan(compiled).get("verification") or {}).get("quality") or {}
             degraded[label] = bool(quality.get("degraded"))
             folders[label] = out
+        # The torch front door on the same checkpoint (the first variant's settings), with and
+        # without fuse-attention: the user's path from a transformers model.
+        b, group_size, method = variants[0]
+        for disabled in ([], ["fuse-attention"]):
+            label = f"hessc {b} (group {group_size}, {method}) from torch, kv_cache=True" + \
+                (", fuse-attention off" if disabled else "")
+            out = Path(tmp) / f"hessc-torch-{len(disabled)}"
+            started = time.perf_counter()
+            compiled = hessc.optimize(zoo.smollm2_causal_lm(), kv_cache=True, target="cpu", bits=b,
+                                      calibration=calibration, method=method.removesuffix("-sym"),
+                                      symmetric=method.endswith("-sym"), group_size=group_size, measure_latency=False,
+                                      allow_degraded=True, low_rank=False, disable_passes=disabled)
+            hessc.save(compiled, out)
+            seconds[label] = round(time.perf_counter() - started, 1)
+            degraded[label] = bool(((meta.read_plan(compiled).get("verification") or {}).get("quality") or {})
+                                   .get("degraded"))
+            folders[label] = out
         models = {label: og.Model(str(folder)) for label, folder in folders.items()}
         rows = {label: {"method": label, "stored_mb": round(_stored_bytes(folder) / 1e6, 2),
                         "bits_per_param": round(8 * _stored_bytes(folder) / params, 3)} for label, folder in folders.items()}

@@ -511,11 +511,18 @@ def _smollm2_fp32_dir() -> Path:
     return out
 
 
-def _build_causal_lm() -> torch.nn.Module:
+def smollm2_causal_lm() -> torch.nn.Module:
+    """SmolLM2 as the transformers causal LM (fp32, eval mode), for the torch front door."""
     import torch
 
     transformers = _require("transformers", "transformers")
-    lm = transformers.AutoModelForCausalLM.from_pretrained(str(_smollm2_fp32_dir()), dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(_smollm2_fp32_dir()), dtype=torch.float32).eval()
+
+
+def _build_causal_lm() -> torch.nn.Module:
+    import torch
+
+    lm = smollm2_causal_lm()
 
     class CausalLMLogits(torch.nn.Module):
         """``input_ids -> logits`` without a KV cache."""
