@@ -47,6 +47,7 @@ FUSION_KEY = "hessc.fuse_attention"
 """``model.meta`` key: what the pass fused (``{"GroupQueryAttention": n}``) or why it did not."""
 
 _SDPA_DOMAIN = "ai.onnxruntime._fusion"
+_FUSED_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention")
 PROBES = ((0, 4), (7, 1), (4200, 2))
 """(cached tokens, new tokens) at which the mask must be the plain causal mask."""
 
@@ -247,6 +248,9 @@ def fuse_attention(model: ir.Model) -> tuple[int, str | None]:
     cache = decoder.find(model)
     if cache is None:
         return 0, "no KV cache"
+    fused = sorted({n.op_type for n in model.graph if n.op_type in _FUSED_ATTENTION})
+    if fused:
+        return 0, f"the attention is already fused ({', '.join(fused)})"
     if cache.mask is None:
         return 0, "no attention_mask input to count the valid tokens from"
     trial = frontend.clone(model)

@@ -103,3 +103,8 @@ def test_a_model_without_cache_is_not_touched():
     before = [n.op_type for n in model.graph]
     assert fuse_attention.fuse_attention(model) == (0, "no KV cache")
     assert [n.op_type for n in model.graph] == before
+
+
+def test_a_decoder_whose_attention_is_fused_already_is_not_touched(tiny_decoder):
+    model = frontend.load(tiny_decoder / "model.onnx")
+    assert fuse_attention.fuse_attention(model) == (0, "the attention is already fused (GroupQueryAttention)")
