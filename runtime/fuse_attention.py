@@ -170,22 +170,22 @@ def _causal_mask_problem(model: ir.Model, mask: ir.Value, cache) -> str | None:
     return None
 
 
-def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value) -> None:
+def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value, index: int) -> None:
     """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs."""
-    def const(name: str, values: list[int]) -> ir.Value:
-        return ir.val(f"{found.node.name}_{name}", const_value=ir.tensor(np.array(values, np.int64)))
+    tag = f"gqa{index}"
+    nodes: list[ir.Node] = []
 
-    nodes = []
+    def const(name: str, values: list[int]) -> ir.Value:
+        value = ir.val(f"{tag}_{name}", const_value=ir.tensor(np.array(values, np.int64)))
+        graph.initializers.add(value)
+        return value
 
     def add(op: str, inputs: list, domain: str = "", outputs: int = 1, **attrs) -> list[ir.Value]:
-        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=outputs,
-                       name=f"{found.node.name}_gqa_{len(nodes)}")
+        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=outputs, name=f"{tag}_{len(nodes)}")
         nodes.append(node)
         return list(node.outputs)
 
     to_bsd = const("to_bsd", [0, 0, -1])
-    for c in (to_bsd,):
-        graph.initializers.add(c)
 
     def bsd(x: ir.Value) -> ir.Value:
         return add("Reshape", [add("Transpose", [x], perm=[0, 2, 1, 3])[0], to_bsd])[0]
@@ -200,17 +200,16 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
         domain="com.microsoft", outputs=3, **attrs,
     )
     to_bhsd = const("to_bhsd", [0, 0, found.heads, found.head_size])
-    graph.initializers.add(to_bhsd)
     attention = add("Transpose", [add("Reshape", [out, to_bhsd])[0]], perm=[0, 2, 1, 3])[0]
     graph.insert_before(found.node, nodes)
     ir.convenience.replace_all_uses_with(found.node.outputs[0], attention)
     for old, new in ((found.present_key, present_key), (found.present_value, present_value)):
         new.shape, new.type = old.shape, old.type
-        index = list(graph.outputs).index(old)
+        position = list(graph.outputs).index(old)
         name = old.name
         old.name = f"{name}__unfused"
         new.name = name
-        graph.outputs[index] = new
+        graph.outputs[position] = new
 
 
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -286,8 +285,8 @@ def _fuse(model: ir.Model, cache, check: bool) -> int | str:
         return len(matched)
     mask_input = next(v for v in graph.inputs if v.name == cache.mask)
     seqlens, total = _sequence_lengths(graph, mask_input)
-    for found in matched:
-        _rewrite(graph, found, seqlens, total)
+    for index, found in enumerate(matched):
+        _rewrite(graph, found, seqlens, total, index)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return len(matched)
 

@@ -71,3 +71,18 @@ def test_budget_with_calibration_runs_the_curvature_through_the_cache(tiny_decod
                      "--calibration", str(calibration), "--quiet", "--report", str(tmp_path / "r.md")]) == 0
     assert len(_generate(out, [1, 40, 41], 6)) == 6
     assert "3.5" in (tmp_path / "r.md").read_text()
+
+
+def test_for_cuda_the_cache_is_fp16_and_the_result_verifies(tiny_decoder):
+    """fp16 lowering keeps the graph's input and output types except the KV cache (genai's CUDA
+    models hold it in fp16); verification feeds each input in its declared type."""
+    import onnx_ir as ir
+
+    import hessc
+    from hessc.ir import meta
+
+    compiled = hessc.optimize(str(tiny_decoder / "model.onnx"), target="cuda", bits=4, tune=False)
+    types = {v.name: v.dtype for v in (*compiled.graph.inputs, *compiled.graph.outputs)}
+    assert types["past_key_values.0.key"] == ir.DataType.FLOAT16 and types["present.1.value"] == ir.DataType.FLOAT16
+    assert types["logits"] == ir.DataType.FLOAT and types["input_ids"] == ir.DataType.INT64
+    assert meta.read_plan(compiled)["verification"]["status"] == "passed"
