@@ -94,6 +94,7 @@ def test_plan_record(exported, target: str, bits: int) -> None:
     ops = [n.op_type for n in model.graph]
     assert [(p["name"], p["modified"]) for p in record["passes"] if p["name"] != "tune-kernels"] == [
         ("upgrade-opset", True), ("plan-quantization", True), ("insert-qdq", True),
+        *([("fuse-attention", False), ("fuse-norms", False)] if target in ("cpu", "cuda") else []),
         (f"lower-{target}", target == "cpu"), *([("fuse-siblings", False)] if target == "cpu" else []),
         ("verify-in-ort", False),
     ]

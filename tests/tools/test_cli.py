@@ -145,7 +145,8 @@ def test_passes_lists_the_pipeline_in_order(capsys) -> None:
     # With calibration data (as `hessc passes` assumes) the CPU's convs are static int8.
     assert {r["name"] for r in rows if r["default"]} == {
         "upgrade-opset", "plan-quantization", "insert-qdq", "annotate-activation-ranges", "tune-int8-regions",
-        "insert-activation-qdq", "lower-cpu", "fuse-siblings", "tune-kernels", "verify-in-ort"}
+        "insert-activation-qdq", "fuse-attention", "fuse-norms", "lower-cpu", "fuse-siblings", "tune-kernels",
+        "verify-in-ort"}
     assert all(r["available"] for r in rows)
     assert cli.main(["passes", "--bits", "3.5", "--target", "cuda"]) == 0
     text = capsys.readouterr().out
@@ -157,8 +158,8 @@ def test_passes_and_disable_pass_choose_the_steps(model_path: Path, tmp_path: Pa
     out = tmp_path / "out.onnx"
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--disable-pass", "insert-qdq", "--json", "--quiet"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "lower-cpu", "fuse-siblings",
-                                                      "tune-kernels", "verify-in-ort"]
+    assert [p["name"] for p in printed["passes"]] == ["upgrade-opset", "plan-quantization", "fuse-attention", "fuse-norms",
+                                                      "lower-cpu", "fuse-siblings", "tune-kernels", "verify-in-ort"]
     assert printed["verification"]["status"] == "passed"
     assert {n.op_type for n in onnx.load(out).graph.node} == {"MatMul", "Relu"}, "a float model"
     assert cli.main(["optimize", str(model_path), "-o", str(out), "--passes", "upgrade-opset,plan-quantization,insert-qdq",
