@@ -238,6 +238,11 @@ def _always(options, target) -> bool:
     return True
 
 
+def _ort_kernels(options, target) -> bool:
+    """Targets that run ONNX Runtime's contrib kernels (the fusions write com.microsoft ops)."""
+    return target.name in ("cpu", "cuda")
+
+
 PASSES: tuple[PassSpec, ...] = (
     PassSpec("upgrade-opset", "raise the default-domain opset to what the quantized form needs (21; 25 for 2-bit)",
              _upgrade_opset, _always),
@@ -275,14 +280,14 @@ PASSES: tuple[PassSpec, ...] = (
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
     PassSpec("fuse-attention", "a KV-cache decoder's attention (found by onnxscript's SDPA fusion, the cache "
              "concatenation and head repeat matched, the mask run and checked causal) as one GroupQueryAttention "
-             "per layer (onnxruntime-genai's form)", _fuse_attention, lambda o, t: t.name in ("cpu", "cuda")),
+             "per layer (onnxruntime-genai's form)", _fuse_attention, _ort_kernels),
     PassSpec("fuse-norms", "decomposed RMSNorms and the residual adds before them (and LayerNorm's) as ORT's "
-             "fused norms (onnxscript's ORT fusion rules)", _fuse_norms, lambda o, t: t.name in ("cpu", "cuda")),
+             "fused norms (onnxscript's ORT fusion rules)", _fuse_norms, _ort_kernels),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
     PassSpec("fuse-siblings", "fuse MatMulNBits layers that read the same input (gate and up, Q, K and V) into "
              "one kernel and a Split: fewer kernels per token (measured on the CPU and on CUDA)",
-             _fuse, lambda o, t: t.name in ("cpu", "cuda")),
+             _fuse, _ort_kernels),
     PassSpec("tune-kernels", "time each MatMulNBits layer at the serving shape at int8 and fp32 compute "
              "(cached per machine) and keep the faster; not where --activations fixes the compute",
              _tune, lambda o, t: o.tune and t.name == "cpu" and o.activations is None),

@@ -74,13 +74,9 @@ def _attr(node: ir.Node, name: str, default=None):
     return attr.value if attr is not None else default
 
 
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None:
-        return None
-    tensor = value.const_value
-    if tensor is None and value.producer() is not None and value.producer().op_type == "Constant":
-        tensor = _attr(value.producer(), "value")
-    return [int(x) for x in np.asarray(tensor.numpy()).reshape(-1)] if tensor is not None else None
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    return [int(x) for x in tensor.numpy().reshape(-1)] if tensor is not None else None
 
 
 def _cache_concat(value: ir.Value, pasts: dict[str, str]) -> tuple[ir.Value, ir.Value, ir.Value] | str:
@@ -90,7 +86,7 @@ def _cache_concat(value: ir.Value, pasts: dict[str, str]) -> tuple[ir.Value, ir.
     if node is not None and node.op_type == "Reshape":
         expand = node.inputs[0].producer() if node.inputs[0] is not None else None
         unsqueeze = expand.inputs[0].producer() if expand is not None and expand.op_type == "Expand" else None
-        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or _const_ints(unsqueeze.inputs[1]) != [2]:
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or _ints(unsqueeze.inputs[1]) != [2]:
             return f"{value.name}: a Reshape that is not the head repeat Unsqueeze(axis 2) -> Expand -> Reshape"
         node = unsqueeze.inputs[0].producer()
     if node is None or node.op_type != "Concat" or len(node.inputs) != 2 or _attr(node, "axis") not in (2, -2):
@@ -170,38 +166,37 @@ def _causal_mask_problem(model: ir.Model, mask: ir.Value, cache) -> str | None:
     return None
 
 
+def _insert(graph: ir.Graph, tape: ir.tape.Tape, before: ir.Node | None) -> None:
+    """The tape's initializers and nodes into ``graph``, the nodes before ``before`` (else at the end)."""
+    for value in tape.initializers:
+        graph.initializers.add(value)
+    if before is None:
+        graph.extend(tape.nodes)
+    else:
+        graph.insert_before(before, tape.nodes)
+
+
 def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value, index: int) -> None:
     """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs."""
-    tag = f"gqa{index}"
-    nodes: list[ir.Node] = []
-
-    def const(name: str, values: list[int]) -> ir.Value:
-        value = ir.val(f"{tag}_{name}", const_value=ir.tensor(np.array(values, np.int64)))
-        graph.initializers.add(value)
-        return value
-
-    def add(op: str, inputs: list, domain: str = "", outputs: int = 1, **attrs) -> list[ir.Value]:
-        node = ir.node(op, inputs, attributes=attrs, domain=domain, num_outputs=outputs, name=f"{tag}_{len(nodes)}")
-        nodes.append(node)
-        return list(node.outputs)
-
-    to_bsd = const("to_bsd", [0, 0, -1])
+    tape = ir.tape.Tape()
+    to_bsd = tape.initializer(ir.tensor(np.array([0, 0, -1], np.int64)), name=f"gqa{index}_to_bsd")
+    to_bhsd = tape.initializer(ir.tensor(np.array([0, 0, found.heads, found.head_size], np.int64)),
+                               name=f"gqa{index}_to_bhsd")
 
     def bsd(x: ir.Value) -> ir.Value:
-        return add("Reshape", [add("Transpose", [x], perm=[0, 2, 1, 3])[0], to_bsd])[0]
+        return tape.op("Reshape", [tape.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), to_bsd])
 
     attrs = {"num_heads": found.heads, "kv_num_heads": found.kv_heads, "do_rotary": 0}
     scale = _attr(found.node, "scale")
     if scale is not None:
         attrs["scale"] = float(scale)
-    out, present_key, present_value = add(
+    out, present_key, present_value = tape.op_multi_out(
         "GroupQueryAttention",
         [bsd(found.query), bsd(found.new_key), bsd(found.new_value), found.past_key, found.past_value, seqlens, total],
-        domain="com.microsoft", outputs=3, **attrs,
+        attrs, num_outputs=3, domain="com.microsoft",
     )
-    to_bhsd = const("to_bhsd", [0, 0, found.heads, found.head_size])
-    attention = add("Transpose", [add("Reshape", [out, to_bhsd])[0]], perm=[0, 2, 1, 3])[0]
-    graph.insert_before(found.node, nodes)
+    attention = tape.op("Transpose", [tape.op("Reshape", [out, to_bhsd])], {"perm": [0, 2, 1, 3]})
+    _insert(graph, tape, found.node)
     ir.convenience.replace_all_uses_with(found.node.outputs[0], attention)
     for old, new in ((found.present_key, present_key), (found.present_value, present_value)):
         new.shape, new.type = old.shape, old.type
@@ -215,26 +210,14 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """GroupQueryAttention's ``seqlens_k`` (valid tokens per row, minus one) and
     ``total_sequence_length`` from the 2-D ``attention_mask``, at the top of the graph."""
-    one = ir.val("gqa_one", const_value=ir.tensor(np.array([1], np.int64)))
-    graph.initializers.add(one)
-    nodes = [
-        ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="gqa_valid"),
-    ]
-    count = nodes[-1].outputs[0]
-    nodes.append(ir.node("Cast", [count], attributes={"to": ir.DataType.INT64}, name="gqa_valid_int"))
-    nodes.append(ir.node("Sub", [nodes[-1].outputs[0], one], name="gqa_last"))
-    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa_seqlens_k"))
-    seqlens = nodes[-1].outputs[0]
-    nodes.append(ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="gqa_total_1d"))
-    nodes.append(ir.node("Squeeze", [nodes[-1].outputs[0]], name="gqa_total_0d"))
-    nodes.append(ir.node("Cast", [nodes[-1].outputs[0]], attributes={"to": ir.DataType.INT32}, name="gqa_total"))
-    total = nodes[-1].outputs[0]
+    tape = ir.tape.Tape()
+    one = tape.initializer(ir.tensor(np.array([1], np.int64)), name="gqa_one")
+    valid = tape.op("Cast", [tape.op("ReduceSum", [mask, one], {"keepdims": 0})], {"to": ir.DataType.INT64})
+    seqlens = tape.op("Cast", [tape.op("Sub", [valid, one])], {"to": ir.DataType.INT32})
+    total_1d = tape.op("Shape", [mask], {"start": 1, "end": 2})
+    total = tape.op("Cast", [tape.op("Squeeze", [total_1d])], {"to": ir.DataType.INT32})
     seqlens.name, total.name = "gqa_seqlens_k", "gqa_total_sequence_length"
-    first = next(iter(graph), None)
-    if first is None:
-        graph.extend(nodes)
-    else:
-        graph.insert_before(first, nodes)
+    _insert(graph, tape, next(iter(graph), None))
     return seqlens, total
 
 

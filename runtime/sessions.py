@@ -230,7 +230,7 @@ class Session:
         feeds = self._typed(feeds)
         if self.target != "cuda":
             return self.inner.run(None, feeds)
-        self.run_bound(feeds)
+        self._bind_and_run(feeds)
         return [o.numpy() for o in self._outputs]
 
     def run_bound(self, feeds: dict[str, np.ndarray]) -> None:

@@ -45,7 +45,7 @@ def output_file(output: str | os.PathLike, decoder: bool, model_name: str = "mod
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
 def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[str]:

@@ -157,30 +157,27 @@ def run(shape: str, work: Path, tokenizer: Path, provider: str, cache: int, roun
 
     folders = {f"genai {p}": built(p, target) for p in ("fp16", "int4")}
     fp32 = built("fp32", "cpu")
-    for bits in hessc_bits:
+    def compile_variant(label: str, source, bits, out: Path, **extra) -> None:
+        """hessc's RTN at ``bits`` of ``source`` written to the genai folder ``out``, timed."""
         started = time.perf_counter()
-        compiled = hessc.optimize(str(fp32 / "model.onnx"), target=target, bits=bits, method="rtn",
-                                  measure_latency=False, allow_degraded=True, low_rank=False)
-        out = work / f"{shape}-hessc-{bits}"
+        compiled = hessc.optimize(source, target=target, bits=bits, method="rtn", measure_latency=False,
+                                  allow_degraded=True, low_rank=False, **extra)
         shutil.rmtree(out, ignore_errors=True)
         hessc.save(compiled, out)
-        folders[f"hessc {bits}"] = out
-        log[f"hessc {bits} s"] = round(time.perf_counter() - started, 1)
+        folders[label] = out
+        log[f"{label} s"] = round(time.perf_counter() - started, 1)
+
+    for bits in hessc_bits:
+        compile_variant(f"hessc {bits}", str(fp32 / "model.onnx"), bits, work / f"{shape}-hessc-{bits}")
     if torch_export:  # the torch front door on the same checkpoint
         import transformers
 
-        started = time.perf_counter()
+        label = f"hessc {hessc_bits[0]} from torch (kv_cache=True)"
         try:
             lm = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
-            compiled = hessc.optimize(lm, kv_cache=True, target=target, bits=hessc_bits[0], method="rtn",
-                                      measure_latency=False, allow_degraded=True, low_rank=False)
-            out = work / f"{shape}-hessc-torch-{hessc_bits[0]}"
-            shutil.rmtree(out, ignore_errors=True)
-            hessc.save(compiled, out)
-            folders[f"hessc {hessc_bits[0]} from torch (kv_cache=True)"] = out
+            compile_variant(label, lm, hessc_bits[0], work / f"{shape}-hessc-torch-{hessc_bits[0]}", kv_cache=True)
         except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
-            log["hessc from torch error"] = f"{type(e).__name__}: {str(e)[:500]}"
-        log["hessc from torch s"] = round(time.perf_counter() - started, 1)
+            log[f"{label} error"] = f"{type(e).__name__}: {str(e)[:500]}"
     rows = {label: {"variant": label, "stored_mb": stored_mb(folder)} for label, folder in folders.items()}
     for graph in ((False, True) if provider == "cuda" else (False,)):
         key = f"step_ms_cache_{cache}" + ("_cuda_graph" if graph else "")

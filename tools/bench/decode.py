@@ -122,38 +122,35 @@ def run_decode(bits: Sequence[int | float | str], out_dir: Path, eval_tokens: in
     with tempfile.TemporaryDirectory(prefix="hessc-decode-") as tmp:
         calibration = zm.calibration(calibration_samples, 0)
         variants = [(b, g, m) for g in group_sizes for b in bits for m in methods]
-        for b, group_size, method in variants:
-            label = f"hessc {b}" + (" bits" if isinstance(b, int) else " effective bits" if b != "lossless" else "") + \
-                f" (group {group_size}, {method})"
-            out = Path(tmp) / f"hessc-{b}-{group_size}-{method}"
+
+        def compile_variant(label: str, source, b, group_size: int, method: str, **extra) -> None:
+            """Compiles ``source`` into a genai folder under ``label``, timed, degraded or not."""
+            out = Path(tmp) / f"variant-{len(folders)}"
             started = time.perf_counter()
             # Measured even where verification finds it degraded (the row says so); no low-rank
             # items: each factor pair is two more kernels per decoded token.
-            compiled = hessc.optimize(str(fp32 / "model.onnx"), target="cpu", bits=b, calibration=calibration,
+            compiled = hessc.optimize(source, target="cpu", bits=b, calibration=calibration,
                                       method=method.removesuffix("-sym"), symmetric=method.endswith("-sym"),
-                                      group_size=group_size, measure_latency=False, allow_degraded=True, low_rank=False)
+                                      group_size=group_size, measure_latency=False, allow_degraded=True, low_rank=False,
+                                      **extra)
             hessc.save(compiled, out)
             seconds[label] = round(time.perf_counter() - started, 1)
             quality = (meta.read_plan(compiled).get("verification") or {}).get("quality") or {}
             degraded[label] = bool(quality.get("degraded"))
             folders[label] = out
+
+        for b, group_size, method in variants:
+            label = f"hessc {b}" + (" bits" if isinstance(b, int) else " effective bits" if b != "lossless" else "") + \
+                f" (group {group_size}, {method})"
+            compile_variant(label, str(fp32 / "model.onnx"), b, group_size, method)
         # The torch front door on the same checkpoint (the first variant's settings), with and
         # without fuse-attention: the user's path from a transformers model.
         b, group_size, method = variants[0]
         for disabled in ([], ["fuse-attention"]):
             label = f"hessc {b} (group {group_size}, {method}) from torch, kv_cache=True" + \
                 (", fuse-attention off" if disabled else "")
-            out = Path(tmp) / f"hessc-torch-{len(disabled)}"
-            started = time.perf_counter()
-            compiled = hessc.optimize(zoo.smollm2_causal_lm(), kv_cache=True, target="cpu", bits=b,
-                                      calibration=calibration, method=method.removesuffix("-sym"),
-                                      symmetric=method.endswith("-sym"), group_size=group_size, measure_latency=False,
-                                      allow_degraded=True, low_rank=False, disable_passes=disabled)
-            hessc.save(compiled, out)
-            seconds[label] = round(time.perf_counter() - started, 1)
-            degraded[label] = bool(((meta.read_plan(compiled).get("verification") or {}).get("quality") or {})
-                                   .get("degraded"))
-            folders[label] = out
+            compile_variant(label, zoo.smollm2_causal_lm(), b, group_size, method, kv_cache=True,
+                            disable_passes=disabled)
         models = {label: og.Model(str(folder)) for label, folder in folders.items()}
         rows = {label: {"method": label, "stored_mb": round(_stored_bytes(folder) / 1e6, 2),
                         "bits_per_param": round(8 * _stored_bytes(folder) / params, 3)} for label, folder in folders.items()}
