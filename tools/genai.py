@@ -53,6 +53,10 @@ def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[st
     ``meta.DECODER_CONFIG_KEY``; ``cache``: its :class:`hessc.runtime.decoder.KVCache`), and the
     tokenizer files of the folder it was loaded from, when there is one. The cache is a growing
     one (``past_present_share_buffer`` off): the exported attention concatenates past and new keys.
+    The model type is genai's generic ``decoder``: the exported graph carries the architecture
+    (rotary, norms, attention), and genai's named types either mean the same plain decoder or,
+    for some (``gpt2``, ``chatglm``, ``phi3small``), a builder's own cache layout; transformers
+    families genai has no name for (OPT, Falcon, StableLM, OLMo-2, ...) run the same way.
     """
     def template(name: str) -> str:
         return re.sub(r"\.0\.", ".%d.", name, count=1)
@@ -80,7 +84,7 @@ def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[st
             },
             "eos_token_id": eos if eos is not None else 2,
             "pad_token_id": decoder.get("pad_token_id") if decoder.get("pad_token_id") is not None else (eos if eos is not None else 2),
-            "type": decoder["type"], "vocab_size": decoder["vocab_size"],
+            "type": "decoder", "vocab_size": decoder["vocab_size"],
         },
         "search": {"do_sample": False, "max_length": decoder["context_length"], "min_length": 0, "num_beams": 1,
                    "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,

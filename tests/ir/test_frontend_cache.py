@@ -84,3 +84,29 @@ def test_a_decoder_exports_with_its_cache_without_example_inputs(lm):
     """Token ids set only ranks and types (every dim is dynamic): no example is needed."""
     cache = decoder.find(frontend.load(lm, kv_cache=True))
     assert cache is not None and len(cache.pairs) == 4 and cache.mask == "attention_mask"
+
+
+def test_a_family_genai_has_no_name_for_generates_there_as_torch_does(tmp_path):
+    """OPT (LayerNorm, learned positions, no rotary; onnxruntime-genai knows no ``opt`` type) is
+    written as genai's generic decoder and generates transformers' own greedy tokens."""
+    import onnxruntime_genai as og
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    lm = transformers.OPTForCausalLM(config).eval()
+    folder = tmp_path / "opt"
+    hessc.save(hessc.optimize(lm, kv_cache=True, disable_passes=["insert-qdq"]), folder)
+    prompt = [1, 40, 41, 42, 43]
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    with torch.no_grad():
+        ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
+    assert [int(t) for t in generator.get_sequence(0)] == ref
