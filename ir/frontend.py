@@ -690,8 +690,9 @@ def clone(model: ir.Model, *, annotations: bool = True) -> ir.Model:
             (:data:`_IDENTITY_KEYS`), for a fresh start from a model a caller handed in.
     """
     copy = model.clone()
-    if meta.CUSTOM_OPS_KEY in model.meta:  # sessions on the copy need the same libraries
-        copy.meta[meta.CUSTOM_OPS_KEY] = model.meta[meta.CUSTOM_OPS_KEY]
+    for key in (meta.CUSTOM_OPS_KEY, meta.DECODER_CONFIG_KEY):  # the same libraries; the same decoder
+        if key in model.meta:
+            copy.meta[key] = model.meta[key]
     if not annotations:
         for graph in graphs(copy):
             values = [*graph.inputs, *graph.initializers.values(), *(v for n in graph for v in n.outputs)]

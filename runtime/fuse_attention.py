@@ -53,8 +53,18 @@ PROBES = ((0, 4), (7, 1), (4200, 2))
 
 
 @dataclasses.dataclass(frozen=True)
+class _Rotary:
+    """A rotary embedding on a query or key: ``x·cos + rotate_half(x)·sin`` (halves not interleaved)."""
+
+    raw: ir.Value  # x, [B, H, S, D]
+    cos: ir.Value
+    sin: ir.Value
+
+
+@dataclasses.dataclass(frozen=True)
 class _Attention:
-    """One matched attention: the SDPA node and the cache it reads."""
+    """One matched attention: the SDPA node, the cache it reads, and the rotary embedding of its
+    query and key where it has one that ``GroupQueryAttention`` can apply itself."""
 
     node: ir.Node
     query: ir.Value  # [B, H, S, D]
@@ -67,6 +77,8 @@ class _Attention:
     heads: int
     kv_heads: int
     head_size: int
+    query_rotary: _Rotary | None = None
+    key_rotary: _Rotary | None = None
 
 
 def _attr(node: ir.Node, name: str, default=None):
@@ -100,6 +112,49 @@ def _cache_concat(value: ir.Value, pasts: dict[str, str]) -> tuple[ir.Value, ir.
     return past, new, present
 
 
+def _slice_range(node: ir.Node | None, x: ir.Value, size: int) -> tuple[int, int] | None:
+    """(start, end) of ``node`` when it is a unit-step ``Slice`` of ``x``'s last axis (of ``size``)."""
+    if node is None or node.op_type != "Slice" or node.inputs[0] is not x or len(node.inputs) < 4:
+        return None
+    starts, ends, axes = _ints(node.inputs[1]), _ints(node.inputs[2]), _ints(node.inputs[3])
+    steps = _ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
+    if starts is None or ends is None or axes not in ([-1], [3]) or steps != [1] or len(starts) != 1:
+        return None
+    start, end = (v + size if v < 0 else v for v in (starts[0], ends[0]))
+    return start, min(end, size)
+
+
+def _is_rotate_half(value: ir.Value | None, x: ir.Value, head_size: int) -> bool:
+    """Whether ``value`` is ``Concat(-x[..., D/2:], x[..., :D/2])`` on the last axis."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2 or _attr(node, "axis") not in (-1, 3):
+        return False
+    negated = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if negated is None or negated.op_type != "Neg":
+        return False
+    upper = _slice_range(negated.inputs[0].producer(), x, head_size)
+    lower = _slice_range(node.inputs[1].producer() if node.inputs[1] is not None else None, x, head_size)
+    half = head_size // 2
+    return upper == (half, head_size) and lower == (0, half)
+
+
+def _rotary(value: ir.Value, head_size: int) -> _Rotary | None:
+    """The rotary embedding ``value`` is the output of, when it is ``x·cos + rotate_half(x)·sin``
+    over the whole head (the operands in either order); else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Add" or len(node.inputs) != 2 or head_size % 2:
+        return None
+    products = [i.producer() if i is not None else None for i in node.inputs]
+    if any(p is None or p.op_type != "Mul" for p in products):
+        return None
+    for plain, rotated in (products, products[::-1]):
+        for x, cos in (plain.inputs, plain.inputs[::-1]):
+            for half, sin in (rotated.inputs, rotated.inputs[::-1]):
+                if x is not None and _is_rotate_half(half, x, head_size):
+                    return _Rotary(x, cos, sin)
+    return None
+
+
 def _match(node: ir.Node, pasts: dict[str, str]) -> _Attention | str:
     if _attr(node, "key_format") != "BHSd" or len(node.inputs) < 4 or node.inputs[3] is None:
         return f"{node.name}: attention without a mask or with keys not in [B, H, S, D]"
@@ -115,7 +170,10 @@ def _match(node: ir.Node, pasts: dict[str, str]) -> _Attention | str:
     heads, head_size, kv_heads = dims[1], dims[3], past_dims[1]
     if heads % kv_heads or head_size % 16:
         return f"{node.name}: {heads} heads over {kv_heads} KV heads of size {head_size} (GroupQueryAttention needs a multiple of 16)"
-    return _Attention(node, query, *found_k, *found_v, heads, kv_heads, head_size)
+    query_rotary, key_rotary = _rotary(query, head_size), _rotary(found_k[1], head_size)
+    if query_rotary is None or key_rotary is None or (query_rotary.cos, query_rotary.sin) != (key_rotary.cos, key_rotary.sin):
+        query_rotary = key_rotary = None
+    return _Attention(node, query, *found_k, *found_v, heads, kv_heads, head_size, query_rotary, key_rotary)
 
 
 def _inputs_of(value: ir.Value) -> list[ir.Value]:
@@ -133,37 +191,84 @@ def _inputs_of(value: ir.Value) -> list[ir.Value]:
     return found
 
 
-def _causal_mask_problem(model: ir.Model, mask: ir.Value, cache) -> str | None:
-    """Why ``mask`` is not the plain causal mask on the probes (None when it is)."""
-    from hessc.runtime import sessions
-    from hessc.runtime.verification import cut
+class _Probe:
+    """Runs the part of ``model`` that computes ``outputs`` from the graph inputs, fed as one
+    decoding step of ``new`` tokens after ``past`` cached ones (batch 1, an all-ones mask)."""
 
-    needed = _inputs_of(mask)
-    part = cut(model, [v.name for v in needed], [mask.name])
-    session = sessions.session(part, "cpu", optimize=False)
-    for past, new in PROBES:
-        feeds = {}
-        for v in needed:
-            dims = list(v.shape or [])
+    def __init__(self, model: ir.Model, outputs: list[ir.Value], cache):
+        from hessc.runtime import sessions
+        from hessc.runtime.verification import cut
+
+        self.needed = list({id(v): v for out in outputs for v in _inputs_of(out)}.values())
+        self.cache = cache
+        self.unknown = next((v.name for v in self.needed if not self._known(v.name)), None)
+        if self.unknown is None:
+            part = cut(model, [v.name for v in self.needed], [v.name for v in outputs])
+            self.session = sessions.session(part, "cpu", optimize=False)
+
+    def _known(self, name: str) -> bool:
+        return name in (self.cache.ids, self.cache.mask, self.cache.positions) or name in self.cache.shapes
+
+    def run(self, past: int, new: int) -> list[np.ndarray]:
+        cache, feeds = self.cache, {}
+        for v in self.needed:
             if v.name == cache.ids:
                 feeds[v.name] = np.full((1, new), 3, np.int64)
             elif v.name == cache.mask:
                 feeds[v.name] = np.ones((1, past + new), v.dtype.numpy())
             elif v.name == cache.positions:
                 feeds[v.name] = np.arange(past, past + new, dtype=np.int64)[None]
-            elif v.name in cache.shapes:
+            else:
                 shape = [1 if d == -1 else d for d in cache.shapes[v.name]]
                 shape[cache.seq_axis] = past
                 feeds[v.name] = np.zeros(shape, v.dtype.numpy())
-            else:
-                return f"the mask reads the input {v.name!r} ({dims}), which the fusion cannot account for"
-        got = np.asarray(session.run(feeds)[0])
+        return [np.asarray(x) for x in self.session.run(feeds)]
+
+
+def _causal_mask_problem(model: ir.Model, mask: ir.Value, cache) -> str | None:
+    """Why ``mask`` is not the plain causal mask on the probes (None when it is)."""
+    probe = _Probe(model, [mask], cache)
+    if probe.unknown is not None:
+        return f"the mask reads the input {probe.unknown!r}, which the fusion cannot account for"
+    for past, new in PROBES:
+        (got,) = probe.run(past, new)
         allowed = got if got.dtype == np.bool_ else got > -1.0
         want = np.arange(past + new)[None, :] <= past + np.arange(new)[:, None]
         if allowed.ndim != 4 or allowed.shape[-2:] != want.shape or not (allowed == want).all():
             return (f"the mask {mask.name!r} is not the plain causal mask at {past} cached and {new} new tokens "
                     "(a sliding window, a bidirectional prefix or a custom mask)")
     return None
+
+
+def _rotary_tables(model: ir.Model, rotary: _Rotary, cache, length: int,
+                   head_size: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """``GroupQueryAttention``'s ``cos_cache`` and ``sin_cache`` ([length, D/2]) for ``rotary``,
+    read off the model by running its cos/sin subgraph for positions 0..length-1; or why the
+    embedding cannot be handed to the kernel: the angles must repeat over the two halves of the
+    head (not interleaved) and, on the probes, be the table's rows ``past .. past + new - 1``
+    (positions counted from the cache length, as the kernel counts them from ``seqlens_k``)."""
+    probe = _Probe(model, [rotary.cos, rotary.sin], cache)
+    if probe.unknown is not None:
+        return f"the rotary angles read the input {probe.unknown!r}"
+
+    def angles(past: int, new: int) -> tuple[np.ndarray, np.ndarray] | None:
+        cos, sin = probe.run(past, new)
+        if cos.size != new * head_size or sin.size != new * head_size:
+            return None
+        return cos.reshape(new, head_size), sin.reshape(new, head_size)
+
+    table = angles(0, length)
+    if table is None:
+        return "the rotary angles are not one row of head size per position"
+    half = head_size // 2
+    if any(not np.array_equal(t[:, :half], t[:, half:]) for t in table):
+        return "the rotary angles differ between the two halves of the head (interleaved or partial rotary)"
+    for past, new in PROBES:
+        if past + new <= length:
+            got = angles(past, new)
+            if got is None or any(not np.allclose(g, t[past:past + new], rtol=0, atol=1e-6) for g, t in zip(got, table)):
+                return f"the rotary angles at {past} cached tokens are not those of positions {past}..{past + new - 1}"
+    return table[0][:, :half].copy(), table[1][:, :half].copy()
 
 
 def _insert(graph: ir.Graph, tape: ir.tape.Tape, before: ir.Node | None) -> None:
@@ -176,8 +281,10 @@ def _insert(graph: ir.Graph, tape: ir.tape.Tape, before: ir.Node | None) -> None
         graph.insert_before(before, tape.nodes)
 
 
-def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value, index: int) -> None:
-    """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs."""
+def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value, index: int,
+             rotary_tables: tuple[ir.Value, ir.Value] | None) -> None:
+    """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs, and
+    applies the rotary embedding itself from ``rotary_tables`` (cos, sin) when given."""
     tape = ir.tape.Tape()
     to_bsd = tape.initializer(ir.tensor(np.array([0, 0, -1], np.int64)), name=f"gqa{index}_to_bsd")
     to_bhsd = tape.initializer(ir.tensor(np.array([0, 0, found.heads, found.head_size], np.int64)),
@@ -186,13 +293,17 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
     def bsd(x: ir.Value) -> ir.Value:
         return tape.op("Reshape", [tape.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), to_bsd])
 
+    query, key, extra = found.query, found.new_key, []
     attrs = {"num_heads": found.heads, "kv_num_heads": found.kv_heads, "do_rotary": 0}
+    if rotary_tables is not None:
+        query, key, extra = found.query_rotary.raw, found.key_rotary.raw, list(rotary_tables)
+        attrs.update(do_rotary=1, rotary_interleaved=0)
     scale = _attr(found.node, "scale")
     if scale is not None:
         attrs["scale"] = float(scale)
     out, present_key, present_value = tape.op_multi_out(
         "GroupQueryAttention",
-        [bsd(found.query), bsd(found.new_key), bsd(found.new_value), found.past_key, found.past_value, seqlens, total],
+        [bsd(query), bsd(key), bsd(found.new_value), found.past_key, found.past_value, seqlens, total, *extra],
         attrs, num_outputs=3, domain="com.microsoft",
     )
     attention = tape.op("Transpose", [tape.op("Reshape", [out, to_bhsd])], {"perm": [0, 2, 1, 3]})
@@ -221,67 +332,138 @@ def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Val
     return seqlens, total
 
 
-def fuse_attention(model: ir.Model) -> tuple[int, str | None]:
-    """Rewrites every cached attention of ``model`` into ``GroupQueryAttention`` in place; returns
-    (count, None), or (0, why not) with the model's attention as it was (the check runs on a copy
-    first, so a model that does not qualify is left untouched)."""
+@dataclasses.dataclass
+class Fused:
+    """What :func:`fuse_attention` did: attentions fused, how many apply the rotary embedding in
+    the kernel, or why nothing was fused, and why the rotary embedding stayed in the graph."""
+
+    attentions: int = 0
+    rotary: int = 0
+    skipped: str | None = None
+    rotary_skipped: str | None = None
+
+    def record(self) -> dict:
+        if not self.attentions:
+            return {"skipped": self.skipped}
+        out = {"GroupQueryAttention": self.attentions, "rotary_in_kernel": self.rotary}
+        if self.rotary_skipped:
+            out["rotary_skipped"] = self.rotary_skipped
+        return out
+
+
+def fuse_attention(model: ir.Model, context_length: int | None = None) -> Fused:
+    """Rewrites every cached attention of ``model`` into ``GroupQueryAttention`` in place; the
+    rotary embedding moves into the kernel where its tables (``context_length`` positions; the
+    exported decoder's own by default) can be read off the model. A model that does not qualify
+    is left untouched (the check runs on a copy first)."""
+    from hessc.ir import meta
     from hessc.runtime import decoder
 
     cache = decoder.find(model)
     if cache is None:
-        return 0, "no KV cache"
+        return Fused(skipped="no KV cache")
     fused = sorted({n.op_type for n in model.graph if n.op_type in _FUSED_ATTENTION})
     if fused:
-        return 0, f"the attention is already fused ({', '.join(fused)})"
+        return Fused(skipped=f"the attention is already fused ({', '.join(fused)})")
     if cache.mask is None:
-        return 0, "no attention_mask input to count the valid tokens from"
+        return Fused(skipped="no attention_mask input to count the valid tokens from")
+    if context_length is None:
+        context_length = (model.meta.get(meta.DECODER_CONFIG_KEY) or {}).get("context_length")
     trial = frontend.clone(model)
-    problem = _fuse(trial, cache, check=True)
-    if isinstance(problem, str):
-        return 0, problem
-    count = _fuse(model, cache, check=False)
-    return count, None
+    found = _fuse(trial, cache, context_length, check=True)
+    if found.attentions:
+        found = _fuse(model, cache, context_length, check=False)
+    return found
 
 
-def _fuse(model: ir.Model, cache, check: bool) -> int | str:
+def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fused:
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
     fuse_sdpa(model, apply_shape_inference=True)
     graph = model.graph
     sdpas = [n for n in graph if n.op_type == "SDPA" and n.domain == _SDPA_DOMAIN]
     if not sdpas:
-        return "no scaled dot-product attention found"
+        return Fused(skipped="no scaled dot-product attention found")
     pasts = dict(cache.pairs)
     matched = []
     for node in sdpas:
         found = _match(node, pasts)
         if isinstance(found, str):
-            return found
+            return Fused(skipped=found)
         matched.append(found)
     if len({id(m.past_key) for m in matched}) != len(matched):
-        return "two attentions read one cache input"
+        return Fused(skipped="two attentions read one cache input")
     if check:
         for mask in {id(m.node.inputs[3]): m.node.inputs[3] for m in matched}.values():
             problem = _causal_mask_problem(model, mask, cache)
             if problem is not None:
-                return problem
-        return len(matched)
+                return Fused(skipped=problem)
+    result = Fused(attentions=len(matched))
+    tables: dict[tuple[int, int], tuple[ir.Value, ir.Value] | None] = {}
+    for found in matched:
+        rotary = found.query_rotary
+        if rotary is None or (id(rotary.cos), id(rotary.sin)) in tables:
+            continue
+        if not context_length:
+            values, result.rotary_skipped = None, "the context length is not known (the size of the rotary tables)"
+        else:
+            values = _rotary_tables(model, rotary, cache, int(context_length), found.head_size)
+            if isinstance(values, str):
+                values, result.rotary_skipped = None, values
+        if values is not None:
+            dtype = found.query.dtype or ir.DataType.FLOAT
+            values = tuple(ir.Value(name=f"gqa_{kind}_cache{len(tables)}", const_value=ir.tensor(v.astype(dtype.numpy())))
+                           for kind, v in zip(("cos", "sin"), values))
+            for value in values:
+                graph.initializers.add(value)
+        tables[(id(rotary.cos), id(rotary.sin))] = values
+    if check:
+        result.rotary = sum(1 for m in matched if m.query_rotary and tables[(id(m.query_rotary.cos), id(m.query_rotary.sin))])
+        return result
     mask_input = next(v for v in graph.inputs if v.name == cache.mask)
     seqlens, total = _sequence_lengths(graph, mask_input)
     for index, found in enumerate(matched):
-        _rewrite(graph, found, seqlens, total, index)
+        rotary = found.query_rotary
+        values = tables[(id(rotary.cos), id(rotary.sin))] if rotary is not None else None
+        result.rotary += values is not None
+        _rewrite(graph, found, seqlens, total, index, values)
     ir.passes.common.RemoveUnusedNodesPass()(model)
-    return len(matched)
+    return result
+
+
+def cache_in_place(model: ir.Model) -> bool:
+    """Whether the decoder may run its cache in one preallocated buffer (onnxruntime-genai's
+    ``past_present_share_buffer``): every cache input is read only as the past key or value of a
+    ``GroupQueryAttention``, which writes the matching output. Nothing else then depends on the
+    cache input's length, which in that mode is the buffer's, not the tokens cached (a rotary
+    embedding or learned positions counted from it would be wrong)."""
+    from hessc.runtime import decoder
+
+    cache = decoder.find(model)
+    if cache is None:
+        return False
+    inputs = {v.name: v for v in model.graph.inputs}
+    outputs = {v.name: v for v in model.graph.outputs}
+    for past, present in cache.pairs:
+        uses = list(inputs[past].uses())
+        if not uses or any(u.node.op_type != "GroupQueryAttention" or u.idx not in (3, 4) for u in uses):
+            return False
+        producer = outputs[present].producer()
+        if producer is None or producer.op_type != "GroupQueryAttention" or producer is not uses[0].node:
+            return False
+    return True
 
 
 class FuseAttentionPass(ir.passes.InPlacePass):
     """A cached decoder's attention as ``GroupQueryAttention`` (:mod:`hessc.runtime.fuse_attention`)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count, reason = fuse_attention(model)
-        model.meta[FUSION_KEY] = {"GroupQueryAttention": count} if count else {"skipped": reason}
-        if count:
-            logger.info("fuse-attention: %d attentions over the KV cache as GroupQueryAttention", count)
-        elif reason != "no KV cache":
-            logger.info("fuse-attention: nothing fused (%s)", reason)
-        return ir.passes.PassResult(model, bool(count))
+        fused = fuse_attention(model)
+        model.meta[FUSION_KEY] = fused.record()
+        if fused.attentions:
+            logger.info("fuse-attention: %d attentions over the KV cache as GroupQueryAttention, %d with the rotary "
+                        "embedding in the kernel%s", fused.attentions, fused.rotary,
+                        f" ({fused.rotary_skipped})" if fused.rotary_skipped else "")
+        elif fused.skipped != "no KV cache":
+            logger.info("fuse-attention: nothing fused (%s)", fused.skipped)
+        return ir.passes.PassResult(model, bool(fused.attentions))

@@ -26,7 +26,7 @@ from hessc.errors import InputError
 from hessc.ir import frontend, meta
 from hessc.options import CompileOptions
 from hessc.runtime import calibration as calib
-from hessc.runtime import decoder, memory, targets
+from hessc.runtime import decoder, fuse_attention, memory, targets
 
 logger = logging.getLogger(__name__)
 
@@ -561,7 +561,7 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     elif exported is not None and path != requested:  # a decoder exported with its cache, saved to a folder
         target = ((meta.read_plan(model) or {}).get("summary") or {}).get("target", "cpu")
-        written = genai.write_config(exported, decoder.find(model), path, target)
+        written = genai.write_config(exported, decoder.find(model), path, target, fuse_attention.cache_in_place(model))
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     return path
 

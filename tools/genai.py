@@ -48,11 +48,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[str]:
+def write_config(decoder: dict, cache, model_path: Path, target: str, in_place: bool = False) -> list[str]:
     """Writes ``genai_config.json`` for a decoder hessc exported with its cache (``decoder``:
     ``meta.DECODER_CONFIG_KEY``; ``cache``: its :class:`hessc.runtime.decoder.KVCache`), and the
-    tokenizer files of the folder it was loaded from, when there is one. The cache is a growing
-    one (``past_present_share_buffer`` off): the exported attention concatenates past and new keys.
+    tokenizer files of the folder it was loaded from, when there is one. The cache lives in one
+    preallocated buffer (``past_present_share_buffer``) when ``in_place``
+    (:func:`hessc.runtime.fuse_attention.cache_in_place`: only ``GroupQueryAttention`` reads it);
+    otherwise it grows each step, as the exported attention concatenates past and new keys.
     The model type is genai's generic ``decoder``: the exported graph carries the architecture
     (rotary, norms, attention), and genai's named types either mean the same plain decoder or,
     for some (``gpt2``, ``chatglm``, ``phi3small``), a builder's own cache layout; transformers
@@ -87,7 +89,7 @@ def write_config(decoder: dict, cache, model_path: Path, target: str) -> list[st
             "type": "decoder", "vocab_size": decoder["vocab_size"],
         },
         "search": {"do_sample": False, "max_length": decoder["context_length"], "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": bool(in_place), "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 50, "top_p": 1.0},
     }
     out = model_path.parent

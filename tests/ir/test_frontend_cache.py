@@ -65,6 +65,8 @@ def test_saved_to_a_folder_it_generates_in_onnxruntime_genai_as_torch_does(lm, t
     config = json.loads((folder / "genai_config.json").read_text())
     assert config["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert config["model"]["decoder"]["num_key_value_heads"] == 2
+    # the rotary embedding runs in GroupQueryAttention, so genai keeps the cache in one buffer
+    assert config["search"]["past_present_share_buffer"] is True
     assert (folder / "tokenizer.json").is_file()
     prompt = [1, 40, 41, 42, 43]
     model = og.Model(str(folder))
@@ -89,6 +91,8 @@ def test_a_decoder_exports_with_its_cache_without_example_inputs(lm):
 def test_a_family_genai_has_no_name_for_generates_there_as_torch_does(tmp_path):
     """OPT (LayerNorm, learned positions, no rotary; onnxruntime-genai knows no ``opt`` type) is
     written as genai's generic decoder and generates transformers' own greedy tokens."""
+    import json
+
     import onnxruntime_genai as og
     import transformers
 
@@ -110,3 +114,5 @@ def test_a_family_genai_has_no_name_for_generates_there_as_torch_does(tmp_path):
     with torch.no_grad():
         ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
     assert [int(t) for t in generator.get_sequence(0)] == ref
+    # OPT's learned positions are cut at the cache input's length: a shared buffer would shift them
+    assert json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False

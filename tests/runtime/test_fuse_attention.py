@@ -36,22 +36,40 @@ def _feeds(cache, past: int, new: int, seed: int = 0) -> dict:
     return feeds
 
 
-def test_cached_attention_becomes_group_query_attention_with_the_same_outputs(exported, tmp_path):
-    fused = frontend.clone(exported)
-    count, reason = fuse_attention.fuse_attention(fused)
-    assert (count, reason) == (2, None)
-    ops = collections.Counter(n.op_type for n in fused.graph)
-    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
-    assert [v.name for v in fused.graph.outputs] == [v.name for v in exported.graph.outputs]
-    cache = decoder.find(exported)
-    hessc.save(exported, tmp_path / "plain.onnx")
+def _same_outputs(plain: ir.Model, fused: ir.Model, tmp_path, steps) -> None:
+    cache = decoder.find(plain)
+    hessc.save(plain, tmp_path / "plain.onnx")
     hessc.save(fused, tmp_path / "fused.onnx")
-    for past, new in ((0, 5), (6, 1), (6, 3)):
+    for past, new in steps:
         feeds = _feeds(cache, past, new)
         want = builders.run_ort(str(tmp_path / "plain.onnx"), feeds)
         got = builders.run_ort(str(tmp_path / "fused.onnx"), feeds)
         for w, g in zip(want, got):  # logits, then every present key and value
             np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_attention_becomes_group_query_attention_with_the_same_outputs(exported, tmp_path):
+    fused = frontend.clone(exported)
+    assert fuse_attention.fuse_attention(fused).record() == {"GroupQueryAttention": 2, "rotary_in_kernel": 2}
+    ops = collections.Counter(n.op_type for n in fused.graph)
+    assert ops["GroupQueryAttention"] == 2 and ops["Softmax"] == 0
+    # the rotary embedding is the kernel's: no angles are computed in the graph, and nothing but
+    # the attention reads the cache, so it may live in one preallocated buffer
+    assert ops["Cos"] == ops["Sin"] == 0
+    assert all(n.attributes["do_rotary"].value == 1 for n in fused.graph if n.op_type == "GroupQueryAttention")
+    assert fuse_attention.cache_in_place(fused) and not fuse_attention.cache_in_place(exported)
+    assert [v.name for v in fused.graph.outputs] == [v.name for v in exported.graph.outputs]
+    _same_outputs(exported, fused, tmp_path, ((0, 5), (6, 1), (6, 3), (200, 2)))
+
+
+def test_without_a_context_length_the_rotary_embedding_stays_in_the_graph(exported, tmp_path):
+    model = frontend.clone(exported)
+    model.meta[meta.DECODER_CONFIG_KEY] = {**model.meta[meta.DECODER_CONFIG_KEY], "context_length": None}
+    fused = fuse_attention.fuse_attention(model)
+    assert (fused.attentions, fused.rotary) == (2, 0) and "context length" in fused.rotary_skipped
+    assert all(n.attributes["do_rotary"].value == 0 for n in model.graph if n.op_type == "GroupQueryAttention")
+    assert not fuse_attention.cache_in_place(model)  # the angles are counted from the cache's length
+    _same_outputs(exported, model, tmp_path, ((0, 5), (6, 1)))
 
 
 def test_a_mask_that_is_not_causal_is_left_unfused(exported):
@@ -70,8 +88,8 @@ def test_a_mask_that_is_not_causal_is_left_unfused(exported):
     model.graph.insert_after(mask.producer(), seen_everywhere)
     for use in uses:
         use.node.replace_input_with(use.idx, seen_everywhere.outputs[0])
-    count, reason = fuse_attention.fuse_attention(model)
-    assert count == 0 and "not the plain causal mask" in reason
+    fused = fuse_attention.fuse_attention(model)
+    assert fused.attentions == 0 and "not the plain causal mask" in fused.skipped
     assert not any(n.op_type in ("GroupQueryAttention", "SDPA") for n in model.graph)
 
 
@@ -91,7 +109,7 @@ def test_a_compiled_decoder_runs_group_query_attention_and_passes_verification(e
     calibration = [{"input_ids": np.random.default_rng(i).integers(3, 250, size=(1, 16))} for i in range(2)]
     compiled = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False)
     assert sum(n.op_type == "GroupQueryAttention" for n in compiled.graph) == 2
-    assert compiled.meta[fuse_attention.FUSION_KEY] == {"GroupQueryAttention": 2}
+    assert compiled.meta[fuse_attention.FUSION_KEY] == {"GroupQueryAttention": 2, "rotary_in_kernel": 2}
     assert meta.read_plan(compiled)["verification"]["status"] == "passed"
     unfused = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False,
                              disable_passes=["fuse-attention"])
@@ -101,10 +119,10 @@ def test_a_compiled_decoder_runs_group_query_attention_and_passes_verification(e
 def test_a_model_without_cache_is_not_touched():
     model = builders.load(builders.mlp_model())
     before = [n.op_type for n in model.graph]
-    assert fuse_attention.fuse_attention(model) == (0, "no KV cache")
+    assert fuse_attention.fuse_attention(model).record() == {"skipped": "no KV cache"}
     assert [n.op_type for n in model.graph] == before
 
 
 def test_a_decoder_whose_attention_is_fused_already_is_not_touched(tiny_decoder):
     model = frontend.load(tiny_decoder / "model.onnx")
-    assert fuse_attention.fuse_attention(model) == (0, "the attention is already fused (GroupQueryAttention)")
+    assert fuse_attention.fuse_attention(model).skipped == "the attention is already fused (GroupQueryAttention)"
