@@ -272,7 +272,9 @@ def _export_with_cache(module, example_inputs) -> ir.Model:
             self.lm = lm
 
         def forward(self, input_ids, attention_mask, past):
-            cache = DynamicCache(config=self.lm.config)
+            # Full layers everywhere: a sliding-window layer would crop its cache to the window,
+            # and a server (onnxruntime-genai) grows one cache; the model's mask keeps the window.
+            cache = DynamicCache()
             for i in range(layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)

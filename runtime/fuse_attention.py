@@ -18,14 +18,22 @@ attention:
   sequence axis (that concatenation being the matching cache output), possibly behind the
   head-repeat ``Unsqueeze(axis 2) → Expand → Reshape``;
 * the mask's meaning is checked by running it, not by its form: the subgraph computing it from
-  the graph inputs runs in ONNX Runtime on probes (cache of 0, 7 and 4,200 tokens, all-ones
-  ``attention_mask``) and must equal the plain causal mask (query ``i`` sees keys ``j ≤ past + i``),
-  which is what ``GroupQueryAttention`` computes from ``seqlens_k`` (no sliding window, no
-  bidirectional prefix).
+  the graph inputs runs in ONNX Runtime on probes (cache of 0, 7 and 4,200 tokens and, where the
+  decoder's context length is known, one step at its end; all-ones ``attention_mask``) and must
+  equal the causal mask (query ``i`` sees keys ``j ≤ past + i``), which is what
+  ``GroupQueryAttention`` computes from ``seqlens_k``, or the causal mask over a sliding window of
+  the last ``w`` keys (Mistral, Gemma's local layers: the kernel's ``local_window_size``); no
+  bidirectional prefix, no custom mask;
+* the rotary embedding ``x·cos + rotate_half(x)·sin`` of the query and key, where present, moves
+  into the kernel (``do_rotary``): its cos/sin tables are read off the model by running the
+  subgraph that computes the angles for positions 0..context-1, and the probes must show the
+  angles of positions ``past .. past + new - 1``, which is how the kernel counts them from
+  ``seqlens_k``. Then nothing but the attention reads the cache inputs, and onnxruntime-genai may
+  keep the cache in one preallocated buffer (:func:`cache_in_place`).
 
-Then ``GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length)``
-(``do_rotary=0``: the rotary embedding stays where the model computes it) replaces the attention
-and writes the cache outputs. Like onnxruntime-genai's models, the fused form reads
+Then ``GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length[,
+cos_cache, sin_cache])`` replaces the attention and writes the cache outputs (an embedding the
+kernel cannot apply, partial or interleaved rotary, stays where the model computes it, ``do_rotary=0``). Like onnxruntime-genai's models, the fused form reads
 ``attention_mask`` as the count of valid tokens per row (``seqlens_k = sum(mask) - 1``), that is a
 mask of ones over a prefix (no left padding). Where any attention does not qualify, nothing is
 fused and the plan says why. ORT's CPU kernel takes head sizes that are multiples of 16.
@@ -49,7 +57,7 @@ FUSION_KEY = "hessc.fuse_attention"
 _SDPA_DOMAIN = "ai.onnxruntime._fusion"
 _FUSED_ATTENTION = ("GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention")
 PROBES = ((0, 4), (7, 1), (4200, 2))
-"""(cached tokens, new tokens) at which the mask must be the plain causal mask."""
+"""(cached tokens, new tokens) at which the mask and the rotary angles are checked."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,19 +233,36 @@ class _Probe:
         return [np.asarray(x) for x in self.session.run(feeds)]
 
 
-def _causal_mask_problem(model: ir.Model, mask: ir.Value, cache) -> str | None:
-    """Why ``mask`` is not the plain causal mask on the probes (None when it is)."""
+def _mask_window(model: ir.Model, mask: ir.Value, cache, context_length: int | None) -> int | None | str:
+    """The attention window ``mask`` keeps, read off the probes (and one step at the end of the
+    context when its length is known): None for the plain causal mask (query ``i`` sees keys
+    ``j ≤ past + i``), ``w`` for a sliding window (the ``w`` keys ``past + i - w < j ≤ past + i``),
+    or why it is neither."""
     probe = _Probe(model, [mask], cache)
     if probe.unknown is not None:
         return f"the mask reads the input {probe.unknown!r}, which the fusion cannot account for"
-    for past, new in PROBES:
+    probes = list(PROBES)
+    if context_length and context_length > max(p + n for p, n in PROBES):
+        probes.append((context_length - 1, 1))
+    seen = []
+    for past, new in probes:
         (got,) = probe.run(past, new)
         allowed = got if got.dtype == np.bool_ else got > -1.0
-        want = np.arange(past + new)[None, :] <= past + np.arange(new)[:, None]
-        if allowed.ndim != 4 or allowed.shape[-2:] != want.shape or not (allowed == want).all():
-            return (f"the mask {mask.name!r} is not the plain causal mask at {past} cached and {new} new tokens "
-                    "(a sliding window, a bidirectional prefix or a custom mask)")
-    return None
+        if allowed.ndim != 4 or allowed.shape[-2:] != (new, past + new):
+            return f"the mask {mask.name!r} is not one row of keys per query at {past} cached and {new} new tokens"
+        rows = allowed.reshape(-1, new, past + new)
+        if not (rows == rows[:1]).all():
+            return f"the mask {mask.name!r} differs between heads"
+        seen.append((past, new, rows[0]))
+    limited = [int(rows[-1].sum()) for past, new, rows in seen if rows[-1].sum() < past + new]
+    window = limited[0] if limited else None
+    for past, new, rows in seen:
+        keys, queries = np.arange(past + new)[None, :], past + np.arange(new)[:, None]
+        want = (keys <= queries) & ((keys > queries - window) if window else True)
+        if not (rows == want).all():
+            return (f"the mask {mask.name!r} is not causal at {past} cached and {new} new tokens, with or without "
+                    "a sliding window (a bidirectional prefix or a custom mask)")
+    return window
 
 
 def _rotary_tables(model: ir.Model, rotary: _Rotary, cache, length: int,
@@ -282,9 +307,11 @@ def _insert(graph: ir.Graph, tape: ir.tape.Tape, before: ir.Node | None) -> None
 
 
 def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Value, index: int,
-             rotary_tables: tuple[ir.Value, ir.Value] | None) -> None:
-    """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs, and
-    applies the rotary embedding itself from ``rotary_tables`` (cos, sin) when given."""
+             rotary_tables: tuple[ir.Value, ir.Value] | None, window: int | None) -> None:
+    """``found``'s attention as a ``GroupQueryAttention`` that also writes the cache outputs,
+    applies the rotary embedding itself from ``rotary_tables`` (cos, sin) when given, and sees the
+    last ``window`` keys, the query's own included, when given (the kernel's ``local_window_size``;
+    measured against the exported mask, the test of Mistral's window)."""
     tape = ir.tape.Tape()
     to_bsd = tape.initializer(ir.tensor(np.array([0, 0, -1], np.int64)), name=f"gqa{index}_to_bsd")
     to_bhsd = tape.initializer(ir.tensor(np.array([0, 0, found.heads, found.head_size], np.int64)),
@@ -295,6 +322,8 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
 
     query, key, extra = found.query, found.new_key, []
     attrs = {"num_heads": found.heads, "kv_num_heads": found.kv_heads, "do_rotary": 0}
+    if window is not None:
+        attrs["local_window_size"] = window
     if rotary_tables is not None:
         query, key, extra = found.query_rotary.raw, found.key_rotary.raw, list(rotary_tables)
         attrs.update(do_rotary=1, rotary_interleaved=0)
@@ -341,11 +370,14 @@ class Fused:
     rotary: int = 0
     skipped: str | None = None
     rotary_skipped: str | None = None
+    windows: list[int] = dataclasses.field(default_factory=list)
 
     def record(self) -> dict:
         if not self.attentions:
             return {"skipped": self.skipped}
         out = {"GroupQueryAttention": self.attentions, "rotary_in_kernel": self.rotary}
+        if self.windows:
+            out["sliding_windows"] = self.windows
         if self.rotary_skipped:
             out["rotary_skipped"] = self.rotary_skipped
         return out
@@ -393,12 +425,13 @@ def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fu
         matched.append(found)
     if len({id(m.past_key) for m in matched}) != len(matched):
         return Fused(skipped="two attentions read one cache input")
-    if check:
-        for mask in {id(m.node.inputs[3]): m.node.inputs[3] for m in matched}.values():
-            problem = _causal_mask_problem(model, mask, cache)
-            if problem is not None:
-                return Fused(skipped=problem)
-    result = Fused(attentions=len(matched))
+    windows: dict[int, int | None] = {}
+    for mask in {id(m.node.inputs[3]): m.node.inputs[3] for m in matched}.values():
+        window = _mask_window(model, mask, cache, context_length)
+        if isinstance(window, str):
+            return Fused(skipped=window)
+        windows[id(mask)] = window
+    result = Fused(attentions=len(matched), windows=sorted({w for w in windows.values() if w}))
     tables: dict[tuple[int, int], tuple[ir.Value, ir.Value] | None] = {}
     for found in matched:
         rotary = found.query_rotary
@@ -426,7 +459,7 @@ def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fu
         rotary = found.query_rotary
         values = tables[(id(rotary.cos), id(rotary.sin))] if rotary is not None else None
         result.rotary += values is not None
-        _rewrite(graph, found, seqlens, total, index, values)
+        _rewrite(graph, found, seqlens, total, index, values, windows[id(found.node.inputs[3])])
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return result
 

@@ -89,7 +89,7 @@ def test_a_mask_that_is_not_causal_is_left_unfused(exported):
     for use in uses:
         use.node.replace_input_with(use.idx, seen_everywhere.outputs[0])
     fused = fuse_attention.fuse_attention(model)
-    assert fused.attentions == 0 and "not the plain causal mask" in fused.skipped
+    assert fused.attentions == 0 and "is not causal" in fused.skipped
     assert not any(n.op_type in ("GroupQueryAttention", "SDPA") for n in model.graph)
 
 
@@ -114,6 +114,22 @@ def test_a_compiled_decoder_runs_group_query_attention_and_passes_verification(e
     unfused = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False,
                              disable_passes=["fuse-attention"])
     assert not any(n.op_type == "GroupQueryAttention" for n in unfused.graph)
+
+
+def test_a_sliding_window_becomes_the_kernels_local_window(tmp_path):
+    """Mistral's sliding window (8 keys here) is read off its mask and kept by the kernel: the
+    fused decoder matches the exported one with the cache well past the window."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    exported = frontend.load(transformers.MistralForCausalLM(config).eval(), kv_cache=True)
+    fused = frontend.clone(exported)
+    assert fuse_attention.fuse_attention(fused).record() == {
+        "GroupQueryAttention": 2, "rotary_in_kernel": 2, "sliding_windows": [8]}
+    _same_outputs(exported, fused, tmp_path, ((0, 12), (20, 1), (20, 3), (62, 1)))
 
 
 def test_a_model_without_cache_is_not_touched():
