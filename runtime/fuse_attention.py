@@ -317,7 +317,10 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
     to_bhsd = tape.initializer(ir.tensor(np.array([0, 0, found.heads, found.head_size], np.int64)),
                                name=f"gqa{index}_to_bhsd")
 
-    def bsd(x: ir.Value) -> ir.Value:
+    def bsd(x: ir.Value, heads: int) -> ir.Value:
+        merged = _merged_heads_source(x, heads, found.head_size)
+        if merged is not None:  # the projection's output, before the model split it into heads
+            return merged
         return tape.op("Reshape", [tape.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), to_bsd])
 
     query, key, extra = found.query, found.new_key, []
@@ -332,9 +335,14 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
         attrs["scale"] = float(scale)
     out, present_key, present_value = tape.op_multi_out(
         "GroupQueryAttention",
-        [bsd(query), bsd(key), bsd(found.new_value), found.past_key, found.past_value, seqlens, total, *extra],
+        [bsd(query, found.heads), bsd(key, found.kv_heads), bsd(found.new_value, found.kv_heads), found.past_key,
+         found.past_value, seqlens, total, *extra],
         attrs, num_outputs=3, domain="com.microsoft",
     )
+    # where the model merges the heads back ([B, S, H·D], the output projection's input), it reads
+    # the kernel's output as it is; other readers get [B, H, S, D]
+    for merge in _head_merges(found.node.outputs[0], found.heads * found.head_size):
+        ir.convenience.replace_all_uses_with(merge, out)
     attention = tape.op("Transpose", [tape.op("Reshape", [out, to_bhsd])], {"perm": [0, 2, 1, 3]})
     _insert(graph, tape, found.node)
     ir.convenience.replace_all_uses_with(found.node.outputs[0], attention)
@@ -345,6 +353,43 @@ def _rewrite(graph: ir.Graph, found: _Attention, seqlens: ir.Value, total: ir.Va
         old.name = f"{name}__unfused"
         new.name = name
         graph.outputs[position] = new
+
+
+def _dims(value: ir.Value) -> list | None:
+    return list(value.shape) if value.shape is not None else None
+
+
+def _merged_heads_source(x: ir.Value, heads: int, head_size: int) -> ir.Value | None:
+    """``y`` where ``x = Transpose(Reshape(y, [B, S, heads, head_size]), perm=[0, 2, 1, 3])`` and
+    ``y`` is [B, S, heads·head_size] (a projection split into heads: ``y`` is ``x`` in the kernel's
+    [B, S, H·D] layout); else None."""
+    transpose = x.producer()
+    if transpose is None or transpose.op_type != "Transpose" or list(_attr(transpose, "perm") or []) != [0, 2, 1, 3]:
+        return None
+    reshape = transpose.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    source, split = reshape.inputs[0], _dims(reshape.outputs[0])
+    merged = _dims(source) if source is not None else None
+    if merged is None or split is None or len(merged) != 3 or len(split) != 4:
+        return None
+    if split[2:] != [heads, head_size] or merged[2] != heads * head_size:
+        return None
+    return source
+
+
+def _head_merges(value: ir.Value, width: int) -> list[ir.Value]:
+    """The values ``Reshape(Transpose(value, perm=[0, 2, 1, 3]), [B, S, width])`` in the graph."""
+    found = []
+    for use in value.uses():
+        transpose = use.node
+        if transpose.op_type != "Transpose" or list(_attr(transpose, "perm") or []) != [0, 2, 1, 3]:
+            continue
+        for inner in transpose.outputs[0].uses():
+            merged = _dims(inner.node.outputs[0]) if inner.node.op_type == "Reshape" and inner.idx == 0 else None
+            if merged is not None and len(merged) == 3 and merged[2] == width and not inner.node.outputs[0].is_graph_output():
+                found.append(inner.node.outputs[0])
+    return found
 
 
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -402,13 +447,15 @@ def fuse_attention(model: ir.Model, context_length: int | None = None) -> Fused:
     if context_length is None:
         context_length = (model.meta.get(meta.DECODER_CONFIG_KEY) or {}).get("context_length")
     trial = frontend.clone(model)
-    found = _fuse(trial, cache, context_length, check=True)
+    found = _fuse(trial, cache, context_length, rewrite=False)
     if found.attentions:
-        found = _fuse(model, cache, context_length, check=False)
+        found = _fuse(model, cache, context_length, rewrite=True)
     return found
 
 
-def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fused:
+def _fuse(model: ir.Model, cache, context_length: int | None, rewrite: bool) -> Fused:
+    """Matches and checks every attention of ``model``, and rewrites them when ``rewrite`` (a
+    dry run still leaves onnxscript's SDPA nodes in the graph: run it on a copy)."""
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
     fuse_sdpa(model, apply_shape_inference=True)
@@ -450,7 +497,7 @@ def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fu
             for value in values:
                 graph.initializers.add(value)
         tables[(id(rotary.cos), id(rotary.sin))] = values
-    if check:
+    if not rewrite:
         result.rotary = sum(1 for m in matched if m.query_rotary and tables[(id(m.query_rotary.cos), id(m.query_rotary.sin))])
         return result
     mask_input = next(v for v in graph.inputs if v.name == cache.mask)
@@ -466,9 +513,10 @@ def _fuse(model: ir.Model, cache, context_length: int | None, check: bool) -> Fu
 
 def cache_in_place(model: ir.Model) -> bool:
     """Whether the decoder may run its cache in one preallocated buffer (onnxruntime-genai's
-    ``past_present_share_buffer``): every cache input is read only as the past key or value of a
-    ``GroupQueryAttention``, which writes the matching output. Nothing else then depends on the
-    cache input's length, which in that mode is the buffer's, not the tokens cached (a rotary
+    ``past_present_share_buffer``): every cache input is read as the past key or value of one
+    ``GroupQueryAttention``, which writes the matching output, and otherwise only by ``Shape``
+    nodes that skip its sequence axis (an exporter may take the batch size from it). Nothing else
+    then depends on the cache input's length, which in that mode is the buffer's, not the tokens cached (a rotary
     embedding or learned positions counted from it would be wrong)."""
     from hessc.runtime import decoder
 
@@ -477,12 +525,21 @@ def cache_in_place(model: ir.Model) -> bool:
         return False
     inputs = {v.name: v for v in model.graph.inputs}
     outputs = {v.name: v for v in model.graph.outputs}
+
+    def length_blind(node: ir.Node) -> bool:  # a Shape that reads other dims (the batch), not the length
+        if node.op_type != "Shape":
+            return False
+        rank = len(cache.shapes[node.inputs[0].name])
+        start, end = (_attr(node, "start", 0), _attr(node, "end", rank))
+        start, end = (v + rank if v < 0 else v for v in (start, end))
+        return not start <= cache.seq_axis < end
+
     for past, present in cache.pairs:
         uses = list(inputs[past].uses())
-        if not uses or any(u.node.op_type != "GroupQueryAttention" or u.idx not in (3, 4) for u in uses):
+        attention = [u.node for u in uses if u.node.op_type == "GroupQueryAttention" and u.idx in (3, 4)]
+        if len(attention) != 1 or any(u.node is not attention[0] and not length_blind(u.node) for u in uses):
             return False
-        producer = outputs[present].producer()
-        if producer is None or producer.op_type != "GroupQueryAttention" or producer is not uses[0].node:
+        if outputs[present].producer() is not attention[0]:
             return False
     return True
 

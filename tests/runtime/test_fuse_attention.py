@@ -56,6 +56,9 @@ def test_cached_attention_becomes_group_query_attention_with_the_same_outputs(ex
     # the rotary embedding is the kernel's: no angles are computed in the graph, and nothing but
     # the attention reads the cache, so it may live in one preallocated buffer
     assert ops["Cos"] == ops["Sin"] == 0
+    # the kernel reads the projections and feeds the output projection in their own [B, S, H·D]
+    # layout: the exporter's head split and merge are gone
+    assert ops["Transpose"] == ops["Reshape"] == 0
     assert all(n.attributes["do_rotary"].value == 1 for n in fused.graph if n.op_type == "GroupQueryAttention")
     assert fuse_attention.cache_in_place(fused) and not fuse_attention.cache_in_place(exported)
     assert [v.name for v in fused.graph.outputs] == [v.name for v in exported.graph.outputs]
