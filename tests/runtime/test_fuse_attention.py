@@ -65,6 +65,18 @@ def test_cached_attention_becomes_group_query_attention_with_the_same_outputs(ex
     _same_outputs(exported, fused, tmp_path, ((0, 5), (6, 1), (6, 3), (200, 2)))
 
 
+def test_a_cache_read_for_its_batch_size_runs_in_place_one_read_for_its_length_does_not(exported):
+    fused = frontend.clone(exported)
+    fuse_attention.fuse_attention(fused)
+    past = next(v for v in fused.graph.inputs if v.name == decoder.find(fused).pairs[0][0])
+    batch = ir.node("Shape", [past], attributes={"start": 0, "end": 1}, name="batch_of_cache")
+    fused.graph.append(batch)
+    assert fuse_attention.cache_in_place(fused)
+    length = ir.node("Shape", [past], attributes={"start": 2, "end": 3}, name="length_of_cache")
+    fused.graph.append(length)
+    assert not fuse_attention.cache_in_place(fused)
+
+
 def test_without_a_context_length_the_rotary_embedding_stays_in_the_graph(exported, tmp_path):
     model = frontend.clone(exported)
     model.meta[meta.DECODER_CONFIG_KEY] = {**model.meta[meta.DECODER_CONFIG_KEY], "context_length": None}
