@@ -9,7 +9,9 @@ CPU: SmolLM2's gate and up at one token ~10% faster fused (``hessc bench --model
 --decode``). Layers fuse only where everything but N agrees (K, bits, block size, compute
 precision, zero points present or not, no bias or ``g_idx``) and the weights are initializers
 read by that layer alone (not the graph that rebuilds 3-bit codes, not a weight shared across
-layers); the stored bytes do not change.
+layers); the stored bytes do not change. Where the three outputs are exactly the query, key and
+value of one ``GroupQueryAttention``, the kernel reads them packed and the ``Split`` goes too
+(onnxruntime-genai's form).
 """
 
 from __future__ import annotations
@@ -96,8 +98,31 @@ def fuse_siblings(graph: ir.Graph) -> int:
             for v in stale:
                 if not v.uses() and v.is_initializer() and not v.is_graph_output():
                     graph.initializers.pop(v.name, None)
+        attention = _reads_as_query_key_value(split)
+        if attention is not None:  # the kernel takes Q, K and V packed: no Split
+            attention.replace_input_with(0, matmul.outputs[0])
+            attention.replace_input_with(1, None)
+            attention.replace_input_with(2, None)
+            graph.remove(split, safe=True)
         fused += len(nodes)
     return fused
+
+
+def _reads_as_query_key_value(split: ir.Node) -> ir.Node | None:
+    """The ``GroupQueryAttention`` that reads ``split``'s three outputs, and nothing else does, as
+    its query, key and value; else None."""
+    if len(split.outputs) != 3:
+        return None
+    readers = []
+    for index, out in enumerate(split.outputs):
+        uses = list(out.uses())
+        if len(uses) != 1 or uses[0].idx != index or out.is_graph_output():
+            return None
+        readers.append(uses[0].node)
+    node = readers[0]
+    if node.op_type != "GroupQueryAttention" or node.domain != MS_DOMAIN or any(r is not node for r in readers):
+        return None
+    return node
 
 
 class FuseSiblingsPass(ir.passes.InPlacePass):

@@ -123,7 +123,10 @@ def test_the_pass_runs_for_the_cpu_and_cuda_targets_only():
 def test_a_compiled_decoder_runs_group_query_attention_and_passes_verification(exported):
     calibration = [{"input_ids": np.random.default_rng(i).integers(3, 250, size=(1, 16))} for i in range(2)]
     compiled = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False)
-    assert sum(n.op_type == "GroupQueryAttention" for n in compiled.graph) == 2
+    attentions = [n for n in compiled.graph if n.op_type == "GroupQueryAttention"]
+    assert len(attentions) == 2
+    # fuse-siblings ran Q, K and V as one MatMulNBits, which the kernel reads packed (no Split)
+    assert all(n.inputs[0].producer().op_type == "MatMulNBits" and n.inputs[1] is None for n in attentions)
     assert compiled.meta[fuse_attention.FUSION_KEY] == {"GroupQueryAttention": 2, "rotary_in_kernel": 2}
     assert meta.read_plan(compiled)["verification"]["status"] == "passed"
     unfused = hessc.optimize(frontend.clone(exported), target="cpu", bits=4, calibration=calibration, tune=False,
