@@ -279,14 +279,15 @@ PASSES: tuple[PassSpec, ...] = (
              "in the form ORT fuses into QLinearConv, QLinearAdd, ...)",
              _activation_qdq, lambda o, t: o.static_activations(t) or bool(o.static_int8_ops(t))),
     PassSpec("fuse-attention", "a KV-cache decoder's attention (found by onnxscript's SDPA fusion, the cache "
-             "concatenation and head repeat matched, the mask run and checked causal) as one GroupQueryAttention "
-             "per layer (onnxruntime-genai's form)", _fuse_attention, _ort_kernels),
+             "concatenation and head repeat matched, the mask run and checked causal or a sliding window, the rotary "
+             "embedding moved into the kernel) as one GroupQueryAttention per layer (onnxruntime-genai's form)", _fuse_attention, _ort_kernels),
     PassSpec("fuse-norms", "decomposed RMSNorms and the residual adds before them (and LayerNorm's) as ORT's "
              "fused norms (onnxscript's ORT fusion rules)", _fuse_norms, _ort_kernels),
     PassSpec("lower-<target>", "rewrite the portable form into the target's kernels (MatMulNBits, "
              "GatherBlockQuantized, fp16)", _lower, _always),
     PassSpec("fuse-siblings", "fuse MatMulNBits layers that read the same input (gate and up, Q, K and V) into "
-             "one kernel and a Split: fewer kernels per token (measured on the CPU and on CUDA)",
+             "one kernel and a Split (none where GroupQueryAttention reads Q, K and V packed): fewer kernels per token "
+             "(measured on the CPU and on CUDA)",
              _fuse, _ort_kernels),
     PassSpec("tune-kernels", "time each MatMulNBits layer at the serving shape at int8 and fp32 compute "
              "(cached per machine) and keep the faster; not where --activations fixes the compute",
