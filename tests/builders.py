@@ -408,3 +408,17 @@ def tiny_genai_decoder(folder, layers: int = 2, tie: bool = True, seed: int = 0)
 
     hf = tiny_llama(folder, layers, tie, seed)
     return zoo.build_genai(hf, Path(folder) / "genai", "fp32")
+
+
+def genai_greedy(folder, prompt, new: int) -> list[int]:
+    """onnxruntime-genai's greedy continuation (``new`` tokens) of ``prompt`` by the folder's model."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]

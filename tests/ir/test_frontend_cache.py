@@ -46,6 +46,13 @@ def test_optimize_a_decoder_with_its_cache(lm):
     assert {"MatMulNBits", "GatherBlockQuantized"} <= {n.op_type for n in out.graph}
 
 
+def _generates_as_torch_does(folder, lm, prompt=(1, 40, 41, 42, 43), new: int = 12) -> None:
+    """onnxruntime-genai's greedy tokens from ``folder`` are transformers' own from ``lm``."""
+    with torch.no_grad():
+        ref = lm.generate(torch.tensor([list(prompt)]), max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    assert builders.genai_greedy(folder, list(prompt), new) == ref[0].tolist()[len(prompt):]
+
+
 def test_kv_cache_needs_a_transformers_decoder():
     with pytest.raises(InputError, match="transformers causal LM"):
         frontend.load(torch.nn.Linear(4, 4), (torch.ones((1, 4)),), kv_cache=True)
@@ -55,8 +62,6 @@ def test_saved_to_a_folder_it_generates_in_onnxruntime_genai_as_torch_does(lm, t
     """The exported decoder (kept in float: insert-qdq off) saved to a folder is a genai folder
     whose greedy tokens are transformers' own."""
     import json
-
-    import onnxruntime_genai as og
 
     out = hessc.optimize(lm, example_inputs=(torch.ones((1, 8), dtype=torch.int64),), kv_cache=True,
                          disable_passes=["insert-qdq"])
@@ -68,18 +73,7 @@ def test_saved_to_a_folder_it_generates_in_onnxruntime_genai_as_torch_does(lm, t
     # the rotary embedding runs in GroupQueryAttention, so genai keeps the cache in one buffer
     assert config["search"]["past_present_share_buffer"] is True
     assert (folder / "tokenizer.json").is_file()
-    prompt = [1, 40, 41, 42, 43]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    got = [int(t) for t in generator.get_sequence(0)]
-    with torch.no_grad():
-        ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
-    assert got == ref
+    _generates_as_torch_does(folder, lm)
 
 
 def test_a_decoder_exports_with_its_cache_without_example_inputs(lm):
@@ -93,7 +87,6 @@ def test_a_family_genai_has_no_name_for_generates_there_as_torch_does(tmp_path):
     written as genai's generic decoder and generates transformers' own greedy tokens."""
     import json
 
-    import onnxruntime_genai as og
     import transformers
 
     torch.manual_seed(0)
@@ -103,16 +96,6 @@ def test_a_family_genai_has_no_name_for_generates_there_as_torch_does(tmp_path):
     lm = transformers.OPTForCausalLM(config).eval()
     folder = tmp_path / "opt"
     hessc.save(hessc.optimize(lm, kv_cache=True, disable_passes=["insert-qdq"]), folder)
-    prompt = [1, 40, 41, 42, 43]
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    with torch.no_grad():
-        ref = lm.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0].tolist()
-    assert [int(t) for t in generator.get_sequence(0)] == ref
+    _generates_as_torch_does(folder, lm)
     # OPT's learned positions are cut at the cache input's length: a shared buffer would shift them
     assert json.loads((folder / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False

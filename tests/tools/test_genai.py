@@ -8,20 +8,10 @@ import shutil
 
 import numpy as np
 import onnx
-import onnxruntime_genai as og
+
+import builders
 
 from hessc import cli
-
-
-def _generate(folder, prompt: list[int], new: int) -> list[int]:
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return list(generator.get_sequence(0))[len(prompt):]
 
 
 def _files(folder) -> dict[str, bytes]:
@@ -48,7 +38,7 @@ def test_optimize_writes_a_genai_folder_that_generates(tiny_decoder, tmp_path, c
     stored = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
     float_bytes = sum(p.stat().st_size for p in source.iterdir() if p.name.startswith("model.onnx"))
     assert stored < 0.4 * float_bytes
-    tokens = _generate(out, [1, 40, 41, 42], 12)
+    tokens = builders.genai_greedy(out, [1, 40, 41, 42], 12)
     assert len(tokens) == 12 and all(0 <= t < config["model"]["vocab_size"] for t in tokens)
 
 
@@ -69,7 +59,7 @@ def test_budget_with_calibration_runs_the_curvature_through_the_cache(tiny_decod
     out = tmp_path / "out"
     assert cli.main(["optimize", str(tiny_decoder / "model.onnx"), "-o", str(out), "--bits", "3.5",
                      "--calibration", str(calibration), "--quiet", "--report", str(tmp_path / "r.md")]) == 0
-    assert len(_generate(out, [1, 40, 41], 6)) == 6
+    assert len(builders.genai_greedy(out, [1, 40, 41], 6)) == 6
     assert "3.5" in (tmp_path / "r.md").read_text()
 
 
