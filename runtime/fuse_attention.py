@@ -446,81 +446,114 @@ def fuse_attention(model: ir.Model, context_length: int | None = None) -> Fused:
         return Fused(skipped="no attention_mask input to count the valid tokens from")
     if context_length is None:
         context_length = (model.meta.get(meta.DECODER_CONFIG_KEY) or {}).get("context_length")
+    # onnxscript's SDPA fusion rewrites the graph before anything is known: match and check on a
+    # copy, then fuse the model with what the copy showed (keyed by value names, which a copy keeps)
     trial = frontend.clone(model)
-    found = _fuse(trial, cache, context_length, rewrite=False)
-    if found.attentions:
-        found = _fuse(model, cache, context_length, rewrite=True)
-    return found
+    checked = _check(trial, cache, context_length)
+    if isinstance(checked, Fused):
+        return checked
+    return _fuse(model, cache, checked)
 
 
-def _fuse(model: ir.Model, cache, context_length: int | None, rewrite: bool) -> Fused:
-    """Matches and checks every attention of ``model``, and rewrites them when ``rewrite`` (a
-    dry run still leaves onnxscript's SDPA nodes in the graph: run it on a copy)."""
+@dataclasses.dataclass
+class _Checked:
+    """What the probes showed on a copy: the window of each mask (None: plain causal) and the
+    rotary tables of each (cos, sin) pair (None: the embedding stays in the graph), by value name."""
+
+    windows: dict[str, int | None]
+    tables: dict[tuple[str, str], tuple[np.ndarray, np.ndarray] | None]
+    rotary_skipped: str | None = None
+
+
+def _matched(model: ir.Model, cache) -> list[_Attention] | str:
+    """Every attention of ``model`` (after onnxscript's SDPA fusion, in place), or why not all qualify."""
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa
 
     fuse_sdpa(model, apply_shape_inference=True)
-    graph = model.graph
-    sdpas = [n for n in graph if n.op_type == "SDPA" and n.domain == _SDPA_DOMAIN]
+    sdpas = [n for n in model.graph if n.op_type == "SDPA" and n.domain == _SDPA_DOMAIN]
     if not sdpas:
-        return Fused(skipped="no scaled dot-product attention found")
+        return "no scaled dot-product attention found"
     pasts = dict(cache.pairs)
     matched = []
     for node in sdpas:
         found = _match(node, pasts)
         if isinstance(found, str):
-            return Fused(skipped=found)
+            return found
         matched.append(found)
     if len({id(m.past_key) for m in matched}) != len(matched):
-        return Fused(skipped="two attentions read one cache input")
-    windows: dict[int, int | None] = {}
-    for mask in {id(m.node.inputs[3]): m.node.inputs[3] for m in matched}.values():
+        return "two attentions read one cache input"
+    return matched
+
+
+def _rotary_key(found: _Attention) -> tuple[str, str] | None:
+    rotary = found.query_rotary
+    return (rotary.cos.name, rotary.sin.name) if rotary is not None else None
+
+
+def _check(model: ir.Model, cache, context_length: int | None) -> _Checked | Fused:
+    """Matches and probes every attention of ``model`` (a copy: the SDPA fusion stays in it)."""
+    matched = _matched(model, cache)
+    if isinstance(matched, str):
+        return Fused(skipped=matched)
+    checked = _Checked(windows={}, tables={})
+    for mask in {m.node.inputs[3].name: m.node.inputs[3] for m in matched}.values():
         window = _mask_window(model, mask, cache, context_length)
         if isinstance(window, str):
             return Fused(skipped=window)
-        windows[id(mask)] = window
-    result = Fused(attentions=len(matched), windows=sorted({w for w in windows.values() if w}))
-    tables: dict[tuple[int, int], tuple[ir.Value, ir.Value] | None] = {}
+        checked.windows[mask.name] = window
     for found in matched:
-        rotary = found.query_rotary
-        if rotary is None or (id(rotary.cos), id(rotary.sin)) in tables:
+        key = _rotary_key(found)
+        if key is None or key in checked.tables:
             continue
+        tables = None
         if not context_length:
-            values, result.rotary_skipped = None, "the context length is not known (the size of the rotary tables)"
+            checked.rotary_skipped = "the context length is not known (the size of the rotary tables)"
         else:
-            values = _rotary_tables(model, rotary, cache, int(context_length), found.head_size)
-            if isinstance(values, str):
-                values, result.rotary_skipped = None, values
-        if values is not None:
-            dtype = found.query.dtype or ir.DataType.FLOAT
-            values = tuple(ir.Value(name=f"gqa_{kind}_cache{len(tables)}", const_value=ir.tensor(v.astype(dtype.numpy())))
-                           for kind, v in zip(("cos", "sin"), values))
-            for value in values:
+            tables = _rotary_tables(model, found.query_rotary, cache, int(context_length), found.head_size)
+            if isinstance(tables, str):
+                tables, checked.rotary_skipped = None, tables
+        checked.tables[key] = tables
+    return checked
+
+
+def _fuse(model: ir.Model, cache, checked: _Checked) -> Fused:
+    """Rewrites every attention of ``model`` as :func:`_check` found them on its copy."""
+    matched = _matched(model, cache)
+    if isinstance(matched, str) or any(m.node.inputs[3].name not in checked.windows for m in matched):
+        raise RuntimeError(f"fuse-attention: the model does not match as its copy did ({matched!r:.200})")
+    graph = model.graph
+    initializers: dict[tuple[str, str], tuple[ir.Value, ir.Value]] = {}
+    for key, tables in checked.tables.items():
+        if tables is not None:
+            dtype = next(m.query.dtype for m in matched if _rotary_key(m) == key) or ir.DataType.FLOAT
+            initializers[key] = tuple(
+                ir.Value(name=f"gqa_{kind}_cache{len(initializers)}", const_value=ir.tensor(t.astype(dtype.numpy())))
+                for kind, t in zip(("cos", "sin"), tables))
+            for value in initializers[key]:
                 graph.initializers.add(value)
-        tables[(id(rotary.cos), id(rotary.sin))] = values
-    if not rewrite:
-        result.rotary = sum(1 for m in matched if m.query_rotary and tables[(id(m.query_rotary.cos), id(m.query_rotary.sin))])
-        return result
     mask_input = next(v for v in graph.inputs if v.name == cache.mask)
     seqlens, total = _sequence_lengths(graph, mask_input)
+    result = Fused(attentions=len(matched), rotary_skipped=checked.rotary_skipped,
+                   windows=sorted({w for w in checked.windows.values() if w}))
     for index, found in enumerate(matched):
-        rotary = found.query_rotary
-        values = tables[(id(rotary.cos), id(rotary.sin))] if rotary is not None else None
-        result.rotary += values is not None
-        _rewrite(graph, found, seqlens, total, index, values, windows[id(found.node.inputs[3])])
+        tables = initializers.get(_rotary_key(found))
+        result.rotary += tables is not None
+        _rewrite(graph, found, seqlens, total, index, tables, checked.windows[found.node.inputs[3].name])
     ir.passes.common.RemoveUnusedNodesPass()(model)
     return result
 
 
-def cache_in_place(model: ir.Model) -> bool:
+def cache_in_place(model: ir.Model, cache=None) -> bool:
     """Whether the decoder may run its cache in one preallocated buffer (onnxruntime-genai's
     ``past_present_share_buffer``): every cache input is read as the past key or value of one
     ``GroupQueryAttention``, which writes the matching output, and otherwise only by ``Shape``
     nodes that skip its sequence axis (an exporter may take the batch size from it). Nothing else
     then depends on the cache input's length, which in that mode is the buffer's, not the tokens cached (a rotary
-    embedding or learned positions counted from it would be wrong)."""
+    embedding or learned positions counted from it would be wrong). ``cache``: the model's
+    :class:`~hessc.runtime.decoder.KVCache` where the caller has found it already."""
     from hessc.runtime import decoder
 
-    cache = decoder.find(model)
+    cache = cache if cache is not None else decoder.find(model)
     if cache is None:
         return False
     inputs = {v.name: v for v in model.graph.inputs}

@@ -561,7 +561,8 @@ def save(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     elif exported is not None and path != requested:  # a decoder exported with its cache, saved to a folder
         target = ((meta.read_plan(model) or {}).get("summary") or {}).get("target", "cpu")
-        written = genai.write_config(exported, decoder.find(model), path, target, fuse_attention.cache_in_place(model))
+        cache = decoder.find(model)
+        written = genai.write_config(exported, cache, path, target, fuse_attention.cache_in_place(model, cache))
         logger.info("wrote the onnxruntime-genai folder %s (%s)", path.parent, ", ".join(written))
     return path
 
